@@ -1,0 +1,487 @@
+//! Configuration: layered loading, strict parsing, and one validation pass that reports every
+//! problem with its key path.
+//!
+//! # Precedence
+//!
+//! Lowest to highest, implemented by [`figment`] and nowhere else:
+//!
+//! 1. `config/default.toml`, embedded in the binary ([`DEFAULT_TOML`]);
+//! 2. the user's file, if one is named (`--config FILE`);
+//! 3. environment variables `INFERFLOW__<SECTION>__<KEY>` (`__` separates the levels), e.g.
+//!    `INFERFLOW__KAFKA__BOOTSTRAP_SERVERS=broker:9092`.
+//!
+//! # Errors
+//!
+//! Unknown keys, wrong types and invalid values are all errors. [`Config::load`] does not stop at
+//! the first one: each section is parsed on its own, unknown keys are collected rather than
+//! rejected one at a time, and the semantic checks run on whatever parsed. The result is a
+//! [`ConfigErrors`] listing every problem, each with its key path and where the value came from.
+
+mod secret;
+mod sections;
+
+use sections::Section;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::PathBuf;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use figment::value::Value;
+use serde_path_to_error::Segment;
+
+pub use secret::{REDACTED, Secret};
+pub use sections::{
+    BatchConfig, Config, Consistency, ExecutorConfig, FeatureStoreConfig, HttpConfig, KafkaConfig,
+    LogConfig, LogFormat, OffsetReset, RESERVED_KAFKA_PROPERTIES, SaslMechanism, SecurityProtocol,
+    TopicsConfig, check_topic_name,
+};
+
+/// The defaults, embedded at build time.
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+/// The prefix of environment overrides.
+pub const ENV_PREFIX: &str = "INFERFLOW__";
+
+/// The top-level tables, in the order they are printed.
+const SECTIONS: &[&str] = &[
+    "kafka",
+    "topics",
+    "batch",
+    "executor",
+    "feature_store",
+    "http",
+    "log",
+];
+
+/// One configuration problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key path, e.g. `kafka.bootstrap_servers`.
+    pub path: String,
+    /// What is wrong, and what would be right.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found while loading a configuration.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(
+            f,
+            "invalid configuration ({n} problem{}):",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects problems during validation.
+#[derive(Debug, Default)]
+pub(crate) struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    pub(crate) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Where the configuration comes from, besides the embedded defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// A TOML file layered over the defaults.
+    pub file: Option<PathBuf>,
+    /// Read `INFERFLOW__*` environment variables (on by default in the binary; tests turn it off).
+    pub env: bool,
+}
+
+impl Sources {
+    /// Defaults, the optional file, and the process environment: what the binary uses.
+    pub fn standard(file: Option<PathBuf>) -> Self {
+        Sources { file, env: true }
+    }
+}
+
+/// Builds the layered figment. This is the one place the precedence is implemented.
+pub fn figment(sources: &Sources) -> Figment {
+    let mut fig = Figment::from(Toml::string(DEFAULT_TOML));
+    if let Some(file) = &sources.file {
+        fig = fig.merge(Toml::file_exact(file));
+    }
+    if sources.env {
+        fig = fig.merge(Env::prefixed(ENV_PREFIX).split("__"));
+    }
+    fig
+}
+
+impl Config {
+    /// Loads, parses and validates the configuration, reporting every problem at once.
+    pub fn load(sources: &Sources) -> Result<Config, ConfigErrors> {
+        let mut problems = Problems::default();
+        if let Some(file) = &sources.file {
+            if !file.is_file() {
+                problems.push("--config", format!("{}: no such file", file.display()));
+                return Err(ConfigErrors(problems.0));
+            }
+        }
+        let fig = figment(sources);
+        Self::from_figment(&fig, &mut problems)
+            .filter(|_| problems.0.is_empty())
+            .ok_or(ConfigErrors(problems.0))
+    }
+
+    /// Loads a configuration from TOML text layered over the defaults, without the environment.
+    /// Meant for tests and for embedding inferflow as a library.
+    pub fn from_toml_str(toml: &str) -> Result<Config, ConfigErrors> {
+        let fig = figment(&Sources::default()).merge(Toml::string(toml));
+        let mut problems = Problems::default();
+        Self::from_figment(&fig, &mut problems)
+            .filter(|_| problems.0.is_empty())
+            .ok_or(ConfigErrors(problems.0))
+    }
+
+    fn from_figment(fig: &Figment, problems: &mut Problems) -> Option<Config> {
+        // Unknown top-level keys (and syntax errors in any layer) show up here.
+        match fig.extract::<figment::value::Dict>() {
+            Ok(root) => {
+                for key in root.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
+                    problems.push(
+                        key.clone(),
+                        format!(
+                            "unknown section{}; known sections are {}",
+                            source_suffix(fig, key),
+                            SECTIONS.join(", ")
+                        ),
+                    );
+                }
+            }
+            Err(err) => {
+                for e in err {
+                    problems.push(e.path.join("."), e.kind.to_string() + &origin(&e));
+                }
+                return None;
+            }
+        }
+        let kafka = section::<KafkaConfig>(fig, "kafka", problems);
+        let topics = section::<TopicsConfig>(fig, "topics", problems);
+        let batch = section::<BatchConfig>(fig, "batch", problems);
+        let executor = section::<ExecutorConfig>(fig, "executor", problems);
+        let feature_store = section::<FeatureStoreConfig>(fig, "feature_store", problems);
+        let http = section::<HttpConfig>(fig, "http", problems);
+        let log = section::<LogConfig>(fig, "log", problems);
+        let config = Config {
+            kafka: kafka?,
+            topics: topics?,
+            batch: batch?,
+            executor: executor?,
+            feature_store: feature_store?,
+            http: http?,
+            log: log?,
+        };
+        config.validate_across_sections(problems);
+        Some(config)
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string(self)
+            .unwrap_or_else(|e| format!("# could not print the configuration: {e}\n"))
+    }
+}
+
+/// Parses one section, collecting unknown keys and type errors with their paths.
+///
+/// serde stops at the first error, so after each error the offending key is put back to its
+/// default (or removed when it has none) and the section is parsed again, until it parses or
+/// nothing more can be repaired. Every problem is recorded on the way; the repaired value is
+/// never used.
+fn section<T: Section>(fig: &Figment, name: &str, problems: &mut Problems) -> Option<T> {
+    let Ok(mut value) = fig.find_value(name) else {
+        problems.push(name, "missing section");
+        return None;
+    };
+    let defaults = Figment::from(Toml::string(DEFAULT_TOML));
+    let mut reported_unknown = BTreeSet::new();
+    let mut failed = false;
+    // Each round repairs one key, so the number of keys bounds the rounds.
+    for _ in 0..=count_leaves(&value) {
+        let mut unknown = Vec::new();
+        let mut on_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+        let parsed: Result<T, _> = serde_path_to_error::deserialize(
+            serde_ignored::Deserializer::new(&value, &mut on_unknown),
+        );
+        for path in unknown {
+            if reported_unknown.insert(path.clone()) {
+                let full = format!("{name}.{path}");
+                let suffix = source_suffix(fig, &full);
+                problems.push(full, format!("unknown key{suffix}"));
+            }
+        }
+        let err = match parsed {
+            Ok(v) if !failed => {
+                v.validate(problems);
+                return Some(v);
+            }
+            Ok(_) => return None,
+            Err(err) => err,
+        };
+        failed = true;
+        let mut keys = Vec::new();
+        let mut display = name.to_owned();
+        for segment in err.path().iter() {
+            match segment {
+                Segment::Map { key } => {
+                    keys.push(key.clone());
+                    display = format!("{display}.{key}");
+                }
+                Segment::Seq { index } => display = format!("{display}[{index}]"),
+                _ => {}
+            }
+        }
+        let suffix = source_suffix(fig, &display);
+        problems.push(
+            display,
+            format!("{}{suffix}", err.inner().kind).replace("``", "`"),
+        );
+        if keys.is_empty() {
+            return None;
+        }
+        let default = defaults
+            .find_value(&format!("{name}.{}", keys.join(".")))
+            .ok();
+        if !replace_at(&mut value, &keys, default) {
+            return None;
+        }
+    }
+    None
+}
+
+/// Sets (or with `None`, removes) the value at `keys` inside nested tables. False when the path
+/// does not lead through tables.
+fn replace_at(value: &mut Value, keys: &[String], replacement: Option<Value>) -> bool {
+    let Some((last, parents)) = keys.split_last() else {
+        return false;
+    };
+    let mut current = value;
+    for key in parents {
+        match current {
+            Value::Dict(_, dict) => match dict.get_mut(key) {
+                Some(next) => current = next,
+                None => return false,
+            },
+            _ => return false,
+        }
+    }
+    let Value::Dict(_, dict) = current else {
+        return false;
+    };
+    match replacement {
+        Some(v) => dict.insert(last.clone(), v),
+        None => dict.remove(last),
+    };
+    true
+}
+
+/// The number of values in a tree of tables and arrays.
+fn count_leaves(value: &Value) -> usize {
+    match value {
+        Value::Dict(_, dict) => dict.values().map(count_leaves).sum::<usize>() + 1,
+        Value::Array(_, items) => items.iter().map(count_leaves).sum::<usize>() + 1,
+        _ => 1,
+    }
+}
+
+/// " (set by <source>)" for a key, when figment knows where it came from.
+fn source_suffix(fig: &Figment, path: &str) -> String {
+    fig.find_metadata(path)
+        .map(|md| match &md.source {
+            Some(src) => format!(" (set in {src})"),
+            None => format!(" (set by {})", md.name),
+        })
+        .unwrap_or_default()
+}
+
+fn origin(e: &figment::Error) -> String {
+    match e.metadata.as_ref().and_then(|md| md.source.as_ref()) {
+        Some(src) => format!(" (in {src})"),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(toml: &str) -> Vec<ConfigError> {
+        Config::from_toml_str(toml)
+            .expect_err("config should be rejected")
+            .0
+    }
+
+    fn paths(errs: &[ConfigError]) -> Vec<&str> {
+        errs.iter().map(|e| e.path.as_str()).collect()
+    }
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let config = Config::from_toml_str("").expect("defaults must validate");
+        assert_eq!(config.kafka.bootstrap_servers, "127.0.0.1:9092");
+        assert_eq!(config.topics.requests, "inferflow.requests");
+        assert_eq!(config.kafka.auto_offset_reset, OffsetReset::Earliest);
+    }
+
+    #[test]
+    fn user_values_override_defaults() {
+        let config = Config::from_toml_str("[batch]\nmax_records = 7\n").unwrap();
+        assert_eq!(config.batch.max_records.get(), 7);
+        assert_eq!(
+            config.batch.linger_ms, 20,
+            "untouched keys keep their defaults"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_path() {
+        let errs = problems(
+            r#"
+            colour = "blue"
+            [kafka]
+            bootstrap_servers = "no-port"
+            group_idd = "typo"
+            auto_offset_reset = "middle"
+            [topics]
+            results = "bad topic!"
+            [http]
+            listen = "nowhere"
+            [feature_store]
+            keyspace = "has-dash"
+            "#,
+        );
+        let p = paths(&errs);
+        for expected in [
+            "colour",
+            "kafka.group_idd",
+            "kafka.auto_offset_reset",
+            "topics.results",
+            "http.listen",
+            "feature_store.keyspace",
+        ] {
+            assert!(p.contains(&expected), "missing {expected} in {errs:#?}");
+        }
+        let reset = errs
+            .iter()
+            .find(|e| e.path == "kafka.auto_offset_reset")
+            .unwrap();
+        assert!(reset.message.contains("earliest"), "{reset}");
+    }
+
+    #[test]
+    fn semantic_checks_name_the_key() {
+        let errs = problems(
+            r#"
+            [kafka]
+            bootstrap_servers = "host:notaport"
+            security_protocol = "sasl_ssl"
+            [kafka.extra]
+            "enable.auto.offset.store" = "true"
+            [executor]
+            max_in_flight_records = 10
+            "#,
+        );
+        let p = paths(&errs);
+        for expected in [
+            "kafka.bootstrap_servers",
+            "kafka.sasl_mechanism",
+            "kafka.sasl_username",
+            "kafka.sasl_password",
+            "kafka.extra.\"enable.auto.offset.store\"",
+            "executor.max_in_flight_records",
+        ] {
+            assert!(p.contains(&expected), "missing {expected} in {errs:#?}");
+        }
+    }
+
+    #[test]
+    fn zero_where_nonzero_is_required_is_rejected() {
+        let errs = problems("[batch]\nmax_records = 0\n");
+        assert_eq!(paths(&errs), ["batch.max_records"], "{errs:#?}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_printed_config() {
+        let config = Config::from_toml_str(
+            r#"
+            [kafka]
+            security_protocol = "sasl_ssl"
+            sasl_mechanism = "SCRAM-SHA-512"
+            sasl_username = "svc"
+            sasl_password = "s3cr3t-kafka"
+            [feature_store]
+            username = "cql"
+            password = "s3cr3t-cql"
+            "#,
+        )
+        .unwrap();
+        let printed = config.to_redacted_toml();
+        let debugged = format!("{config:?}");
+        for out in [&printed, &debugged] {
+            assert!(!out.contains("s3cr3t"), "secret leaked:\n{out}");
+            assert!(out.contains(REDACTED));
+        }
+        assert_eq!(config.kafka.sasl_password.unwrap().expose(), "s3cr3t-kafka");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours.
+    fn environment_overrides_file_and_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "user.toml",
+                "[kafka]\ngroup_id = \"from-file\"\nclient_id = \"file\"\n",
+            )?;
+            jail.set_env("INFERFLOW__KAFKA__GROUP_ID", "from-env");
+            let config = Config::load(&Sources::standard(Some("user.toml".into()))).unwrap();
+            assert_eq!(config.kafka.group_id, "from-env");
+            assert_eq!(config.kafka.client_id, "file");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours.
+    fn unknown_env_key_is_reported_with_its_origin() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("INFERFLOW__KAFKA__BOOTSTRAP_SERVERZ", "x:1");
+            let errs = Config::load(&Sources::standard(None)).unwrap_err().0;
+            assert_eq!(paths(&errs), ["kafka.bootstrap_serverz"]);
+            assert!(errs[0].message.contains("INFERFLOW__"), "{}", errs[0]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let errs = Config::load(&Sources::standard(Some(
+            "/nonexistent/inferflow.toml".into(),
+        )))
+        .unwrap_err()
+        .0;
+        assert_eq!(errs[0].path, "--config");
+    }
+}

@@ -1,0 +1,504 @@
+//! The configuration sections, one struct each, with their own checks.
+//!
+//! Every struct mirrors a table of `config/default.toml`, where each key is documented. Values
+//! that can be checked by their type are (`NonZero*`, enums); the rest are checked by the
+//! `validate` method of the section, which pushes every problem it finds with its key path.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::{NonZeroU64, NonZeroUsize};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::Problems;
+use super::secret::Secret;
+
+/// A top-level table of the configuration.
+pub(crate) trait Section: DeserializeOwned {
+    /// Checks what the types cannot express, pushing every problem with its key path.
+    fn validate(&self, _problems: &mut Problems) {}
+}
+
+impl Section for BatchConfig {}
+impl Section for ExecutorConfig {}
+
+/// `[kafka]`: how to reach the brokers and how the processor's consumer behaves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// Consumer group of the request processor.
+    pub group_id: String,
+    /// Client id reported to the brokers.
+    pub client_id: String,
+    /// Where a new group starts reading.
+    pub auto_offset_reset: OffsetReset,
+    /// librdkafka `session.timeout.ms`.
+    pub session_timeout_ms: NonZeroU64,
+    /// librdkafka `max.poll.interval.ms`.
+    pub max_poll_interval_ms: NonZeroU64,
+    /// librdkafka `security.protocol`.
+    pub security_protocol: SecurityProtocol,
+    /// SASL mechanism, required with the `sasl_*` protocols.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// SASL user name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_username: Option<String>,
+    /// SASL password (redacted when printed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_password: Option<Secret>,
+    /// CA certificate file used to verify the brokers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl_ca_location: Option<String>,
+    /// Further librdkafka properties, passed through.
+    #[serde(default)]
+    pub extra: BTreeMap<String, String>,
+}
+
+/// librdkafka `auto.offset.reset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetReset {
+    /// Start from the oldest retained message.
+    Earliest,
+    /// Start from the next message produced.
+    Latest,
+}
+
+impl OffsetReset {
+    /// The librdkafka spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OffsetReset::Earliest => "earliest",
+            OffsetReset::Latest => "latest",
+        }
+    }
+}
+
+/// librdkafka `security.protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    /// No TLS, no authentication.
+    Plaintext,
+    /// TLS without SASL.
+    Ssl,
+    /// SASL without TLS.
+    SaslPlaintext,
+    /// SASL over TLS.
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// The librdkafka spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    fn uses_sasl(self) -> bool {
+        matches!(
+            self,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
+    }
+}
+
+/// librdkafka `sasl.mechanism`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SaslMechanism {
+    /// User name and password in clear (use with TLS).
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// SCRAM with SHA-256.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// SCRAM with SHA-512.
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The librdkafka spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// librdkafka properties that `kafka.extra` may not set: inferflow sets them itself, either from
+/// its own keys or because the at-least-once guarantee depends on them.
+pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "client.id",
+    "enable.auto.offset.store",
+    "enable.auto.commit",
+    "auto.offset.reset",
+    "session.timeout.ms",
+    "max.poll.interval.ms",
+    "security.protocol",
+    "sasl.mechanism",
+    "sasl.mechanisms",
+    "sasl.username",
+    "sasl.password",
+    "ssl.ca.location",
+    "enable.partition.eof",
+];
+
+impl Section for KafkaConfig {
+    fn validate(&self, p: &mut Problems) {
+        let servers: Vec<&str> = self.bootstrap_servers.split(',').map(str::trim).collect();
+        if servers.iter().all(|s| s.is_empty()) {
+            p.push(
+                "kafka.bootstrap_servers",
+                "must name at least one broker as host:port",
+            );
+        }
+        for server in servers.iter().filter(|s| !s.is_empty()) {
+            if let Err(why) = check_host_port(server) {
+                p.push("kafka.bootstrap_servers", format!("`{server}`: {why}"));
+            }
+        }
+        if self.group_id.trim().is_empty() {
+            p.push("kafka.group_id", "must not be empty");
+        }
+        if self.client_id.trim().is_empty() {
+            p.push("kafka.client_id", "must not be empty");
+        }
+        if self.session_timeout_ms >= self.max_poll_interval_ms {
+            p.push(
+                "kafka.session_timeout_ms",
+                format!(
+                    "{} must be lower than kafka.max_poll_interval_ms ({})",
+                    self.session_timeout_ms, self.max_poll_interval_ms
+                ),
+            );
+        }
+        if self.security_protocol.uses_sasl() {
+            if self.sasl_mechanism.is_none() {
+                p.push(
+                    "kafka.sasl_mechanism",
+                    format!(
+                        "required when kafka.security_protocol is \"{}\"",
+                        self.security_protocol.as_str()
+                    ),
+                );
+            }
+            if self.sasl_username.as_deref().is_none_or(str::is_empty) {
+                p.push(
+                    "kafka.sasl_username",
+                    "required with a SASL security_protocol",
+                );
+            }
+            if self.sasl_password.as_ref().is_none_or(Secret::is_empty) {
+                p.push(
+                    "kafka.sasl_password",
+                    "required with a SASL security_protocol (set INFERFLOW__KAFKA__SASL_PASSWORD)",
+                );
+            }
+        } else if self.sasl_mechanism.is_some()
+            || self.sasl_username.is_some()
+            || self.sasl_password.is_some()
+        {
+            p.push(
+                "kafka.security_protocol",
+                "SASL settings are given but the protocol is not sasl_plaintext or sasl_ssl",
+            );
+        }
+        for key in self.extra.keys() {
+            if RESERVED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+                p.push(
+                    format!("kafka.extra.\"{key}\""),
+                    "is set by inferflow itself and cannot be overridden here",
+                );
+            }
+        }
+    }
+}
+
+/// `[topics]`: the topic names inferflow reads and writes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TopicsConfig {
+    /// Inference requests.
+    pub requests: String,
+    /// Feature updates.
+    pub features: String,
+    /// Default results topic.
+    pub results: String,
+    /// Dead-letter topic.
+    pub dlq: String,
+    /// Topics a request may name in `reply_to`.
+    #[serde(default)]
+    pub reply_to_allowed: Vec<String>,
+}
+
+impl Section for TopicsConfig {
+    fn validate(&self, p: &mut Problems) {
+        for (key, name) in [
+            ("topics.requests", &self.requests),
+            ("topics.features", &self.features),
+            ("topics.results", &self.results),
+            ("topics.dlq", &self.dlq),
+        ] {
+            if let Err(why) = check_topic_name(name) {
+                p.push(key, why);
+            }
+        }
+        for (i, name) in self.reply_to_allowed.iter().enumerate() {
+            if let Err(why) = check_topic_name(name) {
+                p.push(format!("topics.reply_to_allowed[{i}]"), why);
+            }
+        }
+        if self.requests == self.results || self.requests == self.dlq {
+            p.push(
+                "topics.requests",
+                "must differ from topics.results and topics.dlq, or inferflow would consume its own output",
+            );
+        }
+    }
+}
+
+/// `[batch]`: when a micro-batch is closed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchConfig {
+    /// Records per batch at most.
+    pub max_records: NonZeroUsize,
+    /// Bytes of message values per batch at most.
+    pub max_bytes: NonZeroUsize,
+    /// Time from a batch's first record to its flush.
+    pub linger_ms: u64,
+}
+
+/// `[executor]`: how much work is in flight.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecutorConfig {
+    /// Batches processed concurrently.
+    pub max_in_flight_batches: NonZeroUsize,
+    /// Records consumed but not yet answered; above it the consumer pauses.
+    pub max_in_flight_records: NonZeroUsize,
+}
+
+/// `[feature_store]`: the CQL database and the cache in front of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FeatureStoreConfig {
+    /// `host:port` contact points.
+    pub contact_points: Vec<String>,
+    /// Keyspace holding inferflow's tables.
+    pub keyspace: String,
+    /// Replication factor used when creating the keyspace.
+    pub replication_factor: NonZeroUsize,
+    /// Consistency level of reads and writes.
+    pub consistency: Consistency,
+    /// Create or migrate the schema at start-up.
+    pub create_schema: bool,
+    /// User name for password authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password (redacted when printed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// Per-request timeout.
+    pub request_timeout_ms: NonZeroU64,
+    /// Time an entry stays in the in-process cache.
+    pub cache_ttl_secs: NonZeroU64,
+    /// Entries in the in-process cache at most.
+    pub cache_max_entries: NonZeroUsize,
+}
+
+/// CQL consistency levels inferflow accepts (all of them valid on ScyllaDB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    /// One replica.
+    One,
+    /// One replica in the local data centre.
+    LocalOne,
+    /// A majority of replicas.
+    Quorum,
+    /// A majority of replicas in the local data centre.
+    LocalQuorum,
+    /// Every replica.
+    All,
+}
+
+impl Section for FeatureStoreConfig {
+    fn validate(&self, p: &mut Problems) {
+        if self.contact_points.is_empty() {
+            p.push(
+                "feature_store.contact_points",
+                "must name at least one host:port",
+            );
+        }
+        for (i, point) in self.contact_points.iter().enumerate() {
+            if let Err(why) = check_host_port(point) {
+                p.push(
+                    format!("feature_store.contact_points[{i}]"),
+                    format!("`{point}`: {why}"),
+                );
+            }
+        }
+        let ks = &self.keyspace;
+        let valid_keyspace = !ks.is_empty()
+            && ks.len() <= 48
+            && ks.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && ks.chars().next().is_some_and(|c| c.is_ascii_alphabetic());
+        if !valid_keyspace {
+            p.push(
+                "feature_store.keyspace",
+                format!(
+                    "`{ks}` is not a valid keyspace name: use 1 to 48 letters, digits or underscores, starting with a letter"
+                ),
+            );
+        }
+        if self.password.is_some() && self.username.is_none() {
+            p.push(
+                "feature_store.username",
+                "required when feature_store.password is set",
+            );
+        }
+    }
+}
+
+/// `[http]`: the HTTP server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HttpConfig {
+    /// Listen address, `ip:port`.
+    pub listen: String,
+}
+
+impl Section for HttpConfig {
+    fn validate(&self, p: &mut Problems) {
+        if self.listen.parse::<SocketAddr>().is_err() {
+            p.push(
+                "http.listen",
+                format!(
+                    "`{}` is not an ip:port address (for example 0.0.0.0:8080)",
+                    self.listen
+                ),
+            );
+        }
+    }
+}
+
+/// `[log]`: logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogConfig {
+    /// tracing-subscriber filter directive.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Section for LogConfig {
+    fn validate(&self, p: &mut Problems) {
+        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.level) {
+            p.push(
+                "log.level",
+                format!("`{}` is not a valid filter: {err}", self.level),
+            );
+        }
+    }
+}
+
+/// The whole configuration, checked: build it with [`super::Config::load`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// `[kafka]`
+    pub kafka: KafkaConfig,
+    /// `[topics]`
+    pub topics: TopicsConfig,
+    /// `[batch]`
+    pub batch: BatchConfig,
+    /// `[executor]`
+    pub executor: ExecutorConfig,
+    /// `[feature_store]`
+    pub feature_store: FeatureStoreConfig,
+    /// `[http]`
+    pub http: HttpConfig,
+    /// `[log]`
+    pub log: LogConfig,
+}
+
+impl Config {
+    /// Checks values of different sections against each other. Each section's own checks ran
+    /// when it was parsed ([`Section::validate`]).
+    pub(super) fn validate_across_sections(&self, p: &mut Problems) {
+        if self.batch.linger_ms.saturating_mul(2) >= self.kafka.max_poll_interval_ms.get() {
+            p.push(
+                "batch.linger_ms",
+                format!(
+                    "{} is too close to kafka.max_poll_interval_ms ({}); keep it below half of it",
+                    self.batch.linger_ms, self.kafka.max_poll_interval_ms
+                ),
+            );
+        }
+        if self.executor.max_in_flight_records < self.batch.max_records {
+            p.push(
+                "executor.max_in_flight_records",
+                format!(
+                    "{} is lower than batch.max_records ({}); a full batch could never be admitted",
+                    self.executor.max_in_flight_records, self.batch.max_records
+                ),
+            );
+        }
+    }
+}
+
+/// Checks a `host:port` pair: a non-empty host and a port number.
+fn check_host_port(s: &str) -> Result<(), String> {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err("expected host:port".to_owned());
+    };
+    if host.is_empty() {
+        return Err("the host is empty".to_owned());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("`{port}` is not a port number")),
+    }
+}
+
+/// Checks a Kafka topic name: 1 to 249 characters from `[a-zA-Z0-9._-]`, not `.` or `..`.
+pub fn check_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a topic name must not be empty".to_owned());
+    }
+    if name.len() > 249 {
+        return Err(format!(
+            "a topic name has at most 249 characters, this one has {}",
+            name.len()
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("`{name}` is not a valid topic name"));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "`{name}` contains `{bad}`; topic names use only letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! Kafka clients built from configuration.
+//!
+//! Every librdkafka client inferflow creates starts from [`base_client_config`], so connection,
+//! security and client id settings are set in one place. Secrets go into the `ClientConfig`
+//! here and nowhere else; rdkafka 0.39 and later redact them in `ClientConfig`'s `Debug`, and
+//! inferflow never logs a `ClientConfig` anyway.
+
+use rdkafka::ClientConfig;
+
+use crate::config::KafkaConfig;
+
+/// Connection, security and pass-through settings shared by every client (consumer, producer,
+/// admin). Role-specific settings (group, offsets, acks) are added by the caller.
+pub fn base_client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &cfg.bootstrap_servers)
+        .set("client.id", &cfg.client_id)
+        .set("security.protocol", cfg.security_protocol.as_str());
+    if let Some(mechanism) = cfg.sasl_mechanism {
+        client.set("sasl.mechanism", mechanism.as_str());
+    }
+    if let Some(user) = &cfg.sasl_username {
+        client.set("sasl.username", user);
+    }
+    if let Some(password) = &cfg.sasl_password {
+        client.set("sasl.password", password.expose());
+    }
+    if let Some(ca) = &cfg.ssl_ca_location {
+        client.set("ssl.ca.location", ca);
+    }
+    for (key, value) in &cfg.extra {
+        client.set(key, value);
+    }
+    client
+}
+
+/// Settings for a consumer in `group_id` that stores offsets only when told to (at-least-once):
+/// auto-commit stays on, but `enable.auto.offset.store` is off, so nothing is committed that the
+/// processor has not explicitly marked as done.
+pub fn consumer_config(cfg: &KafkaConfig, group_id: &str) -> ClientConfig {
+    let mut client = base_client_config(cfg);
+    client
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", cfg.auto_offset_reset.as_str())
+        .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
+        .set("max.poll.interval.ms", cfg.max_poll_interval_ms.to_string());
+    client
+}
+
+/// Settings for an idempotent producer that waits for all in-sync replicas.
+pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut client = base_client_config(cfg);
+    client.set("enable.idempotence", "true").set("acks", "all");
+    client
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn consumer_never_auto_stores_offsets_and_extra_settings_pass_through() {
+        let config =
+            Config::from_toml_str("[kafka.extra]\n\"statistics.interval.ms\" = \"1000\"\n")
+                .unwrap();
+        let client = consumer_config(&config.kafka, "g");
+        assert_eq!(client.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(client.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(client.get("group.id"), Some("g"));
+        assert_eq!(client.get("statistics.interval.ms"), Some("1000"));
+    }
+
+    #[test]
+    fn sasl_settings_reach_librdkafka_but_not_debug_output() {
+        let config = Config::from_toml_str(
+            r#"
+            [kafka]
+            security_protocol = "sasl_ssl"
+            sasl_mechanism = "SCRAM-SHA-256"
+            sasl_username = "svc"
+            sasl_password = "pa55word"
+            "#,
+        )
+        .unwrap();
+        let client = producer_config(&config.kafka);
+        assert_eq!(client.get("sasl.password"), Some("pa55word"));
+        assert_eq!(client.get("sasl.mechanism"), Some("SCRAM-SHA-256"));
+        assert!(!format!("{client:?}").contains("pa55word"));
+    }
+}

@@ -1,0 +1,17 @@
+//! inferflow: machine-learning inference on Kafka event streams.
+//!
+//! Requests arrive on a Kafka topic, are micro-batched, enriched with features from a CQL
+//! database (ScyllaDB in production) through an in-process cache, answered by a model provider,
+//! and published to a results topic keyed by request id. `ARCHITECTURE.md` at the repository
+//! root has the bird's-eye view; this crate is laid out as follows:
+//!
+//! - [`config`]: layered configuration (embedded defaults, a user file, `INFERFLOW__*`
+//!   environment variables), strict parsing and one validation pass reporting every problem.
+//! - [`kafka`]: building librdkafka clients from configuration.
+//! - [`feature_store`]: connecting to the CQL database.
+//! - [`telemetry`]: logging set-up.
+
+pub mod config;
+pub mod feature_store;
+pub mod kafka;
+pub mod telemetry;
