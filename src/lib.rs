@@ -9,9 +9,13 @@
 //!   environment variables), strict parsing and one validation pass reporting every problem.
 //! - [`kafka`]: building librdkafka clients from configuration.
 //! - [`feature_store`]: connecting to the CQL database.
-//! - [`telemetry`]: logging set-up.
+//! - [`telemetry`]: logging set-up; [`metrics`]: metric names and the Prometheus exporter.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`app`]: wires the service and runs it.
 
+pub mod app;
 pub mod config;
 pub mod feature_store;
+pub mod http;
 pub mod kafka;
+pub mod metrics;
 pub mod telemetry;

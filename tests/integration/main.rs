@@ -9,4 +9,5 @@
 
 mod utils;
 
+mod http;
 mod smoke;
