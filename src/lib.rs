@@ -13,9 +13,13 @@
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`app`]: wires the service and runs it.
 
 pub mod app;
+pub mod batching;
 pub mod config;
+pub mod decode;
+pub mod executor;
 pub mod feature_store;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod model;
 pub mod telemetry;

@@ -2,18 +2,63 @@
 //!
 //! Names follow `inferflow_<area>_<what>_<unit>`, with `_total` for counters. They are constants
 //! here so that every emitter and every dashboard agree; each is described once at start-up.
+//! Labels stay low-cardinality: no request ids, keys or error text.
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Seconds since the process started serving (gauge).
 pub const UPTIME_SECONDS: &str = "inferflow_uptime_seconds";
 /// Readiness probes by outcome and dependency (counter; labels `dependency`, `outcome`).
 pub const READINESS_CHECKS_TOTAL: &str = "inferflow_readiness_checks_total";
+/// Messages consumed from the requests topic (counter).
+pub const REQUESTS_CONSUMED_TOTAL: &str = "inferflow_requests_consumed_total";
+/// Results acknowledged by the broker (counter; labels `status`, `error_kind`).
+pub const RESULTS_TOTAL: &str = "inferflow_results_total";
+/// Dead letters acknowledged by the broker (counter; label `error_kind`).
+pub const DEAD_LETTERS_TOTAL: &str = "inferflow_dead_letters_total";
+/// From the request's Kafka timestamp to its output's acknowledgement (histogram, seconds).
+pub const END_TO_END_LATENCY_SECONDS: &str = "inferflow_end_to_end_latency_seconds";
+/// Records per batch (histogram).
+pub const BATCH_SIZE_RECORDS: &str = "inferflow_batch_size_records";
+/// Time a batch stayed open, first record to flush (histogram, seconds).
+pub const BATCH_LINGER_SECONDS: &str = "inferflow_batch_linger_seconds";
+/// Records consumed and not yet answered (gauge).
+pub const IN_FLIGHT_RECORDS: &str = "inferflow_in_flight_records";
+/// Partitions paused for backpressure (gauge).
+pub const PAUSED_PARTITIONS: &str = "inferflow_paused_partitions";
+/// Consumer lag per partition, from librdkafka statistics (gauge; labels `topic`, `partition`).
+pub const CONSUMER_LAG_RECORDS: &str = "inferflow_consumer_lag_records";
+/// Rebalance events (counter; label `kind`: assign, revoke, lost).
+pub const REBALANCES_TOTAL: &str = "inferflow_rebalances_total";
+/// Produce attempts refused because librdkafka's queue was full (counter).
+pub const PRODUCER_QUEUE_FULL_TOTAL: &str = "inferflow_producer_queue_full_total";
+/// Produce attempts that failed and were retried (counter).
+pub const PRODUCE_RETRIES_TOTAL: &str = "inferflow_produce_retries_total";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const BATCH_SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
+fn builder() -> PrometheusBuilder {
+    let builder = PrometheusBuilder::new();
+    // Bucket lists are constants and valid, so these cannot fail; fall back to summaries if
+    // they ever did.
+    let with = |b: PrometheusBuilder, name: &str, buckets: &[f64]| {
+        b.set_buckets_for_metric(Matcher::Full(name.to_owned()), buckets)
+            .unwrap_or_else(|_| PrometheusBuilder::new())
+    };
+    let builder = with(builder, END_TO_END_LATENCY_SECONDS, LATENCY_BUCKETS);
+    let builder = with(builder, BATCH_LINGER_SECONDS, LATENCY_BUCKETS);
+    with(builder, BATCH_SIZE_RECORDS, BATCH_SIZE_BUCKETS)
+}
 
 /// Installs the global Prometheus recorder and describes inferflow's metrics. Returns the handle
 /// `/metrics` renders from. Installing twice (tests, embedding) is an error.
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
-    let handle = PrometheusBuilder::new().install_recorder()?;
+    let handle = builder().install_recorder()?;
     describe();
     Ok(handle)
 }
@@ -21,17 +66,59 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
 /// A recorder that is not installed globally: for tests and for embedding next to another
 /// recorder.
 pub fn local() -> PrometheusHandle {
-    PrometheusBuilder::new().build_recorder().handle()
+    builder().build_recorder().handle()
 }
 
 fn describe() {
-    metrics::describe_gauge!(
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
         UPTIME_SECONDS,
-        metrics::Unit::Seconds,
+        Unit::Seconds,
         "Seconds since inferflow started serving."
     );
-    metrics::describe_counter!(
+    describe_counter!(
         READINESS_CHECKS_TOTAL,
-        "Readiness checks of a dependency (kafka, feature_store), by outcome (ok, error)."
+        "Readiness checks of a dependency, by outcome."
+    );
+    describe_counter!(
+        REQUESTS_CONSUMED_TOTAL,
+        "Messages consumed from the requests topic."
+    );
+    describe_counter!(
+        RESULTS_TOTAL,
+        "Results acknowledged by the broker, by status and error kind."
+    );
+    describe_counter!(
+        DEAD_LETTERS_TOTAL,
+        "Dead letters acknowledged by the broker, by error kind."
+    );
+    describe_histogram!(
+        END_TO_END_LATENCY_SECONDS,
+        Unit::Seconds,
+        "From the request's Kafka timestamp to the acknowledgement of its result or dead letter."
+    );
+    describe_histogram!(BATCH_SIZE_RECORDS, Unit::Count, "Records per micro-batch.");
+    describe_histogram!(
+        BATCH_LINGER_SECONDS,
+        Unit::Seconds,
+        "Time a micro-batch stayed open."
+    );
+    describe_gauge!(IN_FLIGHT_RECORDS, "Records consumed and not yet answered.");
+    describe_gauge!(PAUSED_PARTITIONS, "Partitions paused for backpressure.");
+    describe_gauge!(
+        CONSUMER_LAG_RECORDS,
+        "Consumer lag per partition (librdkafka statistics)."
+    );
+    describe_counter!(
+        REBALANCES_TOTAL,
+        "Rebalance events by kind (assign, revoke, lost)."
+    );
+    describe_counter!(
+        PRODUCER_QUEUE_FULL_TOTAL,
+        "Produce attempts refused by a full local queue."
+    );
+    describe_counter!(
+        PRODUCE_RETRIES_TOTAL,
+        "Failed produce attempts that were retried."
     );
 }

@@ -52,6 +52,12 @@ pub struct KafkaConfig {
     /// CA certificate file used to verify the brokers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssl_ca_location: Option<String>,
+    /// librdkafka `queued.max.messages.kbytes` of the request consumer.
+    pub consumer_queue_kbytes: NonZeroUsize,
+    /// librdkafka `statistics.interval.ms`; 0 disables statistics.
+    pub statistics_interval_ms: u64,
+    /// Time given to in-flight work of revoked partitions.
+    pub rebalance_drain_timeout_ms: u64,
     /// Further librdkafka properties, passed through.
     #[serde(default)]
     pub extra: BTreeMap<String, String>,
@@ -153,6 +159,9 @@ pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
     "sasl.password",
     "ssl.ca.location",
     "enable.partition.eof",
+    "queued.max.messages.kbytes",
+    "statistics.interval.ms",
+    "partition.assignment.strategy",
 ];
 
 impl Section for KafkaConfig {
@@ -240,6 +249,12 @@ pub struct TopicsConfig {
     /// Topics a request may name in `reply_to`.
     #[serde(default)]
     pub reply_to_allowed: Vec<String>,
+    /// Create missing topics at start-up.
+    pub create_missing: bool,
+    /// Partitions of created topics.
+    pub create_partitions: NonZeroUsize,
+    /// Replication factor of created topics.
+    pub create_replication_factor: NonZeroUsize,
 }
 
 impl Section for TopicsConfig {
@@ -258,6 +273,9 @@ impl Section for TopicsConfig {
             if let Err(why) = check_topic_name(name) {
                 p.push(format!("topics.reply_to_allowed[{i}]"), why);
             }
+        }
+        if i32::try_from(self.create_partitions.get()).is_err() {
+            p.push("topics.create_partitions", "is too large");
         }
         if self.requests == self.results || self.requests == self.dlq {
             p.push(
@@ -286,6 +304,12 @@ pub struct ExecutorConfig {
     pub max_in_flight_batches: NonZeroUsize,
     /// Records consumed but not yet answered; above it the consumer pauses.
     pub max_in_flight_records: NonZeroUsize,
+    /// Largest accepted message value.
+    pub max_request_bytes: NonZeroUsize,
+    /// Longest time a batch may spend in the executor.
+    pub execute_timeout_ms: NonZeroU64,
+    /// Time to drain and commit on shutdown.
+    pub shutdown_timeout_ms: NonZeroU64,
 }
 
 /// `[feature_store]`: the CQL database and the cache in front of it.
@@ -449,6 +473,15 @@ impl Config {
                 format!(
                     "{} is too close to kafka.max_poll_interval_ms ({}); keep it below half of it",
                     self.batch.linger_ms, self.kafka.max_poll_interval_ms
+                ),
+            );
+        }
+        if self.kafka.rebalance_drain_timeout_ms >= self.kafka.max_poll_interval_ms.get() {
+            p.push(
+                "kafka.rebalance_drain_timeout_ms",
+                format!(
+                    "{} must be lower than kafka.max_poll_interval_ms ({}): the consumer does not poll while it drains",
+                    self.kafka.rebalance_drain_timeout_ms, self.kafka.max_poll_interval_ms
                 ),
             );
         }

@@ -5,6 +5,8 @@
 //! here and nowhere else; rdkafka 0.39 and later redact them in `ClientConfig`'s `Debug`, and
 //! inferflow never logs a `ClientConfig` anyway.
 
+pub mod offsets;
+
 use rdkafka::ClientConfig;
 
 use crate::config::KafkaConfig;
@@ -66,13 +68,12 @@ mod tests {
     #[test]
     fn consumer_never_auto_stores_offsets_and_extra_settings_pass_through() {
         let config =
-            Config::from_toml_str("[kafka.extra]\n\"statistics.interval.ms\" = \"1000\"\n")
-                .unwrap();
+            Config::from_toml_str("[kafka.extra]\n\"fetch.wait.max.ms\" = \"100\"\n").unwrap();
         let client = consumer_config(&config.kafka, "g");
         assert_eq!(client.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(client.get("auto.offset.reset"), Some("earliest"));
         assert_eq!(client.get("group.id"), Some("g"));
-        assert_eq!(client.get("statistics.interval.ms"), Some("1000"));
+        assert_eq!(client.get("fetch.wait.max.ms"), Some("100"));
     }
 
     #[test]

@@ -1,0 +1,243 @@
+//! What executes a request: the [`Executor`] trait, and the built-in `identity` pipeline and
+//! `echo` model.
+//!
+//! The processor hands an executor the decoded requests of one batch that share a target, and
+//! gets back one outcome per request, in order. Pipelines and model providers plug in behind
+//! this trait; the built-ins stay for tests and benchmarks.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use serde_json::{Map, Value};
+
+use crate::model::{Entity, ErrorBody, ErrorKind, StepRecord, Target};
+
+/// One request, as an executor sees it.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    /// The request's id.
+    pub request_id: String,
+    /// The input.
+    pub data: Value,
+    /// Parameters, if any.
+    pub parameters: Option<Map<String, Value>>,
+    /// The entity, if any.
+    pub entity: Option<Entity>,
+    /// The tenant, if any.
+    pub tenant: Option<String>,
+}
+
+/// A successful execution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecOutput {
+    /// The output document.
+    pub output: Value,
+    /// Version of the model that answered, if a model did.
+    pub model_version: Option<String>,
+    /// Whether the answer came from a cache.
+    pub cached: bool,
+    /// Per-step records.
+    pub steps: Vec<StepRecord>,
+}
+
+/// One outcome per request.
+pub type ExecResult = Result<ExecOutput, ErrorBody>;
+
+/// Executes requests. Implementations must return exactly one outcome per request, in the
+/// order given, and must not panic: failures are outcomes with an [`ErrorKind`].
+pub trait Executor: Send + Sync + 'static {
+    /// Runs `requests`, which all name `target`.
+    fn execute<'a>(
+        &'a self,
+        target: &'a Target,
+        requests: Vec<ExecRequest>,
+    ) -> BoxFuture<'a, Vec<ExecResult>>;
+}
+
+impl<E: Executor + ?Sized> Executor for Arc<E> {
+    fn execute<'a>(
+        &'a self,
+        target: &'a Target,
+        requests: Vec<ExecRequest>,
+    ) -> BoxFuture<'a, Vec<ExecResult>> {
+        (**self).execute(target, requests)
+    }
+}
+
+/// The built-in targets: the `identity` pipeline (output = input) and the `echo` model
+/// (`echo` or `echo@1`; output = input). `echo` honours a `delay_ms` parameter, sleeping that
+/// long per request, which makes it a deliberately slow model for tests.
+#[derive(Debug, Default, Clone)]
+pub struct Builtins;
+
+/// The only version of the built-in `echo` model.
+pub const ECHO_VERSION: &str = "1";
+/// Longest `delay_ms` the echo model accepts.
+const MAX_ECHO_DELAY_MS: u64 = 60_000;
+
+impl Builtins {
+    fn identity(requests: Vec<ExecRequest>) -> Vec<ExecResult> {
+        let started = Instant::now();
+        requests
+            .into_iter()
+            .map(|r| {
+                Ok(ExecOutput {
+                    output: r.data,
+                    model_version: None,
+                    cached: false,
+                    steps: vec![StepRecord {
+                        name: "identity".to_owned(),
+                        latency_us: started.elapsed().as_micros() as u64,
+                        cached: false,
+                        output: None,
+                    }],
+                })
+            })
+            .collect()
+    }
+
+    async fn echo(requests: Vec<ExecRequest>) -> Vec<ExecResult> {
+        let started = Instant::now();
+        let mut delay = Duration::ZERO;
+        let parsed: Vec<Result<ExecRequest, ErrorBody>> = requests
+            .into_iter()
+            .map(|r| {
+                let ms = match r.parameters.as_ref().and_then(|p| p.get("delay_ms")) {
+                    None => 0,
+                    Some(v) => match v.as_u64() {
+                        Some(ms) if ms <= MAX_ECHO_DELAY_MS => ms,
+                        _ => {
+                            return Err(ErrorBody::new(
+                                ErrorKind::InvalidRequest,
+                                format!("parameters.delay_ms must be an integer from 0 to {MAX_ECHO_DELAY_MS}"),
+                            ));
+                        }
+                    },
+                };
+                delay += Duration::from_millis(ms);
+                Ok(r)
+            })
+            .collect();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let latency_us = started.elapsed().as_micros() as u64;
+        parsed
+            .into_iter()
+            .map(|r| {
+                r.map(|r| ExecOutput {
+                    output: r.data,
+                    model_version: Some(ECHO_VERSION.to_owned()),
+                    cached: false,
+                    steps: vec![StepRecord {
+                        name: "model:echo".to_owned(),
+                        latency_us,
+                        cached: false,
+                        output: None,
+                    }],
+                })
+            })
+            .collect()
+    }
+}
+
+/// Every request fails with the same error.
+fn all_fail(n: usize, error: ErrorBody) -> Vec<ExecResult> {
+    vec![Err(error); n]
+}
+
+impl Executor for Builtins {
+    fn execute<'a>(
+        &'a self,
+        target: &'a Target,
+        requests: Vec<ExecRequest>,
+    ) -> BoxFuture<'a, Vec<ExecResult>> {
+        Box::pin(async move {
+            match target {
+                Target::Pipeline(id) if id == "identity" => Self::identity(requests),
+                Target::Model(id) if id == "echo" || id == "echo@1" => Self::echo(requests).await,
+                Target::Pipeline(id) => all_fail(
+                    requests.len(),
+                    ErrorBody::new(
+                        ErrorKind::UnknownPipeline,
+                        format!("no pipeline `{id}` (known: identity)"),
+                    ),
+                ),
+                Target::Model(id) => all_fail(
+                    requests.len(),
+                    ErrorBody::new(
+                        ErrorKind::UnknownModel,
+                        format!("no model `{id}` (known: echo, echo@1)"),
+                    ),
+                ),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn req(data: Value, params: Option<Value>) -> ExecRequest {
+        ExecRequest {
+            request_id: "r".into(),
+            data,
+            parameters: params.and_then(|p| p.as_object().cloned()),
+            entity: None,
+            tenant: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn builtins_answer_known_targets_and_reject_unknown_ones() {
+        let b = Builtins;
+        let out = b
+            .execute(
+                &Target::Pipeline("identity".into()),
+                vec![req(json!({"a": 1}), None)],
+            )
+            .await;
+        assert_eq!(out[0].as_ref().unwrap().output, json!({"a": 1}));
+        let out = b
+            .execute(&Target::Model("echo@1".into()), vec![req(json!(2), None)])
+            .await;
+        assert_eq!(out[0].as_ref().unwrap().model_version.as_deref(), Some("1"));
+        let out = b
+            .execute(
+                &Target::Model("gpt".into()),
+                vec![req(json!(1), None), req(json!(2), None)],
+            )
+            .await;
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].as_ref().unwrap_err().kind, ErrorKind::UnknownModel);
+        let out = b
+            .execute(&Target::Pipeline("nope".into()), vec![req(json!(1), None)])
+            .await;
+        assert_eq!(
+            out[0].as_ref().unwrap_err().kind,
+            ErrorKind::UnknownPipeline
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn echo_delay_is_per_request_and_validated() {
+        let b = Builtins;
+        let started = tokio::time::Instant::now();
+        let out = b
+            .execute(
+                &Target::Model("echo".into()),
+                vec![
+                    req(json!(1), Some(json!({"delay_ms": 30}))),
+                    req(json!(2), Some(json!({"delay_ms": 20}))),
+                    req(json!(3), Some(json!({"delay_ms": "soon"}))),
+                ],
+            )
+            .await;
+        assert_eq!(started.elapsed(), Duration::from_millis(50));
+        assert!(out[0].is_ok() && out[1].is_ok());
+        assert_eq!(out[2].as_ref().unwrap_err().kind, ErrorKind::InvalidRequest);
+    }
+}
