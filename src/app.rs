@@ -1,13 +1,16 @@
-//! Builds the running service from configuration and runs it until the shutdown future
-//! completes.
+//! Builds the running service from configuration (processor, HTTP server) and runs it until
+//! SIGINT or SIGTERM.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::executor::Builtins;
 
 use crate::config::Config;
 use crate::http::{AppState, Readiness, router};
@@ -35,13 +38,49 @@ pub async fn serve(
     Ok(())
 }
 
-/// Binds the configured address and serves until SIGINT or SIGTERM.
+/// Runs the processor and the HTTP server until SIGINT or SIGTERM, then shuts down in order:
+/// the processor drains, delivers and commits within `executor.shutdown_timeout_ms`, then the
+/// HTTP server stops.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = crate::metrics::install().context("installing the Prometheus recorder")?;
     let listener = TcpListener::bind(&config.http.listen)
         .await
         .with_context(|| format!("binding http.listen = {}", config.http.listen))?;
-    serve(&config, listener, metrics, shutdown_signal()).await
+    let stop = CancellationToken::new();
+    let processor = crate::processor::start(&config, Arc::new(Builtins), stop.clone()).await?;
+    let margin = processor.shutdown_timeout() + Duration::from_secs(15);
+    let http_stop = CancellationToken::new();
+    let http = {
+        let http_stop = http_stop.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            serve(&config, listener, metrics, async move {
+                http_stop.cancelled().await
+            })
+            .await
+        })
+    };
+    tracing::info!(topic = %config.topics.requests, group = %config.kafka.group_id, "processing requests");
+    let mut processor_join = std::pin::pin!(processor.join());
+    let outcome = tokio::select! {
+        () = shutdown_signal() => {
+            stop.cancel();
+            match tokio::time::timeout(margin, processor_join).await {
+                Ok(result) => result,
+                Err(_) => Err(anyhow::anyhow!("the processor did not stop within {margin:?}")),
+            }
+        }
+        result = &mut processor_join => {
+            result.and_then(|()| Err(anyhow::anyhow!("the processor stopped unexpectedly")))
+        }
+    };
+    http_stop.cancel();
+    match http.await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(error = format!("{err:#}"), "HTTP server error"),
+        Err(err) => tracing::warn!(error = %err, "HTTP server task failed"),
+    }
+    outcome
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

@@ -14,6 +14,7 @@
 
 pub mod app;
 pub mod batching;
+pub mod client;
 pub mod config;
 pub mod decode;
 pub mod executor;
@@ -22,4 +23,5 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod model;
+pub mod processor;
 pub mod telemetry;

@@ -23,6 +23,31 @@ enum Command {
         #[arg(long, short, env = "INFERFLOW_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Produce requests and print their results (one JSON document per line), waiting for each
+    /// on the results topic. Either name a pipeline or model with --data, or give --file.
+    Request {
+        /// TOML file layered over the built-in defaults.
+        #[arg(long, short, env = "INFERFLOW_CONFIG")]
+        config: Option<PathBuf>,
+        /// Pipeline to run.
+        #[arg(long, conflicts_with_all = ["model", "file"])]
+        pipeline: Option<String>,
+        /// Model to call (`name` or `name@version`).
+        #[arg(long, conflicts_with = "file")]
+        model: Option<String>,
+        /// The input, as JSON.
+        #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+        data: Option<String>,
+        /// Parameters, as a JSON object.
+        #[arg(long)]
+        parameters: Option<String>,
+        /// A file of requests, one JSON document per line (e.g. examples/requests.jsonl).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// How long to wait for the results.
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+    },
     /// Load and validate the configuration; print the effective configuration (secrets
     /// redacted), or every problem found and exit with code 2.
     CheckConfig {
@@ -63,6 +88,38 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Request {
+            config,
+            pipeline,
+            model,
+            data,
+            parameters,
+            file,
+            timeout_secs,
+        } => {
+            let config = match Config::load(&Sources::standard(config)) {
+                Ok(config) => config,
+                Err(errors) => {
+                    eprint!("{errors}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match request(
+                config,
+                pipeline,
+                model,
+                data,
+                parameters,
+                file,
+                timeout_secs,
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("error: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::CheckConfig { config } => match Config::load(&Sources::standard(config)) {
             Ok(config) => {
                 print!("{}", config.to_redacted_toml());
@@ -74,4 +131,46 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+fn request(
+    config: Config,
+    pipeline: Option<String>,
+    model: Option<String>,
+    data: Option<String>,
+    parameters: Option<String>,
+    file: Option<PathBuf>,
+    timeout_secs: u64,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use inferflow::client;
+    let requests = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            client::read_jsonl(&text)?
+        }
+        None => {
+            if pipeline.is_none() && model.is_none() {
+                anyhow::bail!("name a --pipeline or a --model");
+            }
+            let data = data.unwrap_or_default();
+            vec![client::build_request(
+                pipeline,
+                model,
+                &data,
+                parameters.as_deref(),
+            )?]
+        }
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the Tokio runtime")?;
+    let results = runtime.block_on(client::request_and_wait(
+        &config,
+        &requests,
+        std::time::Duration::from_secs(timeout_secs),
+    ))?;
+    for result in results {
+        println!("{}", serde_json::to_string(&result)?);
+    }
+    Ok(())
 }

@@ -76,6 +76,11 @@ impl OffsetTracker {
         }
     }
 
+    /// Stops tracking every partition (at shutdown, after the final commit).
+    pub fn revoke_all(&self) {
+        self.lock().clear();
+    }
+
     /// Records that `offset` of an owned partition has been handed on for processing.
     /// Returns false (and tracks nothing) when the partition is not owned.
     pub fn begin(&self, tp: &TopicPartition, offset: i64) -> bool {
