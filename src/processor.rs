@@ -320,39 +320,7 @@ impl Shared {
         reply_to: Option<String>,
         latency: Duration,
     ) -> OutRecord {
-        let (pipeline, model) = match target {
-            Some(Target::Pipeline(p)) => (Some(p.clone()), None),
-            Some(Target::Model(mdl)) => (None, Some(mdl.clone())),
-            None => (None, None),
-        };
-        let doc = match result {
-            Ok(out) => InferenceResult {
-                request_id: request_id.to_owned(),
-                status: Status::Ok,
-                output: Some(out.output),
-                error: None,
-                pipeline,
-                model,
-                model_version: out.model_version,
-                cached: out.cached,
-                latency_ms: latency.as_millis() as u64,
-                steps: out.steps,
-                source: Some(source.clone()),
-            },
-            Err(error) => InferenceResult {
-                request_id: request_id.to_owned(),
-                status: Status::Error,
-                output: None,
-                error: Some(error),
-                pipeline,
-                model,
-                model_version: None,
-                cached: false,
-                latency_ms: latency.as_millis() as u64,
-                steps: Vec::new(),
-                source: Some(source.clone()),
-            },
-        };
+        let doc = result_document(request_id, target, result, Some(source.clone()), latency);
         // Serialising these types cannot fail (string keys, no non-finite floats from JSON).
         let value = serde_json::to_vec(&doc).unwrap_or_else(|e| {
             format!(r#"{{"request_id":{},"status":"error","error":{{"kind":"internal","message":"result could not be serialised: {e}"}},"cached":false,"latency_ms":0,"steps":[]}}"#,
@@ -375,6 +343,47 @@ impl Shared {
             headers,
         }
     }
+}
+
+/// The result document for one request: `ok` with the executor's output, or `error`.
+pub fn result_document(
+    request_id: &str,
+    target: Option<&Target>,
+    result: ExecResult,
+    source: Option<SourceRef>,
+    latency: Duration,
+) -> InferenceResult {
+    let (pipeline, model) = match target {
+        Some(Target::Pipeline(p)) => (Some(p.clone()), None),
+        Some(Target::Model(mdl)) => (None, Some(mdl.clone())),
+        None => (None, None),
+    };
+    let mut doc = InferenceResult {
+        request_id: request_id.to_owned(),
+        status: Status::Ok,
+        output: None,
+        error: None,
+        pipeline,
+        model,
+        model_version: None,
+        cached: false,
+        latency_ms: latency.as_millis() as u64,
+        steps: Vec::new(),
+        source,
+    };
+    match result {
+        Ok(out) => {
+            doc.output = Some(out.output);
+            doc.model_version = out.model_version;
+            doc.cached = out.cached;
+            doc.steps = out.steps;
+        }
+        Err(error) => {
+            doc.status = Status::Error;
+            doc.error = Some(error);
+        }
+    }
+    doc
 }
 
 /// Counts a delivered result by status and error kind.
