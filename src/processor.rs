@@ -721,6 +721,22 @@ fn consume(
     shutdown(consumer, shared, limits)
 }
 
+/// Commit errors that clear up once this member has caught up with the group.
+fn commit_retriable(err: &rdkafka::error::KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        err.rdkafka_error_code(),
+        Some(
+            C::RebalanceInProgress
+                | C::IllegalGeneration
+                | C::CoordinatorLoadInProgress
+                | C::NotCoordinator
+                | C::CoordinatorNotAvailable
+                | C::RequestTimedOut
+        )
+    )
+}
+
 /// Pauses (or resumes) every assigned partition; returns how many.
 fn set_paused(consumer: &BaseConsumer<ProcessorContext>, pause: bool) -> usize {
     let context = consumer.context();
@@ -779,8 +795,21 @@ fn shutdown(
         );
     }
     shared.abort.cancel();
-    if let Err(err) = shared.tracker.commit_now(&consumer, None) {
-        tracing::warn!(error = %err, "final commit failed; the last records may be redelivered");
+    // The group may be mid-rebalance (another member joining or leaving): the broker then
+    // refuses commits until this member has rejoined, which needs polls. Keep serving the group
+    // and retry until the commit lands or the deadline passes.
+    loop {
+        match shared.tracker.commit_now(&consumer, None) {
+            Ok(()) => break,
+            Err(err) if Instant::now() < deadline && commit_retriable(&err) => {
+                tracing::debug!(error = %err, "final commit refused for now; polling and retrying");
+                let _ = consumer.poll(Duration::from_millis(100));
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "final commit failed; the last records may be redelivered");
+                break;
+            }
+        }
     }
     // Nothing more will be stored; the revoke callback run by the close must not wait again.
     shared.tracker.revoke_all();

@@ -10,4 +10,5 @@
 mod utils;
 
 mod http;
+mod processor;
 mod smoke;

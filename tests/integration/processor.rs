@@ -1,0 +1,355 @@
+//! The stream processor against the real broker: the accounting rule (one output per consumed
+//! message), dead letters byte-identical to their input, consumer-group scaling and graceful
+//! rebalances, SIGKILL recovery, and bounded memory under a slow model.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use inferflow::config::Config;
+use inferflow::executor::{Builtins, ExecRequest, ExecResult, Executor};
+use inferflow::model::{InferenceResult, Target};
+use inferflow::processor::{self, ProcessorHandle};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::utils::{self, create_topic, kafka_bootstrap, kafka_config, unique_name};
+
+/// The topics of one test.
+pub struct Topics {
+    pub requests: String,
+    pub results: String,
+    pub dlq: String,
+    pub features: String,
+}
+
+impl Topics {
+    /// Creates fresh topics: `partitions` for requests, 3 for results, 1 for the others.
+    pub async fn create(prefix: &str, partitions: i32) -> Topics {
+        let base = unique_name(prefix);
+        let topics = Topics {
+            requests: format!("{base}.requests"),
+            results: format!("{base}.results"),
+            dlq: format!("{base}.dlq"),
+            features: format!("{base}.features"),
+        };
+        create_topic(&topics.requests, partitions).await;
+        create_topic(&topics.results, 3).await;
+        create_topic(&topics.dlq, 1).await;
+        create_topic(&topics.features, 1).await;
+        topics
+    }
+
+    /// Environment overrides pointing an `inferflow` process at these topics.
+    pub fn env(&self, group: &str) -> Vec<(String, String)> {
+        [
+            ("KAFKA__BOOTSTRAP_SERVERS", kafka_bootstrap()),
+            ("KAFKA__GROUP_ID", group.to_owned()),
+            ("TOPICS__REQUESTS", self.requests.clone()),
+            ("TOPICS__RESULTS", self.results.clone()),
+            ("TOPICS__DLQ", self.dlq.clone()),
+            ("TOPICS__FEATURES", self.features.clone()),
+            ("HTTP__LISTEN", "127.0.0.1:0".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("INFERFLOW__{k}"), v))
+        .collect()
+    }
+}
+
+/// A processor configuration for `topics` and `group`, with `extra` TOML layered on top.
+pub fn config(topics: &Topics, group: &str, extra: &str) -> Config {
+    Config::from_toml_str(&format!(
+        r#"
+        [kafka]
+        bootstrap_servers = "{}"
+        group_id = "{group}"
+        statistics_interval_ms = 0
+        [topics]
+        requests = "{}"
+        results = "{}"
+        dlq = "{}"
+        features = "{}"
+        {extra}
+        "#,
+        kafka_bootstrap(),
+        topics.requests,
+        topics.results,
+        topics.dlq,
+        topics.features,
+    ))
+    .expect("valid test config")
+}
+
+/// A running in-process processor.
+pub struct Running {
+    stop: CancellationToken,
+    handle: ProcessorHandle,
+}
+
+impl Running {
+    pub async fn start(config: &Config, executor: Arc<dyn Executor>) -> Running {
+        utils::require_kafka().await;
+        let stop = CancellationToken::new();
+        let handle = processor::start(config, executor, stop.clone())
+            .await
+            .expect("processor starts");
+        Running { stop, handle }
+    }
+
+    /// Graceful stop: drain, deliver, commit.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.handle.join())
+            .await
+            .expect("processor stops within 60 s")
+            .expect("processor stops cleanly");
+    }
+}
+
+/// Produces every record, keys and values as given, and waits for all acknowledgements.
+pub async fn produce(topic: &str, records: &[(Option<Vec<u8>>, Option<Vec<u8>>)]) {
+    let producer: FutureProducer = kafka_config()
+        .set("linger.ms", "20")
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("producer");
+    for chunk in records.chunks(2000) {
+        let sends = chunk.iter().map(|(key, value)| {
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+            if let Some(k) = key {
+                record = record.key(k.as_slice());
+            }
+            if let Some(v) = value {
+                record = record.payload(v.as_slice());
+            }
+            producer.send(record, Duration::from_secs(30))
+        });
+        for result in futures::future::join_all(sends).await {
+            result.map_err(|(e, _)| e).expect("produce");
+        }
+    }
+}
+
+/// A record read back from an output topic.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads `topics` from the beginning until `expected` records arrived (then `settle` more,
+/// to catch duplicates), or panics after `timeout`.
+pub async fn collect(topics: &[&str], expected: usize, timeout: Duration, settle: Duration) -> Vec<Captured> {
+    let consumer: StreamConsumer = kafka_config()
+        .set("group.id", unique_name("collector"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("collector");
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        for p in metadata.topics()[0].partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let mut stream = consumer.stream();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut settle_until: Option<tokio::time::Instant> = None;
+    loop {
+        let until = settle_until.unwrap_or(deadline);
+        match tokio::time::timeout_at(until, stream.next()).await {
+            Ok(Some(Ok(m))) => {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Captured {
+                    topic: m.topic().to_owned(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    headers,
+                });
+                if out.len() >= expected && settle_until.is_none() {
+                    settle_until = Some(tokio::time::Instant::now() + settle);
+                }
+            }
+            Ok(Some(Err(e))) => panic!("reading outputs: {e}"),
+            Ok(None) => panic!("output stream ended"),
+            Err(_) if settle_until.is_some() => return out,
+            Err(_) => panic!("only {} of {expected} outputs within {timeout:?}", out.len()),
+        }
+    }
+}
+
+fn result_of(c: &Captured) -> InferenceResult {
+    serde_json::from_slice(c.value.as_deref().expect("result has a value")).expect("result document")
+}
+
+/// Counts results per request id.
+fn result_counts(outputs: &[Captured], results_topic: &str) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for c in outputs.iter().filter(|c| c.topic == results_topic) {
+        *counts.entry(result_of(c).request_id).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_yields_exactly_one_result_or_dead_letter() {
+    utils::init_tracing();
+    let topics = Topics::create("acct", 6).await;
+    const N: usize = 10_000;
+    // Category by i % 10: 0-5 valid, 6 malformed JSON, 7 no request_id, 8 unknown pipeline,
+    // 9 oversized (or, every 50th, an empty value).
+    let mut records = Vec::with_capacity(N);
+    for i in 0..N {
+        let key = Some(format!("k{i}").into_bytes());
+        let value: Option<Vec<u8>> = match i % 10 {
+            0..=2 => Some(format!(r#"{{"request_id":"r{i}","pipeline":"identity","data":{{"i":{i}}}}}"#).into_bytes()),
+            3..=5 => Some(format!(r#"{{"request_id":"r{i}","model":"echo","data":"v{i}"}}"#).into_bytes()),
+            6 => Some(format!(r#"{{"request_id":"r{i}","data":"#).into_bytes()),
+            7 => Some(format!(r#"{{"model":"echo","data":{i}}}"#).into_bytes()),
+            8 => Some(format!(r#"{{"request_id":"r{i}","pipeline":"nope","data":1}}"#).into_bytes()),
+            _ if i % 50 == 49 => None,
+            _ => Some(format!(r#"{{"request_id":"r{i}","model":"echo","data":"{}"}}"#, "x".repeat(3000)).into_bytes()),
+        };
+        records.push((key, value));
+    }
+    produce(&topics.requests, &records).await;
+
+    let group = unique_name("acct");
+    let cfg = config(&topics, &group, "[executor]\nmax_request_bytes = 2048\n");
+    let running = Running::start(&cfg, Arc::new(Builtins)).await;
+    let outputs = collect(&[&topics.results, &topics.dlq], N, Duration::from_secs(120), Duration::from_secs(2)).await;
+    running.stop().await;
+
+    assert_eq!(outputs.len(), N, "results + dead letters must equal inputs");
+    let counts = result_counts(&outputs, &topics.results);
+    let expected_ids: HashSet<String> = (0..N)
+        .filter(|i| matches!(i % 10, 0..=5 | 8))
+        .map(|i| format!("r{i}"))
+        .collect();
+    assert_eq!(counts.keys().cloned().collect::<HashSet<_>>(), expected_ids, "one result per readable request id");
+    assert!(counts.values().all(|&n| n == 1), "no request id answered twice");
+
+    for c in outputs.iter().filter(|c| c.topic == topics.results) {
+        let result = result_of(c);
+        let i: usize = result.request_id[1..].parse().unwrap();
+        assert_eq!(c.key.as_deref(), Some(result.request_id.as_bytes()), "results are keyed by request id");
+        assert_eq!(c.headers["inferflow-request-id"], result.request_id);
+        assert_eq!(c.headers["inferflow-source-topic"], topics.requests);
+        if i % 10 == 8 {
+            assert_eq!(c.headers["inferflow-status"], "error");
+            assert_eq!(result.error.unwrap().kind.as_str(), "unknown_pipeline");
+        } else {
+            assert_eq!(c.headers["inferflow-status"], "ok");
+            assert!(result.output.is_some());
+        }
+    }
+
+    let mut dead = 0;
+    for c in outputs.iter().filter(|c| c.topic == topics.dlq) {
+        dead += 1;
+        let key = String::from_utf8(c.key.clone().expect("dead letters keep the key")).unwrap();
+        let i: usize = key[1..].parse().unwrap();
+        let (orig_key, orig_value) = &records[i];
+        assert_eq!(c.key.as_ref(), orig_key.as_ref());
+        assert_eq!(
+            c.value.as_deref().unwrap_or_default(),
+            orig_value.as_deref().unwrap_or_default(),
+            "dead letter {key} must be byte-identical to its input"
+        );
+        let expected_kind = match i % 10 {
+            6 => "invalid_json",
+            7 => "invalid_request",
+            _ if i % 50 == 49 => "invalid_json",
+            _ => "payload_too_large",
+        };
+        assert_eq!(c.headers["inferflow-error-kind"], expected_kind, "message {i}");
+        assert!(!c.headers["inferflow-error-message"].is_empty());
+        assert_eq!(c.headers["inferflow-source-topic"], topics.requests);
+        c.headers["inferflow-source-partition"].parse::<i32>().unwrap();
+        c.headers["inferflow-source-offset"].parse::<i64>().unwrap();
+    }
+    assert_eq!(dead, 3000);
+}
+
+/// Wraps the built-ins and records which request ids this instance answered.
+struct Recording {
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Executor for Recording {
+    fn execute<'a>(&'a self, target: &'a Target, requests: Vec<ExecRequest>) -> BoxFuture<'a, Vec<ExecResult>> {
+        self.seen
+            .lock()
+            .unwrap()
+            .extend(requests.iter().map(|r| r.request_id.clone()));
+        Builtins.execute(target, requests)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_share_partitions_and_rebalance_without_loss_or_duplicates() {
+    utils::init_tracing();
+    let topics = Topics::create("group", 6).await;
+    let group = unique_name("group");
+    let cfg = config(&topics, &group, "[batch]\nmax_records = 50\nlinger_ms = 10\n");
+    let recorders: Vec<Arc<Mutex<Vec<String>>>> = (0..3).map(|_| Arc::default()).collect();
+    let executor = |i: usize| -> Arc<dyn Executor> { Arc::new(Recording { seen: Arc::clone(&recorders[i]) }) };
+
+    let a = Running::start(&cfg, executor(0)).await;
+    let b = Running::start(&cfg, executor(1)).await;
+
+    // Produce 6,000 requests over about 6 s, each taking the echo model 1 ms.
+    const N: usize = 6_000;
+    let requests_topic = topics.requests.clone();
+    let producer = tokio::spawn(async move {
+        for wave in 0..30 {
+            let records: Vec<_> = (wave * 200..(wave + 1) * 200)
+                .map(|i| {
+                    let v = format!(r#"{{"request_id":"g{i}","model":"echo","data":{i},"parameters":{{"delay_ms":1}}}}"#);
+                    (Some(format!("k{i}").into_bytes()), Some(v.into_bytes()))
+                })
+                .collect();
+            produce(&requests_topic, &records).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let c = Running::start(&cfg, executor(2)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.stop().await; // leaves gracefully mid-stream
+    producer.await.unwrap();
+
+    let outputs = collect(&[&topics.results, &topics.dlq], N, Duration::from_secs(120), Duration::from_secs(3)).await;
+    b.stop().await;
+    c.stop().await;
+
+    let counts = result_counts(&outputs, &topics.results);
+    let missing: Vec<String> = (0..N).map(|i| format!("g{i}")).filter(|id| !counts.contains_key(id)).collect();
+    let duplicated: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(missing.is_empty(), "{} requests lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    assert!(duplicated.is_empty(), "{} requests answered twice, e.g. {:?}", duplicated.len(), &duplicated[..duplicated.len().min(5)]);
+    assert_eq!(outputs.len(), N, "no dead letters expected");
+    for (i, seen) in recorders.iter().enumerate() {
+        let n = seen.lock().unwrap().len();
+        assert!(n > 0, "instance {i} never received a partition");
+    }
+}
