@@ -17,7 +17,7 @@ pub enum ErrorKind {
     InvalidJson,
     /// The JSON is not a valid request: a field is missing, of the wrong type, or out of range.
     InvalidRequest,
-    /// The message value is larger than `limits.max_request_bytes`.
+    /// The message value is larger than `executor.max_request_bytes`.
     PayloadTooLarge,
     /// The named pipeline does not exist.
     UnknownPipeline,

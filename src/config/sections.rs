@@ -56,6 +56,8 @@ pub struct KafkaConfig {
     pub consumer_queue_kbytes: NonZeroUsize,
     /// librdkafka `statistics.interval.ms`; 0 disables statistics.
     pub statistics_interval_ms: u64,
+    /// librdkafka `auto.commit.interval.ms`.
+    pub commit_interval_ms: NonZeroU64,
     /// Time given to in-flight work of revoked partitions.
     pub rebalance_drain_timeout_ms: u64,
     /// Further librdkafka properties, passed through.
@@ -162,6 +164,7 @@ pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
     "queued.max.messages.kbytes",
     "statistics.interval.ms",
     "partition.assignment.strategy",
+    "auto.commit.interval.ms",
 ];
 
 impl Section for KafkaConfig {

@@ -46,6 +46,10 @@ pub fn consumer_config(cfg: &KafkaConfig, group_id: &str) -> ClientConfig {
     client
         .set("group.id", group_id)
         .set("enable.auto.commit", "true")
+        .set(
+            "auto.commit.interval.ms",
+            cfg.commit_interval_ms.to_string(),
+        )
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", cfg.auto_offset_reset.as_str())

@@ -10,5 +10,6 @@
 mod utils;
 
 mod http;
+mod process;
 mod processor;
 mod smoke;

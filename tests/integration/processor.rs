@@ -112,8 +112,11 @@ impl Running {
     }
 }
 
+/// A record to produce: optional key, optional value.
+pub type Raw = (Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// Produces every record, keys and values as given, and waits for all acknowledgements.
-pub async fn produce(topic: &str, records: &[(Option<Vec<u8>>, Option<Vec<u8>>)]) {
+pub async fn produce(topic: &str, records: &[Raw]) {
     let producer: FutureProducer = kafka_config()
         .set("linger.ms", "20")
         .set("enable.idempotence", "true")
@@ -147,7 +150,23 @@ pub struct Captured {
 
 /// Reads `topics` from the beginning until `expected` records arrived (then `settle` more,
 /// to catch duplicates), or panics after `timeout`.
-pub async fn collect(topics: &[&str], expected: usize, timeout: Duration, settle: Duration) -> Vec<Captured> {
+pub async fn collect(
+    topics: &[&str],
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<Captured> {
+    collect_until(topics, timeout, settle, |out| out.len() >= expected).await
+}
+
+/// Reads `topics` from the beginning until `done` holds for what was read (then `settle`
+/// more), or panics after `timeout`.
+pub async fn collect_until(
+    topics: &[&str],
+    timeout: Duration,
+    settle: Duration,
+    mut done: impl FnMut(&[Captured]) -> bool,
+) -> Vec<Captured> {
     let consumer: StreamConsumer = kafka_config()
         .set("group.id", unique_name("collector"))
         .set("enable.auto.commit", "false")
@@ -159,7 +178,8 @@ pub async fn collect(topics: &[&str], expected: usize, timeout: Duration, settle
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .expect("metadata");
         for p in metadata.topics()[0].partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                .unwrap();
         }
     }
     consumer.assign(&tpl).expect("assign");
@@ -175,7 +195,13 @@ pub async fn collect(topics: &[&str], expected: usize, timeout: Duration, settle
                     .headers()
                     .map(|h| {
                         h.iter()
-                            .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                            .map(|h| {
+                                (
+                                    h.key.to_owned(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
@@ -185,20 +211,24 @@ pub async fn collect(topics: &[&str], expected: usize, timeout: Duration, settle
                     value: m.payload().map(<[u8]>::to_vec),
                     headers,
                 });
-                if out.len() >= expected && settle_until.is_none() {
+                if settle_until.is_none() && done(&out) {
                     settle_until = Some(tokio::time::Instant::now() + settle);
                 }
             }
             Ok(Some(Err(e))) => panic!("reading outputs: {e}"),
             Ok(None) => panic!("output stream ended"),
             Err(_) if settle_until.is_some() => return out,
-            Err(_) => panic!("only {} of {expected} outputs within {timeout:?}", out.len()),
+            Err(_) => panic!(
+                "only {} outputs within {timeout:?}, not yet done",
+                out.len()
+            ),
         }
     }
 }
 
 fn result_of(c: &Captured) -> InferenceResult {
-    serde_json::from_slice(c.value.as_deref().expect("result has a value")).expect("result document")
+    serde_json::from_slice(c.value.as_deref().expect("result has a value"))
+        .expect("result document")
 }
 
 /// Counts results per request id.
@@ -221,13 +251,26 @@ async fn every_message_yields_exactly_one_result_or_dead_letter() {
     for i in 0..N {
         let key = Some(format!("k{i}").into_bytes());
         let value: Option<Vec<u8>> = match i % 10 {
-            0..=2 => Some(format!(r#"{{"request_id":"r{i}","pipeline":"identity","data":{{"i":{i}}}}}"#).into_bytes()),
-            3..=5 => Some(format!(r#"{{"request_id":"r{i}","model":"echo","data":"v{i}"}}"#).into_bytes()),
+            0..=2 => Some(
+                format!(r#"{{"request_id":"r{i}","pipeline":"identity","data":{{"i":{i}}}}}"#)
+                    .into_bytes(),
+            ),
+            3..=5 => Some(
+                format!(r#"{{"request_id":"r{i}","model":"echo","data":"v{i}"}}"#).into_bytes(),
+            ),
             6 => Some(format!(r#"{{"request_id":"r{i}","data":"#).into_bytes()),
             7 => Some(format!(r#"{{"model":"echo","data":{i}}}"#).into_bytes()),
-            8 => Some(format!(r#"{{"request_id":"r{i}","pipeline":"nope","data":1}}"#).into_bytes()),
+            8 => {
+                Some(format!(r#"{{"request_id":"r{i}","pipeline":"nope","data":1}}"#).into_bytes())
+            }
             _ if i % 50 == 49 => None,
-            _ => Some(format!(r#"{{"request_id":"r{i}","model":"echo","data":"{}"}}"#, "x".repeat(3000)).into_bytes()),
+            _ => Some(
+                format!(
+                    r#"{{"request_id":"r{i}","model":"echo","data":"{}"}}"#,
+                    "x".repeat(3000)
+                )
+                .into_bytes(),
+            ),
         };
         records.push((key, value));
     }
@@ -236,7 +279,13 @@ async fn every_message_yields_exactly_one_result_or_dead_letter() {
     let group = unique_name("acct");
     let cfg = config(&topics, &group, "[executor]\nmax_request_bytes = 2048\n");
     let running = Running::start(&cfg, Arc::new(Builtins)).await;
-    let outputs = collect(&[&topics.results, &topics.dlq], N, Duration::from_secs(120), Duration::from_secs(2)).await;
+    let outputs = collect(
+        &[&topics.results, &topics.dlq],
+        N,
+        Duration::from_secs(120),
+        Duration::from_secs(2),
+    )
+    .await;
     running.stop().await;
 
     assert_eq!(outputs.len(), N, "results + dead letters must equal inputs");
@@ -245,13 +294,24 @@ async fn every_message_yields_exactly_one_result_or_dead_letter() {
         .filter(|i| matches!(i % 10, 0..=5 | 8))
         .map(|i| format!("r{i}"))
         .collect();
-    assert_eq!(counts.keys().cloned().collect::<HashSet<_>>(), expected_ids, "one result per readable request id");
-    assert!(counts.values().all(|&n| n == 1), "no request id answered twice");
+    assert_eq!(
+        counts.keys().cloned().collect::<HashSet<_>>(),
+        expected_ids,
+        "one result per readable request id"
+    );
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "no request id answered twice"
+    );
 
     for c in outputs.iter().filter(|c| c.topic == topics.results) {
         let result = result_of(c);
         let i: usize = result.request_id[1..].parse().unwrap();
-        assert_eq!(c.key.as_deref(), Some(result.request_id.as_bytes()), "results are keyed by request id");
+        assert_eq!(
+            c.key.as_deref(),
+            Some(result.request_id.as_bytes()),
+            "results are keyed by request id"
+        );
         assert_eq!(c.headers["inferflow-request-id"], result.request_id);
         assert_eq!(c.headers["inferflow-source-topic"], topics.requests);
         if i % 10 == 8 {
@@ -281,10 +341,15 @@ async fn every_message_yields_exactly_one_result_or_dead_letter() {
             _ if i % 50 == 49 => "invalid_json",
             _ => "payload_too_large",
         };
-        assert_eq!(c.headers["inferflow-error-kind"], expected_kind, "message {i}");
+        assert_eq!(
+            c.headers["inferflow-error-kind"], expected_kind,
+            "message {i}"
+        );
         assert!(!c.headers["inferflow-error-message"].is_empty());
         assert_eq!(c.headers["inferflow-source-topic"], topics.requests);
-        c.headers["inferflow-source-partition"].parse::<i32>().unwrap();
+        c.headers["inferflow-source-partition"]
+            .parse::<i32>()
+            .unwrap();
         c.headers["inferflow-source-offset"].parse::<i64>().unwrap();
     }
     assert_eq!(dead, 3000);
@@ -296,7 +361,11 @@ struct Recording {
 }
 
 impl Executor for Recording {
-    fn execute<'a>(&'a self, target: &'a Target, requests: Vec<ExecRequest>) -> BoxFuture<'a, Vec<ExecResult>> {
+    fn execute<'a>(
+        &'a self,
+        target: &'a Target,
+        requests: Vec<ExecRequest>,
+    ) -> BoxFuture<'a, Vec<ExecResult>> {
         self.seen
             .lock()
             .unwrap()
@@ -310,9 +379,17 @@ async fn instances_share_partitions_and_rebalance_without_loss_or_duplicates() {
     utils::init_tracing();
     let topics = Topics::create("group", 6).await;
     let group = unique_name("group");
-    let cfg = config(&topics, &group, "[batch]\nmax_records = 50\nlinger_ms = 10\n");
+    let cfg = config(
+        &topics,
+        &group,
+        "[batch]\nmax_records = 50\nlinger_ms = 10\n",
+    );
     let recorders: Vec<Arc<Mutex<Vec<String>>>> = (0..3).map(|_| Arc::default()).collect();
-    let executor = |i: usize| -> Arc<dyn Executor> { Arc::new(Recording { seen: Arc::clone(&recorders[i]) }) };
+    let executor = |i: usize| -> Arc<dyn Executor> {
+        Arc::new(Recording {
+            seen: Arc::clone(&recorders[i]),
+        })
+    };
 
     let a = Running::start(&cfg, executor(0)).await;
     let b = Running::start(&cfg, executor(1)).await;
@@ -338,15 +415,34 @@ async fn instances_share_partitions_and_rebalance_without_loss_or_duplicates() {
     a.stop().await; // leaves gracefully mid-stream
     producer.await.unwrap();
 
-    let outputs = collect(&[&topics.results, &topics.dlq], N, Duration::from_secs(120), Duration::from_secs(3)).await;
+    let outputs = collect(
+        &[&topics.results, &topics.dlq],
+        N,
+        Duration::from_secs(120),
+        Duration::from_secs(3),
+    )
+    .await;
     b.stop().await;
     c.stop().await;
 
     let counts = result_counts(&outputs, &topics.results);
-    let missing: Vec<String> = (0..N).map(|i| format!("g{i}")).filter(|id| !counts.contains_key(id)).collect();
+    let missing: Vec<String> = (0..N)
+        .map(|i| format!("g{i}"))
+        .filter(|id| !counts.contains_key(id))
+        .collect();
     let duplicated: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(missing.is_empty(), "{} requests lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
-    assert!(duplicated.is_empty(), "{} requests answered twice, e.g. {:?}", duplicated.len(), &duplicated[..duplicated.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{} requests lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert!(
+        duplicated.is_empty(),
+        "{} requests answered twice, e.g. {:?}",
+        duplicated.len(),
+        &duplicated[..duplicated.len().min(5)]
+    );
     assert_eq!(outputs.len(), N, "no dead letters expected");
     for (i, seen) in recorders.iter().enumerate() {
         let n = seen.lock().unwrap().len();

@@ -1,0 +1,251 @@
+//! Executor overhead per request with the echo model: what inferflow itself costs a batch,
+//! Kafka aside, compared with the bare cost of parsing and re-serialising the same JSON.
+//!
+//! All three benchmarks work on one batch of 256 owned Kafka messages (built in memory: no
+//! broker) holding small valid requests for the `echo` model, and report 256 elements per
+//! iteration, so criterion's rates are requests per second:
+//!
+//! - `inferflow_path`: the in-process path a batch takes in the processor's batch task, minus
+//!   Kafka: decode each message value, group the requests by target, run each group through
+//!   `Builtins::execute` (under `tokio::time::timeout`, as the processor does, on a
+//!   current-thread Tokio runtime), build each result with
+//!   `inferflow::processor::result_document` (with its `SourceRef`) and serialise it with
+//!   `serde_json::to_vec`. The batch task itself is private and bound to a Kafka sink, so the
+//!   bench repeats its steps; the result headers and the delivery are left out.
+//! - `json_baseline`: the same message values only parsed with
+//!   `serde_json::from_slice::<serde_json::Value>` and serialised again: the least any JSON
+//!   processor has to do. `inferflow_path / json_baseline`, measured in the same run, is
+//!   inferflow's overhead as a ratio.
+//! - `result_serialisation`: `result_document` and `serde_json::to_vec` alone, for 256 echo
+//!   outputs built beforehand (cloning them is not timed).
+
+// `criterion_group!` generates a public, undocumented function; this is a benchmark binary,
+// not API.
+#![allow(missing_docs)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use inferflow::decode::{DecodeRules, Decoded, decode};
+use inferflow::executor::{Builtins, ExecRequest, ExecResult, Executor};
+use inferflow::model::{SourceRef, Target};
+use inferflow::processor::result_document;
+use rdkafka::Timestamp;
+use rdkafka::message::{Message, OwnedMessage};
+
+/// Requests per batch (the default `batch.max_records`).
+const BATCH: usize = 256;
+/// The processor's default `executor.execute_timeout_ms`.
+const EXECUTE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A batch of small valid requests for the echo model, about 200 bytes each.
+fn messages() -> Vec<OwnedMessage> {
+    (0..BATCH)
+        .map(|i| {
+            let value = format!(
+                concat!(
+                    r#"{{"request_id":"req-2f6c1a9e-{:06}","model":"echo","#,
+                    r#""data":{{"features":[0.12,3.4,-1.5,0.0071,42.0,0.5],"text":"order 1234 arrived late"}},"#,
+                    r#""parameters":{{"temperature":0.2}},"entity":{{"type":"user","id":"u-88213"}},"#,
+                    r#""tenant":"acme","deadline_ms":4102444800000}}"#
+                ),
+                i
+            );
+            OwnedMessage::new(
+                Some(value.into_bytes()),
+                Some(format!("req-2f6c1a9e-{i:06}").into_bytes()),
+                "inferflow.requests".to_owned(),
+                Timestamp::CreateTime(1_767_225_600_000),
+                (i % 6) as i32,
+                i as i64,
+                None,
+            )
+        })
+        .collect()
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn source_of(message: &OwnedMessage) -> SourceRef {
+    SourceRef {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+    }
+}
+
+/// One batch through decode → group by target → execute → result document → JSON bytes.
+async fn inferflow_path(
+    messages: &[OwnedMessage],
+    rules: &DecodeRules,
+    executor: &Builtins,
+) -> Vec<Vec<u8>> {
+    let arrived = Instant::now();
+    let now_ms = unix_ms();
+    let mut answers: Vec<Option<(String, Option<Target>, ExecResult)>> =
+        (0..messages.len()).map(|_| None).collect();
+    let mut groups: BTreeMap<Target, Vec<(usize, ExecRequest)>> = BTreeMap::new();
+    for (i, message) in messages.iter().enumerate() {
+        match decode(message.payload(), rules, now_ms) {
+            Decoded::Request { request, target } => {
+                groups.entry(target).or_default().push((
+                    i,
+                    ExecRequest {
+                        request_id: request.request_id,
+                        data: request.data,
+                        parameters: request.parameters,
+                        entity: request.entity,
+                        tenant: request.tenant,
+                    },
+                ));
+            }
+            Decoded::Reject {
+                request_id,
+                target,
+                error,
+            } => answers[i] = Some((request_id, target, Err(error))),
+            // A dead letter gets no result document.
+            Decoded::DeadLetter(_) => {}
+        }
+    }
+    let runs = groups.into_iter().map(|(target, items)| async move {
+        let (indices, requests): (Vec<usize>, Vec<ExecRequest>) = items.into_iter().unzip();
+        let ids: Vec<String> = requests.iter().map(|r| r.request_id.clone()).collect();
+        let results = tokio::time::timeout(EXECUTE_TIMEOUT, executor.execute(&target, requests))
+            .await
+            .expect("echo answers at once");
+        (target, indices, ids, results)
+    });
+    for (target, indices, ids, results) in futures::future::join_all(runs).await {
+        for ((i, id), result) in indices.into_iter().zip(ids).zip(results) {
+            answers[i] = Some((id, Some(target.clone()), result));
+        }
+    }
+    let latency = arrived.elapsed();
+    messages
+        .iter()
+        .zip(answers)
+        .filter_map(|(message, answer)| {
+            let (id, target, result) = answer?;
+            let doc = result_document(
+                &id,
+                target.as_ref(),
+                result,
+                Some(source_of(message)),
+                latency,
+            );
+            Some(serde_json::to_vec(&doc).expect("a result serialises"))
+        })
+        .collect()
+}
+
+/// The same values, only parsed into a `serde_json::Value` and serialised again.
+fn json_baseline(messages: &[OwnedMessage]) -> Vec<Vec<u8>> {
+    messages
+        .iter()
+        .map(|message| {
+            let value: serde_json::Value =
+                serde_json::from_slice(message.payload().expect("a value")).expect("valid JSON");
+            serde_json::to_vec(&value).expect("a value serialises")
+        })
+        .collect()
+}
+
+fn bench_executor(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a current-thread runtime");
+    let rules = DecodeRules {
+        max_request_bytes: 1024 * 1024,
+        reply_to_allowed: HashSet::new(),
+    };
+    let executor = Builtins;
+    let messages = messages();
+    let echo = Target::Model("echo".to_owned());
+
+    // Every request must come back as an `ok` echo result, or the numbers mean nothing.
+    let results = runtime.block_on(inferflow_path(&messages, &rules, &executor));
+    assert_eq!(results.len(), BATCH);
+    for bytes in &results {
+        let doc: serde_json::Value = serde_json::from_slice(bytes).expect("a result is JSON");
+        assert_eq!(doc["status"], "ok", "{doc}");
+        assert_eq!(doc["model_version"], "1", "{doc}");
+    }
+    assert_eq!(json_baseline(&messages).len(), BATCH);
+
+    // Echo outputs for the serialisation-only benchmark, built once through the real path.
+    let outputs: Vec<(String, ExecResult)> = {
+        let requests: Vec<ExecRequest> = messages
+            .iter()
+            .map(
+                |message| match decode(message.payload(), &rules, unix_ms()) {
+                    Decoded::Request { request, .. } => ExecRequest {
+                        request_id: request.request_id,
+                        data: request.data,
+                        parameters: request.parameters,
+                        entity: request.entity,
+                        tenant: request.tenant,
+                    },
+                    other => panic!("not a valid request: {other:?}"),
+                },
+            )
+            .collect();
+        let ids: Vec<String> = requests.iter().map(|r| r.request_id.clone()).collect();
+        let results = runtime.block_on(executor.execute(&echo, requests));
+        ids.into_iter().zip(results).collect()
+    };
+
+    let mut group = c.benchmark_group("executor_batch_256");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("inferflow_path", |b| {
+        b.to_async(&runtime)
+            .iter(|| inferflow_path(&messages, &rules, &executor));
+    });
+    group.bench_function("json_baseline", |b| {
+        b.iter(|| json_baseline(&messages));
+    });
+    group.bench_function("result_serialisation", |b| {
+        b.iter_batched(
+            || outputs.clone(),
+            |outputs| {
+                outputs
+                    .into_iter()
+                    .zip(&messages)
+                    .map(|((id, result), message)| {
+                        let doc = result_document(
+                            &id,
+                            Some(&echo),
+                            result,
+                            Some(source_of(message)),
+                            Duration::from_micros(150),
+                        );
+                        serde_json::to_vec(&doc).expect("a result serialises")
+                    })
+                    .collect::<Vec<_>>()
+            },
+            BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(50)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .without_plots()
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = bench_executor
+}
+criterion_main!(benches);

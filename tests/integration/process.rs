@@ -1,0 +1,230 @@
+//! The `inferflow run` binary as a separate process: SIGKILL mid-stream and restart loses
+//! nothing, SIGTERM exits 0, and a slow model with a deep backlog keeps memory bounded while the
+//! consumer stays in its group.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::processor::{Raw, Topics, collect, collect_until, produce};
+use crate::utils::{self, kafka_config, unique_name};
+
+/// A free loopback port for a child's HTTP server.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `inferflow run` on `topics` in `group`, with extra environment overrides.
+fn spawn(topics: &Topics, group: &str, extra: &[(&str, String)]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferflow"));
+    cmd.arg("run")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("INFERFLOW__") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.envs(topics.env(group));
+    for (k, v) in extra {
+        cmd.env(format!("INFERFLOW__{k}"), v);
+    }
+    cmd.spawn().expect("start inferflow run")
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("inferflow did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn rss_mib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+fn requests(prefix: &str, n: usize, delay_ms: u64, pad: usize) -> Vec<Raw> {
+    let padding = "p".repeat(pad);
+    (0..n)
+        .map(|i| {
+            let v = format!(
+                r#"{{"request_id":"{prefix}{i}","model":"echo","data":{{"i":{i},"pad":"{padding}"}},"parameters":{{"delay_ms":{delay_ms}}}}}"#
+            );
+            (Some(format!("k{i}").into_bytes()), Some(v.into_bytes()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_then_restart_loses_nothing_and_sigterm_exits_0() {
+    utils::init_tracing();
+    utils::require_kafka().await;
+    let topics = Topics::create("kill", 6).await;
+    let group = unique_name("kill");
+    const N: usize = 20_000;
+    produce(&topics.requests, &requests("s", N, 2, 0)).await;
+
+    let mut first = spawn(&topics, &group, &[]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    first.kill().expect("SIGKILL");
+    first.wait().unwrap();
+    let before_restart = collect(
+        &[&topics.results],
+        1,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+    )
+    .await
+    .len();
+
+    let mut second = spawn(&topics, &group, &[]);
+    let mut unique = std::collections::HashSet::new();
+    let outputs = collect_until(
+        &[&topics.results, &topics.dlq],
+        Duration::from_secs(180),
+        Duration::from_secs(3),
+        |out| {
+            if let Some(c) = out.last() {
+                unique.insert(c.key.clone());
+            }
+            unique.len() >= N
+        },
+    )
+    .await;
+    sigterm(&second);
+    let status = wait_exit(&mut second, Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "SIGTERM must lead to a clean exit, got {status}"
+    );
+
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for c in outputs.iter().filter(|c| c.topic == topics.results) {
+        let key = String::from_utf8(c.key.clone().unwrap()).unwrap();
+        *counts.entry(key).or_default() += 1;
+    }
+    let lost = (0..N)
+        .filter(|i| !counts.contains_key(&format!("s{i}")))
+        .count();
+    let duplicates: usize = counts.values().map(|n| n - 1).sum();
+    println!(
+        "SIGKILL after 4 s: {before_restart} results before the restart, {lost} lost, {duplicates} duplicates of {N} requests"
+    );
+    assert_eq!(lost, 0, "requests lost after SIGKILL");
+    assert!(
+        before_restart > 0 && before_restart < N,
+        "the kill must land mid-stream ({before_restart} of {N} answered)"
+    );
+    assert_eq!(outputs.len() - duplicates, N);
+    assert!(
+        duplicates < before_restart,
+        "offsets must have been committed before the kill ({duplicates} duplicates of {before_restart} answered)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_model_and_deep_backlog_keep_memory_bounded_and_the_group_stable() {
+    utils::init_tracing();
+    utils::require_kafka().await;
+    let topics = Topics::create("mem", 6).await;
+    let group = unique_name("mem");
+    // 50,000 queued requests of about 4 KiB each (some 200 MiB), answered by a model that takes
+    // 20 ms per request. Without backpressure the consumer would pull the whole backlog into
+    // memory; with it, at most max_in_flight_records (500, about 2 MiB) plus librdkafka's
+    // prefetch (consumer_queue_kbytes, 2 MiB) are held.
+    const N: usize = 50_000;
+    produce(&topics.requests, &requests("m", N, 20, 4000)).await;
+    let port = free_port();
+    let mut child = spawn(
+        &topics,
+        &group,
+        &[
+            ("HTTP__LISTEN", format!("127.0.0.1:{port}")),
+            ("EXECUTOR__MAX_IN_FLIGHT_RECORDS", "500".into()),
+            ("EXECUTOR__MAX_IN_FLIGHT_BATCHES", "2".into()),
+            ("BATCH__MAX_RECORDS", "100".into()),
+            ("KAFKA__CONSUMER_QUEUE_KBYTES", "2048".into()),
+        ],
+    );
+    const BOUND_MIB: u64 = 150;
+    let mut peak = 0;
+    let mut paused_seen = false;
+    let mut max_in_flight = 0.0_f64;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "inferflow exited under load"
+        );
+        peak = peak.max(rss_mib(child.id()).unwrap_or(0));
+        if let Ok(resp) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+            let text = resp.text().await.unwrap_or_default();
+            for line in text.lines() {
+                if let Some(v) = line.strip_prefix("inferflow_paused_partitions ") {
+                    paused_seen |= v.trim().parse::<f64>().unwrap_or(0.0) > 0.0;
+                }
+                if let Some(v) = line.strip_prefix("inferflow_in_flight_records ") {
+                    max_in_flight = max_in_flight.max(v.trim().parse().unwrap_or(0.0));
+                }
+            }
+        }
+    }
+    // The consumer is still a member of a stable group.
+    let consumer: BaseConsumer = kafka_config().create().unwrap();
+    let groups = consumer
+        .fetch_group_list(Some(&group), Duration::from_secs(10))
+        .unwrap();
+    let info = groups.groups().first().expect("group exists");
+    let (state, members) = (info.state().to_owned(), info.members().len());
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(90));
+
+    println!(
+        "deep backlog: peak RSS {peak} MiB (bound {BOUND_MIB}), max in-flight {max_in_flight}, group {state} with {members} member(s)"
+    );
+    assert!(
+        peak > 0 && peak < BOUND_MIB,
+        "peak RSS {peak} MiB exceeds {BOUND_MIB} MiB"
+    );
+    assert!(paused_seen, "backpressure never paused the partitions");
+    assert!(
+        max_in_flight <= 600.0,
+        "in-flight records {max_in_flight} above the budget of 500 plus one batch"
+    );
+    assert_eq!(
+        (state.as_str(), members),
+        ("Stable", 1),
+        "the consumer must stay in its group"
+    );
+    assert!(
+        status.success(),
+        "SIGTERM under load must still exit 0, got {status}"
+    );
+}
