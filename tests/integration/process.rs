@@ -91,7 +91,14 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_sigterm_exits_0() {
     produce(&topics.requests, &requests("s", N, 2, 0)).await;
 
     let mut first = spawn(&topics, &group, &[]);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Kill once a first share of the results is out, however long start-up took.
+    collect(
+        &[&topics.results],
+        2_000,
+        Duration::from_secs(120),
+        Duration::ZERO,
+    )
+    .await;
     first.kill().expect("SIGKILL");
     first.wait().unwrap();
     let before_restart = collect(
@@ -134,7 +141,7 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_sigterm_exits_0() {
         .count();
     let duplicates: usize = counts.values().map(|n| n - 1).sum();
     println!(
-        "SIGKILL after 4 s: {before_restart} results before the restart, {lost} lost, {duplicates} duplicates of {N} requests"
+        "SIGKILL after 2,000+ results: {before_restart} results before the restart, {lost} lost, {duplicates} duplicates of {N} requests"
     );
     assert_eq!(lost, 0, "requests lost after SIGKILL");
     assert!(
