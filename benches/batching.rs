@@ -2,7 +2,7 @@
 //!
 //! The consumer thread pushes every record it polls into one `Batcher<OwnedMessage>`, so the
 //! batcher's cost is paid once per request on the thread that also talks to librdkafka. This
-//! pushes N = 10 000 owned Kafka messages (about 200-byte values, built in memory: no broker)
+//! pushes N = 10 000 owned Kafka messages (171-byte values, built in memory: no broker)
 //! through a batcher limited to 256 records (the default `batch.max_records`; the byte limit is
 //! the default 1 MiB, never reached here), so batches close on the record count, then flushes
 //! the last partial batch as shutdown would.

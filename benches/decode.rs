@@ -3,7 +3,7 @@
 //! Every consumed record goes through `decode` before anything else happens to it, so its cost
 //! is paid once per request whatever the model. Three inputs cover the paths that matter:
 //!
-//! - `small_valid`: a typical request of about 200 bytes (a model, a small feature vector,
+//! - `small_valid`: a typical request of 253 bytes (a model, a small feature vector,
 //!   parameters, an entity, a tenant and a deadline), decoded into a `Decoded::Request`;
 //! - `data_10kib`: the same kind of request carrying a 10 KiB array of numbers in `data`, to
 //!   show how the cost grows with the payload;
@@ -28,7 +28,7 @@ use inferflow::decode::{DecodeRules, Decoded, decode};
 /// 2100, so none is refused as late.
 const NOW_MS: i64 = 1_767_225_600_000;
 
-/// A typical small request, about 200 bytes.
+/// A typical small request, 253 bytes.
 const SMALL_REQUEST: &str = concat!(
     r#"{"request_id":"req-2f6c1a9e-000042","model":"echo","#,
     r#""data":{"features":[0.12,3.4,-1.5,0.0071,42.0,0.5],"text":"order 1234 arrived late"},"#,

@@ -39,7 +39,7 @@ const BATCH: usize = 256;
 /// The processor's default `executor.execute_timeout_ms`.
 const EXECUTE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A batch of small valid requests for the echo model, about 200 bytes each.
+/// A batch of small valid requests for the echo model, 253 bytes each.
 fn messages() -> Vec<OwnedMessage> {
     (0..BATCH)
         .map(|i| {
