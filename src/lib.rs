@@ -9,6 +9,8 @@
 //!   environment variables), strict parsing and one validation pass reporting every problem.
 //! - [`kafka`]: building librdkafka clients from configuration.
 //! - [`feature_store`]: connecting to the CQL database.
+//! - [`providers`]: model providers (the `Provider` trait, OpenAI-compatible HTTP) and their
+//!   retry policy.
 //! - [`telemetry`]: logging set-up; [`metrics`]: metric names and the Prometheus exporter.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`app`]: wires the service and runs it.
 
@@ -24,4 +26,5 @@ pub mod kafka;
 pub mod metrics;
 pub mod model;
 pub mod processor;
+pub mod providers;
 pub mod telemetry;
