@@ -42,7 +42,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::batching::{Batch, BatchLimits, Batcher};
-use crate::config::Config;
+use crate::config::{Config, KeyOrdering};
 use crate::decode::{DecodeRules, Decoded, decode};
 use crate::executor::{ExecRequest, ExecResult, Executor};
 use crate::kafka::offsets::{OffsetTracker, TopicPartition};
@@ -82,6 +82,9 @@ struct Shared {
     dlq_topic: String,
     execute_timeout: Duration,
     batch_permits: Arc<Semaphore>,
+    /// Per-key mode: one sender per lane worker (empty when unordered). Cleared at shutdown so
+    /// the workers end.
+    lanes: Mutex<Vec<tokio::sync::mpsc::Sender<Vec<OwnedMessage>>>>,
     in_flight: AtomicUsize,
     /// Cancelled when the shutdown deadline has passed: deliveries stop retrying.
     abort: CancellationToken,
@@ -90,12 +93,32 @@ struct Shared {
 
 impl Shared {
     /// Hands a closed batch to a new task.
+    ///
+    /// Unordered, each batch gets its own task. Per key, the batch is split into lanes by key
+    /// hash and each lane's worker runs its batches one after another, so records with the same
+    /// key run in consumption order while different keys still run concurrently.
     fn dispatch(self: &Arc<Self>, batch: Batch<OwnedMessage>) {
         metrics::histogram!(m::BATCH_SIZE_RECORDS).record(batch.items.len() as f64);
         metrics::histogram!(m::BATCH_LINGER_SECONDS).record(batch.lingered.as_secs_f64());
-        let shared = Arc::clone(self);
-        self.runtime
-            .spawn(async move { shared.process_batch(batch.items).await });
+        let lanes = lock(&self.lanes).clone();
+        if lanes.is_empty() {
+            let shared = Arc::clone(self);
+            self.runtime
+                .spawn(async move { shared.process_batch(batch.items).await });
+            return;
+        }
+        let mut split: Vec<Vec<OwnedMessage>> = vec![Vec::new(); lanes.len()];
+        for message in batch.items {
+            let lane = lane_of(message.key(), lanes.len());
+            split[lane].push(message);
+        }
+        for (lane, items) in lanes.iter().zip(split) {
+            // Called on the consumer thread, never inside the runtime. A lane holds at most
+            // max_in_flight_records records (consumption pauses there), so this rarely waits.
+            if !items.is_empty() && lane.blocking_send(items).is_err() {
+                tracing::error!("a lane worker has stopped; its records will be redelivered");
+            }
+        }
     }
 
     async fn process_batch(self: Arc<Self>, messages: Vec<OwnedMessage>) {
@@ -386,6 +409,18 @@ pub fn result_document(
     doc
 }
 
+/// The lane of a record in per-key mode: records without a key share lane 0.
+fn lane_of(key: Option<&[u8]>, lanes: usize) -> usize {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    match key {
+        None => 0,
+        // A fixed (unseeded) hasher: the same key always maps to the same lane.
+        Some(k) => {
+            (BuildHasherDefault::<DefaultHasher>::default().hash_one(k) % lanes as u64) as usize
+        }
+    }
+}
+
 /// Counts a delivered result by status and error kind.
 fn count_result(record: &OutRecord) {
     let find = |name: &str| {
@@ -607,10 +642,28 @@ pub async fn start(
         dlq_topic: config.topics.dlq.clone(),
         execute_timeout: Duration::from_millis(config.executor.execute_timeout_ms.get()),
         batch_permits: Arc::new(Semaphore::new(config.executor.max_in_flight_batches.get())),
+        lanes: Mutex::new(Vec::new()),
         in_flight: AtomicUsize::new(0),
         abort: CancellationToken::new(),
         runtime: Handle::current(),
     });
+    if config.executor.ordering == KeyOrdering::PerKey {
+        let lanes = config.executor.max_in_flight_batches.get();
+        // Capacity in batches; the records they hold are bounded by max_in_flight_records.
+        let capacity = (config.executor.max_in_flight_records.get() / lanes).max(1);
+        let mut senders = Vec::with_capacity(lanes);
+        for _ in 0..lanes {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<OwnedMessage>>(capacity);
+            let worker = Arc::clone(&shared);
+            tokio::spawn(async move {
+                while let Some(items) = rx.recv().await {
+                    Arc::clone(&worker).process_batch(items).await;
+                }
+            });
+            senders.push(tx);
+        }
+        *lock(&shared.lanes) = senders;
+    }
     let context = ProcessorContext {
         shared: Arc::clone(&shared),
         batcher: Mutex::new(Batcher::new(BatchLimits {
@@ -813,6 +866,7 @@ fn shutdown(
     }
     // Nothing more will be stored; the revoke callback run by the close must not wait again.
     shared.tracker.revoke_all();
+    lock(&shared.lanes).clear();
     if let Err(err) = shared.sink.flush(
         deadline
             .saturating_duration_since(Instant::now())

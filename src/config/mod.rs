@@ -34,8 +34,8 @@ use serde_path_to_error::Segment;
 pub use secret::{REDACTED, Secret};
 pub use sections::{
     BatchConfig, Config, Consistency, ExecutorConfig, FeatureStoreConfig, HttpConfig, KafkaConfig,
-    LogConfig, LogFormat, OffsetReset, RESERVED_KAFKA_PROPERTIES, SaslMechanism, SecurityProtocol,
-    TopicsConfig, check_topic_name,
+    KeyOrdering, LogConfig, LogFormat, OffsetReset, RESERVED_KAFKA_PROPERTIES, SaslMechanism,
+    SecurityProtocol, TopicsConfig, check_topic_name,
 };
 
 /// The defaults, embedded at build time.

@@ -313,6 +313,19 @@ pub struct ExecutorConfig {
     pub execute_timeout_ms: NonZeroU64,
     /// Time to drain and commit on shutdown.
     pub shutdown_timeout_ms: NonZeroU64,
+    /// Whether records with the same Kafka key run in order.
+    pub ordering: KeyOrdering,
+}
+
+/// `executor.ordering`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyOrdering {
+    /// Batches run concurrently; records of one key may finish in any order.
+    Unordered,
+    /// Records with the same key run one after another, in consumption order; different keys
+    /// still run concurrently (in `executor.max_in_flight_batches` lanes).
+    PerKey,
 }
 
 /// `[feature_store]`: the CQL database and the cache in front of it.
@@ -340,7 +353,13 @@ pub struct FeatureStoreConfig {
     pub cache_ttl_secs: NonZeroU64,
     /// Entries in the in-process cache at most.
     pub cache_max_entries: NonZeroUsize,
+    /// How long old feature versions stay readable; 0 keeps them until deleted.
+    pub history_retention_secs: u64,
 }
+
+/// The longest TTL CQL accepts (20 years, on ScyllaDB and Cassandra alike); the same limit as
+/// `feature_store::MAX_TTL_SECS`, repeated so configuration does not depend on the store.
+const MAX_CQL_TTL_SECS: u64 = 630_720_000;
 
 /// CQL consistency levels inferflow accepts (all of them valid on ScyllaDB).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -391,6 +410,15 @@ impl Section for FeatureStoreConfig {
             p.push(
                 "feature_store.username",
                 "required when feature_store.password is set",
+            );
+        }
+        if self.history_retention_secs > MAX_CQL_TTL_SECS {
+            p.push(
+                "feature_store.history_retention_secs",
+                format!(
+                    "{} is above the longest TTL CQL accepts ({MAX_CQL_TTL_SECS}, 20 years); use 0 to keep history until deleted",
+                    self.history_retention_secs
+                ),
             );
         }
     }

@@ -1,14 +1,60 @@
-//! The feature store's CQL connection.
+//! The feature store: features, feature groups and feature vectors on a CQL database, read
+//! through an in-process TTL cache.
+//!
+//! - [`model`]: the domain types ([`FeatureUpdate`], [`Feature`], [`FeatureGroup`],
+//!   [`FeatureVector`]) and their rules.
+//! - [`FeatureBackend`]: what a storage backend does. [`ScyllaBackend`] (`scylla.rs`) is the
+//!   CQL one; an embedded backend will implement the same trait.
+//! - [`cache`]: the bounded TTL cache ([`TtlCache`]), with no I/O and no clock of its own.
+//! - [`FeatureStore`]: a backend plus the cache; what the rest of inferflow calls.
+//! - [`schema`]: the CQL in `schemas/cql/`, applied at start-up when configured to.
+//! - [`connect`]: the CQL session, shared with the readiness check.
 //!
 //! inferflow speaks CQL through the `scylla` driver. Production runs ScyllaDB; tests run a
 //! single Cassandra node. Only CQL that both accept is used here: no Cassandra-only features.
+//!
+//! # The cache in front of the backend
+//!
+//! Reads go through the cache; a miss reads the backend and fills the cache, unless a write or
+//! an invalidation of the key happened meanwhile (see [`cache`]). Features found missing are
+//! cached too, so vectors with absent features do not go to the database every time. An entry
+//! lives `feature_store.cache_ttl_secs` at most, and never past the feature's own TTL (minus a
+//! second, since the database counts TTLs in whole seconds).
+//!
+//! Writes go to the backend first, then *write through*: a cached entry is replaced by the
+//! written version if that version is at least the cached one, so a late, older write never
+//! replaces a newer cached value. A write does not create an entry for a key that is not
+//! cached, because writes may arrive out of order and the writer does not know whether the
+//! database already holds a newer version; the next read fills it. A failed write drops the
+//! key from the cache. Other instances' writes are not seen until the entry expires;
+//! [`FeatureStore::invalidate`] is the hook for the cross-instance invalidation to come.
 
-use std::time::Duration;
+mod error;
+mod scylla;
 
-use scylla::client::execution_profile::ExecutionProfile;
-use scylla::client::session::Session;
-use scylla::client::session_builder::SessionBuilder;
-use scylla::statement::Consistency as CqlConsistency;
+pub mod cache;
+pub mod model;
+pub mod schema;
+
+pub use self::cache::{CacheStats, TtlCache};
+pub use self::error::FeatureStoreError;
+pub use self::model::{
+    Feature, FeatureGroup, FeatureKey, FeatureUpdate, FeatureValue, FeatureVector, MAX_TTL_SECS,
+    MAX_VERSION,
+};
+pub use self::scylla::{MAX_NAMES_PER_QUERY, ScyllaBackend, write_timestamp};
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ::scylla::client::execution_profile::ExecutionProfile;
+use ::scylla::client::session::Session;
+use ::scylla::client::session_builder::SessionBuilder;
+use ::scylla::statement::Consistency as CqlConsistency;
+use futures::future::BoxFuture;
 
 use crate::config::{Consistency, FeatureStoreConfig};
 
@@ -25,7 +71,7 @@ pub enum ConnectError {
         contact_points: String,
         /// The driver's error.
         #[source]
-        source: scylla::errors::NewSessionError,
+        source: ::scylla::errors::NewSessionError,
     },
 }
 
@@ -61,4 +107,603 @@ pub async fn connect(cfg: &FeatureStoreConfig) -> Result<Session, ConnectError> 
             contact_points: cfg.contact_points.join(","),
             source,
         })
+}
+
+/// A storage backend of the feature store. Methods take borrowed arguments and return boxed
+/// futures, so a backend can be shared as `Arc<dyn FeatureBackend>`.
+///
+/// Every backend keeps, per feature, the value with the highest version written, whatever the
+/// order of the writes, and a write that repeats a version changes nothing. It validates its
+/// input with the rules in [`model`] and returns [`FeatureStoreError::Invalid`] for input that
+/// breaks them. Expired features read as absent.
+pub trait FeatureBackend: Send + Sync + 'static {
+    /// Writes one version of a feature (and its history row).
+    fn put_feature<'a>(
+        &'a self,
+        update: &'a FeatureUpdate,
+    ) -> BoxFuture<'a, Result<(), FeatureStoreError>>;
+
+    /// The current (highest) version of a feature, if any.
+    fn get_feature<'a>(
+        &'a self,
+        entity_type: &'a str,
+        entity_id: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Feature>, FeatureStoreError>>;
+
+    /// A given version of a feature, while the history retention keeps it.
+    fn get_feature_at_version<'a>(
+        &'a self,
+        entity_type: &'a str,
+        entity_id: &'a str,
+        name: &'a str,
+        version: u64,
+    ) -> BoxFuture<'a, Result<Option<Feature>, FeatureStoreError>>;
+
+    /// The current versions of several features of one entity, one result per name in the
+    /// order given (`None` for a feature with no value). Backends read each entity's features
+    /// in as few round trips as they can.
+    fn get_features<'a>(
+        &'a self,
+        entity_type: &'a str,
+        entity_id: &'a str,
+        names: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<Vec<Option<Feature>>, FeatureStoreError>>;
+
+    /// Creates a version of a feature group. Creating an identical version again succeeds; a
+    /// different definition under an existing version is a
+    /// [`FeatureStoreError::GroupConflict`].
+    fn create_feature_group<'a>(
+        &'a self,
+        group: &'a FeatureGroup,
+    ) -> BoxFuture<'a, Result<(), FeatureStoreError>>;
+
+    /// A version of a feature group, or its latest version when `version` is `None`.
+    fn get_feature_group<'a>(
+        &'a self,
+        name: &'a str,
+        version: Option<u32>,
+    ) -> BoxFuture<'a, Result<Option<FeatureGroup>, FeatureStoreError>>;
+}
+
+/// What the cache holds for a feature: its value, or `None` when the backend had none.
+type Cached = Option<Arc<Feature>>;
+
+/// A backend with the in-process cache in front of it: the feature store the rest of inferflow
+/// uses. See the module documentation for how reads and writes use the cache.
+pub struct FeatureStore {
+    /// Where features live.
+    backend: Arc<dyn FeatureBackend>,
+    /// Current values (and known absences) by key.
+    cache: TtlCache<FeatureKey, Cached>,
+    /// The longest time an entry is cached (`feature_store.cache_ttl_secs`).
+    cache_ttl: Duration,
+}
+
+impl fmt::Debug for FeatureStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FeatureStore")
+            .field("cache_ttl", &self.cache_ttl)
+            .field("cache", &self.cache.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FeatureStore {
+    /// A store over `backend` whose cache keeps entries up to `cache_ttl` and holds at most
+    /// `cache_max_entries` of them.
+    pub fn new(
+        backend: Arc<dyn FeatureBackend>,
+        cache_ttl: Duration,
+        cache_max_entries: NonZeroUsize,
+    ) -> Self {
+        FeatureStore {
+            backend,
+            cache: TtlCache::new(cache_max_entries),
+            cache_ttl,
+        }
+    }
+
+    /// A store over `backend` with the cache settings of `cfg`.
+    pub fn with_config(backend: Arc<dyn FeatureBackend>, cfg: &FeatureStoreConfig) -> Self {
+        Self::new(
+            backend,
+            Duration::from_secs(cfg.cache_ttl_secs.get()),
+            cfg.cache_max_entries,
+        )
+    }
+
+    /// Connects to the CQL database of `cfg`, creates or migrates its schema if configured to,
+    /// and puts the cache in front of it.
+    pub async fn open(cfg: &FeatureStoreConfig) -> Result<Self, FeatureStoreError> {
+        let backend = ScyllaBackend::connect(cfg).await?;
+        Ok(Self::with_config(Arc::new(backend), cfg))
+    }
+
+    /// The backend, for callers that need it without the cache.
+    pub fn backend(&self) -> &Arc<dyn FeatureBackend> {
+        &self.backend
+    }
+
+    /// Writes one version of a feature, then updates a cached entry if the version written is
+    /// at least the cached one.
+    pub async fn set_feature(&self, update: &FeatureUpdate) -> Result<(), FeatureStoreError> {
+        let key = update.key();
+        // The TTL runs from the write, so the cache's clock starts before it.
+        let now = Instant::now();
+        if let Err(err) = self.backend.put_feature(update).await {
+            // Part of the write may have landed; the next read goes to the backend.
+            self.cache.invalidate(&key);
+            return Err(err);
+        }
+        let version = update.version;
+        let ttl = self.entry_ttl(update.ttl_secs);
+        self.cache.update_if(
+            &key,
+            Some(Arc::new(Feature::from_update(update))),
+            ttl,
+            now,
+            |cached| cached.as_ref().is_none_or(|f| f.version <= version),
+        );
+        Ok(())
+    }
+
+    /// The current version of a feature, from the cache if it is there.
+    pub async fn get_feature(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+        name: &str,
+    ) -> Result<Option<Arc<Feature>>, FeatureStoreError> {
+        model::validate_key(entity_type, entity_id, name)?;
+        let key = FeatureKey::new(entity_type, entity_id, name);
+        let now = Instant::now();
+        if let Some(cached) = self.cache.get(&key, now) {
+            return Ok(cached);
+        }
+        let ticket = self.cache.begin_fill(&key);
+        let feature = self
+            .backend
+            .get_feature(entity_type, entity_id, name)
+            .await?
+            .map(Arc::new);
+        let ttl = self.entry_ttl(feature.as_ref().and_then(|f| f.ttl_secs));
+        let _ = self
+            .cache
+            .complete_fill(ticket, key, feature.clone(), ttl, now);
+        Ok(feature)
+    }
+
+    /// A given version of a feature, from the backend (history reads are not cached).
+    pub async fn get_feature_at_version(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+        name: &str,
+        version: u64,
+    ) -> Result<Option<Feature>, FeatureStoreError> {
+        self.backend
+            .get_feature_at_version(entity_type, entity_id, name, version)
+            .await
+    }
+
+    /// The current values of `names` for one entity. Cached features come from the cache; the
+    /// others are read from the backend in one call. Names without a value are listed in
+    /// `missing`; a name asked for twice appears once.
+    pub async fn get_feature_vector<S: AsRef<str>>(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+        names: &[S],
+    ) -> Result<FeatureVector, FeatureStoreError> {
+        model::validate_entity(entity_type, entity_id)?;
+        let mut unique: Vec<&str> = Vec::with_capacity(names.len());
+        for name in names.iter().map(AsRef::as_ref) {
+            model::validate_part("feature key", "feature name", name)?;
+            if !unique.contains(&name) {
+                unique.push(name);
+            }
+        }
+        let now = Instant::now();
+        let mut found: Vec<Option<Cached>> = unique
+            .iter()
+            .map(|name| {
+                self.cache
+                    .get(&FeatureKey::new(entity_type, entity_id, *name), now)
+            })
+            .collect();
+        let misses: Vec<usize> = (0..unique.len()).filter(|&i| found[i].is_none()).collect();
+        if !misses.is_empty() {
+            let keys: Vec<FeatureKey> = misses
+                .iter()
+                .map(|&i| FeatureKey::new(entity_type, entity_id, unique[i]))
+                .collect();
+            let tickets: Vec<_> = keys.iter().map(|k| self.cache.begin_fill(k)).collect();
+            let miss_names: Vec<&str> = misses.iter().map(|&i| unique[i]).collect();
+            let read = self
+                .backend
+                .get_features(entity_type, entity_id, &miss_names)
+                .await?;
+            if read.len() != miss_names.len() {
+                return Err(FeatureStoreError::decode(
+                    "feature vector read",
+                    format!(
+                        "the backend returned {} results for {} names",
+                        read.len(),
+                        miss_names.len()
+                    ),
+                ));
+            }
+            for (((i, key), ticket), feature) in misses.iter().zip(keys).zip(tickets).zip(read) {
+                let feature = feature.map(Arc::new);
+                let ttl = self.entry_ttl(feature.as_ref().and_then(|f| f.ttl_secs));
+                let _ = self
+                    .cache
+                    .complete_fill(ticket, key, feature.clone(), ttl, now);
+                found[*i] = Some(feature);
+            }
+        }
+        let now_ms = model::unix_now_ms();
+        let mut vector = FeatureVector {
+            entity_type: entity_type.to_owned(),
+            entity_id: entity_id.to_owned(),
+            features: BTreeMap::new(),
+            missing: Vec::new(),
+        };
+        for (name, feature) in unique.into_iter().zip(found) {
+            match feature.flatten() {
+                Some(f) => {
+                    vector.features.insert(
+                        name.to_owned(),
+                        FeatureValue {
+                            values: f.values.clone(),
+                            version: f.version,
+                            age_ms: f.age_ms(now_ms),
+                        },
+                    );
+                }
+                None => vector.missing.push(name.to_owned()),
+            }
+        }
+        Ok(vector)
+    }
+
+    /// The vector of `group`'s features for one entity of the group's entity type.
+    pub async fn get_feature_group_vector(
+        &self,
+        group: &FeatureGroup,
+        entity_id: &str,
+    ) -> Result<FeatureVector, FeatureStoreError> {
+        self.get_feature_vector(&group.entity_type, entity_id, &group.features)
+            .await
+    }
+
+    /// Creates a version of a feature group (see [`FeatureBackend::create_feature_group`]).
+    pub async fn create_feature_group(
+        &self,
+        group: &FeatureGroup,
+    ) -> Result<(), FeatureStoreError> {
+        self.backend.create_feature_group(group).await
+    }
+
+    /// A version of a feature group, or its latest version when `version` is `None`. Not
+    /// cached: resolve a group once and reuse it.
+    pub async fn get_feature_group(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Option<FeatureGroup>, FeatureStoreError> {
+        self.backend.get_feature_group(name, version).await
+    }
+
+    /// Drops a feature from the cache (for updates made elsewhere); returns whether it was
+    /// cached. A read already on its way to the backend does not put the old value back.
+    pub fn invalidate(&self, entity_type: &str, entity_id: &str, name: &str) -> bool {
+        self.cache
+            .invalidate(&FeatureKey::new(entity_type, entity_id, name))
+    }
+
+    /// Removes expired entries from the cache; returns how many. For a periodic sweeper:
+    /// expired entries are never served, this only frees their memory sooner.
+    pub fn purge_expired(&self) -> usize {
+        self.cache.purge_expired(Instant::now())
+    }
+
+    /// The cache's counters.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    /// How long to cache a value whose remaining TTL is `ttl_secs`: the cache TTL, but never
+    /// past the feature's own expiry (less one second, since the database counts in whole
+    /// seconds).
+    fn entry_ttl(&self, ttl_secs: Option<u32>) -> Duration {
+        match ttl_secs {
+            None => self.cache_ttl,
+            Some(secs) => self
+                .cache_ttl
+                .min(Duration::from_secs(u64::from(secs).saturating_sub(1))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use serde_json::{Map, Value, json};
+
+    use super::*;
+
+    /// An in-memory backend that keeps the highest version and counts reads.
+    #[derive(Default)]
+    struct Memory {
+        features: Mutex<HashMap<FeatureKey, Feature>>,
+        reads: AtomicUsize,
+        names_read: Mutex<Vec<String>>,
+        fail_writes: std::sync::atomic::AtomicBool,
+    }
+
+    impl Memory {
+        fn read_count(&self) -> usize {
+            self.reads.load(Ordering::SeqCst)
+        }
+
+        /// Writes behind the cache's back, as another instance would.
+        fn put_direct(&self, update: &FeatureUpdate) {
+            let mut map = self.features.lock().unwrap();
+            let entry = map
+                .entry(update.key())
+                .or_insert_with(|| Feature::from_update(update));
+            if update.version >= entry.version {
+                *entry = Feature::from_update(update);
+            }
+        }
+    }
+
+    impl FeatureBackend for Memory {
+        fn put_feature<'a>(
+            &'a self,
+            update: &'a FeatureUpdate,
+        ) -> BoxFuture<'a, Result<(), FeatureStoreError>> {
+            Box::pin(async move {
+                update.validate()?;
+                if self.fail_writes.load(Ordering::SeqCst) {
+                    return Err(FeatureStoreError::decode(
+                        "test write",
+                        "failing on purpose",
+                    ));
+                }
+                self.put_direct(update);
+                Ok(())
+            })
+        }
+
+        fn get_feature<'a>(
+            &'a self,
+            entity_type: &'a str,
+            entity_id: &'a str,
+            name: &'a str,
+        ) -> BoxFuture<'a, Result<Option<Feature>, FeatureStoreError>> {
+            Box::pin(async move {
+                self.reads.fetch_add(1, Ordering::SeqCst);
+                self.names_read.lock().unwrap().push(name.to_owned());
+                let key = FeatureKey::new(entity_type, entity_id, name);
+                Ok(self.features.lock().unwrap().get(&key).cloned())
+            })
+        }
+
+        fn get_feature_at_version<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: &'a str,
+            _: u64,
+        ) -> BoxFuture<'a, Result<Option<Feature>, FeatureStoreError>> {
+            Box::pin(async { Ok(None) })
+        }
+
+        fn get_features<'a>(
+            &'a self,
+            entity_type: &'a str,
+            entity_id: &'a str,
+            names: &'a [&'a str],
+        ) -> BoxFuture<'a, Result<Vec<Option<Feature>>, FeatureStoreError>> {
+            Box::pin(async move {
+                self.reads.fetch_add(1, Ordering::SeqCst);
+                let map = self.features.lock().unwrap();
+                let mut read = self.names_read.lock().unwrap();
+                Ok(names
+                    .iter()
+                    .map(|name| {
+                        read.push((*name).to_owned());
+                        map.get(&FeatureKey::new(entity_type, entity_id, *name))
+                            .cloned()
+                    })
+                    .collect())
+            })
+        }
+
+        fn create_feature_group<'a>(
+            &'a self,
+            _: &'a FeatureGroup,
+        ) -> BoxFuture<'a, Result<(), FeatureStoreError>> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn get_feature_group<'a>(
+            &'a self,
+            _: &'a str,
+            _: Option<u32>,
+        ) -> BoxFuture<'a, Result<Option<FeatureGroup>, FeatureStoreError>> {
+            Box::pin(async { Ok(None) })
+        }
+    }
+
+    fn values(v: Value) -> Map<String, Value> {
+        v.as_object().expect("object").clone()
+    }
+
+    fn update(name: &str, version: u64) -> FeatureUpdate {
+        FeatureUpdate::new("user", "u1", name, values(json!({ "v": version })), version)
+    }
+
+    fn store() -> (Arc<Memory>, FeatureStore) {
+        let memory = Arc::new(Memory::default());
+        let store = FeatureStore::new(
+            memory.clone(),
+            Duration::from_secs(300),
+            NonZeroUsize::new(100).unwrap(),
+        );
+        (memory, store)
+    }
+
+    #[tokio::test]
+    async fn a_second_read_is_served_from_the_cache() {
+        let (memory, store) = store();
+        memory.put_direct(&update("a", 1));
+        let first = store.get_feature("user", "u1", "a").await.unwrap();
+        let second = store.get_feature("user", "u1", "a").await.unwrap();
+        assert_eq!(first.unwrap().version, 1);
+        assert_eq!(second.unwrap().version, 1);
+        assert_eq!(memory.read_count(), 1);
+        let stats = store.cache_stats();
+        assert_eq!((stats.hits, stats.misses), (1, 1), "{stats:?}");
+    }
+
+    #[tokio::test]
+    async fn write_through_replaces_only_with_a_version_at_least_the_cached_one() {
+        let (memory, store) = store();
+        store.set_feature(&update("a", 5)).await.unwrap();
+        assert_eq!(
+            store
+                .get_feature("user", "u1", "a")
+                .await
+                .unwrap()
+                .unwrap()
+                .version,
+            5
+        );
+
+        store.set_feature(&update("a", 3)).await.unwrap();
+        let cached = store.get_feature("user", "u1", "a").await.unwrap().unwrap();
+        assert_eq!(cached.version, 5, "an older write does not replace");
+
+        store.set_feature(&update("a", 8)).await.unwrap();
+        let cached = store.get_feature("user", "u1", "a").await.unwrap().unwrap();
+        assert_eq!((cached.version, &cached.values["v"]), (8, &json!(8)));
+        assert_eq!(
+            memory.read_count(),
+            1,
+            "only the first read went to the backend"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_write_does_not_create_a_cache_entry() {
+        let (memory, store) = store();
+        store.set_feature(&update("a", 5)).await.unwrap();
+        assert_eq!(store.cache_stats().entries, 0);
+        store.get_feature("user", "u1", "a").await.unwrap();
+        assert_eq!(memory.read_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn absence_is_cached_and_a_write_replaces_it() {
+        let (memory, store) = store();
+        assert!(
+            store
+                .get_feature("user", "u1", "a")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            store
+                .get_feature("user", "u1", "a")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(memory.read_count(), 1);
+        store.set_feature(&update("a", 2)).await.unwrap();
+        let cached = store.get_feature("user", "u1", "a").await.unwrap().unwrap();
+        assert_eq!(cached.version, 2);
+        assert_eq!(memory.read_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_drops_the_cached_entry() {
+        let (memory, store) = store();
+        memory.put_direct(&update("a", 1));
+        store.get_feature("user", "u1", "a").await.unwrap();
+        memory.fail_writes.store(true, Ordering::SeqCst);
+        store.set_feature(&update("a", 2)).await.unwrap_err();
+        store.get_feature("user", "u1", "a").await.unwrap();
+        assert_eq!(memory.read_count(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_short_feature_ttl_bounds_the_cache_entry() {
+        let (memory, store) = store();
+        memory.put_direct(&update("a", 1).with_ttl_secs(1));
+        store.get_feature("user", "u1", "a").await.unwrap();
+        store.get_feature("user", "u1", "a").await.unwrap();
+        assert_eq!(memory.read_count(), 2, "a 1 s TTL is not cached at all");
+    }
+
+    #[tokio::test]
+    async fn vectors_read_only_the_misses_and_report_missing_names() {
+        let (memory, store) = store();
+        memory.put_direct(&update("a", 1));
+        memory.put_direct(&update("b", 2));
+        store.get_feature("user", "u1", "a").await.unwrap();
+        memory.names_read.lock().unwrap().clear();
+
+        let vector = store
+            .get_feature_vector("user", "u1", &["a", "b", "nope", "b"])
+            .await
+            .unwrap();
+        assert_eq!(*memory.names_read.lock().unwrap(), ["b", "nope"]);
+        assert_eq!(vector.features.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(vector.features["b"].version, 2);
+        assert_eq!(vector.missing, ["nope"]);
+
+        let again = store
+            .get_feature_vector("user", "u1", &["a", "b", "nope"])
+            .await
+            .unwrap();
+        assert_eq!(again.missing, ["nope"]);
+        assert_eq!(
+            memory.read_count(),
+            2,
+            "the second vector came from the cache"
+        );
+    }
+
+    #[tokio::test]
+    async fn invalidate_makes_the_next_read_go_to_the_backend() {
+        let (memory, store) = store();
+        memory.put_direct(&update("a", 1));
+        store.get_feature("user", "u1", "a").await.unwrap();
+        memory.put_direct(&update("a", 2));
+        assert!(store.invalidate("user", "u1", "a"));
+        let fresh = store.get_feature("user", "u1", "a").await.unwrap().unwrap();
+        assert_eq!(fresh.version, 2);
+    }
+
+    #[tokio::test]
+    async fn invalid_keys_are_rejected_before_the_backend() {
+        let (memory, store) = store();
+        let err = store.get_feature("user", "", "a").await.unwrap_err();
+        assert!(matches!(err, FeatureStoreError::Invalid { .. }), "{err}");
+        let err = store
+            .get_feature_vector("user", "u1", &["a", ""])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FeatureStoreError::Invalid { .. }), "{err}");
+        assert_eq!(memory.read_count(), 0);
+    }
 }

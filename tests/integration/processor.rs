@@ -449,3 +449,89 @@ async fn instances_share_partitions_and_rebalance_without_loss_or_duplicates() {
         assert!(n > 0, "instance {i} never received a partition");
     }
 }
+
+/// Wraps the built-ins and records request ids in the order their execution *finished*.
+struct Completing {
+    finished: Arc<Mutex<Vec<String>>>,
+}
+
+impl Executor for Completing {
+    fn execute<'a>(
+        &'a self,
+        target: &'a Target,
+        requests: Vec<ExecRequest>,
+    ) -> BoxFuture<'a, Vec<ExecResult>> {
+        Box::pin(async move {
+            let ids: Vec<String> = requests.iter().map(|r| r.request_id.clone()).collect();
+            let out = Builtins.execute(target, requests).await;
+            self.finished.lock().unwrap().extend(ids);
+            out
+        })
+    }
+}
+
+/// Runs 4 keys × 40 sequenced requests, alternating slow and fast batches, and returns how
+/// many times a key's request finished before an earlier request of the same key.
+async fn key_order_violations(ordering: &str) -> usize {
+    let topics = Topics::create("order", 2).await;
+    let group = unique_name("order");
+    let cfg = config(
+        &topics,
+        &group,
+        &format!(
+            "[batch]\nmax_records = 5\nlinger_ms = 5\n[executor]\nmax_in_flight_batches = 4\nordering = \"{ordering}\"\n"
+        ),
+    );
+    const PER_KEY: usize = 40;
+    let mut records = Vec::new();
+    for seq in 0..PER_KEY {
+        for key in 0..4 {
+            let delay = if (seq / 5) % 2 == 0 { 40 } else { 1 };
+            let v = format!(
+                r#"{{"request_id":"k{key}-{seq}","model":"echo","data":{seq},"parameters":{{"delay_ms":{delay}}}}}"#
+            );
+            records.push((Some(format!("k{key}").into_bytes()), Some(v.into_bytes())));
+        }
+    }
+    produce(&topics.requests, &records).await;
+    let finished: Arc<Mutex<Vec<String>>> = Arc::default();
+    let running = Running::start(
+        &cfg,
+        Arc::new(Completing {
+            finished: Arc::clone(&finished),
+        }),
+    )
+    .await;
+    collect(
+        &[&topics.results],
+        records.len(),
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    )
+    .await;
+    running.stop().await;
+
+    let finished = finished.lock().unwrap();
+    assert_eq!(finished.len(), records.len());
+    let mut last: HashMap<&str, usize> = HashMap::new();
+    let mut violations = 0;
+    for id in finished.iter() {
+        let (key, seq) = id.split_once('-').unwrap();
+        let seq: usize = seq.parse().unwrap();
+        if last.get(key).is_some_and(|&prev| seq < prev) {
+            violations += 1;
+        }
+        last.insert(key, seq);
+    }
+    violations
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_ordering_runs_each_key_in_consumption_order() {
+    utils::init_tracing();
+    assert_eq!(
+        key_order_violations("per_key").await,
+        0,
+        "per_key mode must keep each key in order"
+    );
+}

@@ -1,0 +1,187 @@
+//! [`FeatureStoreError`]: why a feature store operation failed.
+
+use scylla::errors::{DbError, ExecutionError, PrepareError, RequestAttemptError};
+
+use super::ConnectError;
+
+/// Why a feature store operation failed. Each message says what to check.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FeatureStoreError {
+    /// The input breaks a rule of the data model: an empty or oversized name, a version or TTL
+    /// out of range, a malformed group. Retrying the same input fails the same way.
+    #[error("invalid {what}: {reason}")]
+    Invalid {
+        /// What was being checked, e.g. `feature update`.
+        what: &'static str,
+        /// Which rule it breaks.
+        reason: String,
+    },
+
+    /// The database could not be reached at start-up.
+    #[error(transparent)]
+    Connect(Box<ConnectError>),
+
+    /// A statement creating or migrating the schema failed.
+    #[error(
+        "could not apply schema version {version} to keyspace {keyspace} (`{statement}`): {source}; check that the CQL user may create keyspaces and tables, or set feature_store.create_schema = false and apply schemas/cql/ by hand"
+    )]
+    Schema {
+        /// The keyspace.
+        keyspace: String,
+        /// The schema version being applied.
+        version: u32,
+        /// The start of the failing statement.
+        statement: String,
+        /// The driver's error.
+        #[source]
+        source: Box<ExecutionError>,
+    },
+
+    /// A statement could not be prepared at start-up, usually because the schema is missing or
+    /// older than this inferflow.
+    #[error(
+        "could not prepare the {statement} statement on keyspace {keyspace}: {source}; check that the schema exists and is current (feature_store.create_schema = true, or apply schemas/cql/ by hand) and that feature_store.keyspace is right"
+    )]
+    Prepare {
+        /// Which statement.
+        statement: &'static str,
+        /// The keyspace.
+        keyspace: String,
+        /// The driver's error.
+        #[source]
+        source: Box<PrepareError>,
+    },
+
+    /// A read or write failed in the database or on the way to it.
+    #[error(
+        "CQL {operation} failed: {source}; check that the database is reachable and that enough replicas are up for feature_store.consistency"
+    )]
+    Query {
+        /// Which operation, e.g. `feature write`.
+        operation: &'static str,
+        /// The driver's error.
+        #[source]
+        source: Box<ExecutionError>,
+    },
+
+    /// A result did not have the expected shape: a row that does not decode, stored JSON that
+    /// is not an object, a negative version.
+    #[error(
+        "unexpected data from {operation}: {reason}; check that the tables match schemas/cql/ and are written only by inferflow"
+    )]
+    Decode {
+        /// Which operation.
+        operation: &'static str,
+        /// What was wrong.
+        reason: String,
+    },
+
+    /// A group version already exists with a different definition. Group versions never change.
+    #[error(
+        "feature group {name} version {version} already exists with a different definition; create a new version instead"
+    )]
+    GroupConflict {
+        /// The group's name.
+        name: String,
+        /// The version.
+        version: u32,
+    },
+}
+
+impl From<ConnectError> for FeatureStoreError {
+    fn from(err: ConnectError) -> Self {
+        FeatureStoreError::Connect(Box::new(err))
+    }
+}
+
+impl FeatureStoreError {
+    /// An [`FeatureStoreError::Invalid`].
+    pub(crate) fn invalid(what: &'static str, reason: impl Into<String>) -> Self {
+        FeatureStoreError::Invalid {
+            what,
+            reason: reason.into(),
+        }
+    }
+
+    /// A [`FeatureStoreError::Query`].
+    pub(crate) fn query(operation: &'static str, source: ExecutionError) -> Self {
+        FeatureStoreError::Query {
+            operation,
+            source: Box::new(source),
+        }
+    }
+
+    /// A [`FeatureStoreError::Decode`].
+    pub(crate) fn decode(operation: &'static str, reason: impl ToString) -> Self {
+        FeatureStoreError::Decode {
+            operation,
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Whether the same call may succeed later: the database was unreachable, overloaded, short
+    /// of replicas or slow. Invalid input, schema problems and conflicts are not retryable.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            FeatureStoreError::Connect(_) => true,
+            FeatureStoreError::Query { source, .. } => match source.as_ref() {
+                ExecutionError::BadQuery(_) | ExecutionError::PrepareError(_) => false,
+                ExecutionError::LastAttemptError(RequestAttemptError::DbError(db, _)) => !matches!(
+                    db,
+                    DbError::SyntaxError
+                        | DbError::Invalid
+                        | DbError::AlreadyExists { .. }
+                        | DbError::FunctionFailure { .. }
+                        | DbError::AuthenticationError
+                        | DbError::Unauthorized
+                        | DbError::ConfigError
+                        | DbError::ProtocolError
+                ),
+                ExecutionError::LastAttemptError(
+                    RequestAttemptError::SerializationError(_)
+                    | RequestAttemptError::CqlRequestSerialization(_),
+                ) => false,
+                _ => true,
+            },
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_trouble_is_retryable_and_bad_input_is_not() {
+        let unavailable = FeatureStoreError::query(
+            "feature read",
+            ExecutionError::LastAttemptError(RequestAttemptError::DbError(
+                DbError::Overloaded,
+                "busy".into(),
+            )),
+        );
+        assert!(unavailable.is_retryable());
+        let timeout = FeatureStoreError::query(
+            "feature read",
+            ExecutionError::RequestTimeout(std::time::Duration::from_secs(2)),
+        );
+        assert!(timeout.is_retryable());
+        let invalid_query = FeatureStoreError::query(
+            "feature read",
+            ExecutionError::LastAttemptError(RequestAttemptError::DbError(
+                DbError::Invalid,
+                "no".into(),
+            )),
+        );
+        assert!(!invalid_query.is_retryable());
+        assert!(!FeatureStoreError::invalid("feature key", "entity_id is empty").is_retryable());
+        assert!(
+            unavailable
+                .to_string()
+                .contains("feature_store.consistency"),
+            "{unavailable}"
+        );
+    }
+}
