@@ -23,11 +23,13 @@
 //! `kafka.consumer_queue_kbytes`.
 
 use std::collections::{BTreeMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
+use futures::FutureExt as _;
 use rdkafka::TopicPartitionList;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
@@ -72,6 +74,9 @@ pub mod headers {
 /// batches and notice shutdown).
 const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
 
+/// How often the consumer thread stores the positions that advanced.
+const STORE_EVERY: Duration = Duration::from_millis(50);
+
 /// State shared by the consumer thread and the batch tasks.
 struct Shared {
     executor: Arc<dyn Executor>,
@@ -82,9 +87,12 @@ struct Shared {
     dlq_topic: String,
     execute_timeout: Duration,
     batch_permits: Arc<Semaphore>,
+    /// `executor.ordering = "per_key"`.
+    per_key: bool,
     /// Per-key mode: one sender per lane worker (empty when unordered). Cleared at shutdown so
-    /// the workers end.
-    lanes: Mutex<Vec<tokio::sync::mpsc::Sender<Vec<OwnedMessage>>>>,
+    /// the workers end. Unbounded in batches, but the records they hold are bounded by
+    /// `max_in_flight_records` (consumption pauses there), and the consumer thread never blocks.
+    lanes: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<Vec<OwnedMessage>>>>,
     in_flight: AtomicUsize,
     /// Cancelled when the shutdown deadline has passed: deliveries stop retrying.
     abort: CancellationToken,
@@ -100,11 +108,17 @@ impl Shared {
     fn dispatch(self: &Arc<Self>, batch: Batch<OwnedMessage>) {
         metrics::histogram!(m::BATCH_SIZE_RECORDS).record(batch.items.len() as f64);
         metrics::histogram!(m::BATCH_LINGER_SECONDS).record(batch.lingered.as_secs_f64());
-        let lanes = lock(&self.lanes).clone();
-        if lanes.is_empty() {
+        if !self.per_key {
             let shared = Arc::clone(self);
             self.runtime
                 .spawn(async move { shared.process_batch(batch.items).await });
+            return;
+        }
+        let lanes = lock(&self.lanes).clone();
+        if lanes.is_empty() {
+            // Only after shutdown cleared the lanes: the records stay pending and are
+            // redelivered after the restart.
+            tracing::warn!("per-key lanes are closed; the batch will be redelivered");
             return;
         }
         let mut split: Vec<Vec<OwnedMessage>> = vec![Vec::new(); lanes.len()];
@@ -113,10 +127,10 @@ impl Shared {
             split[lane].push(message);
         }
         for (lane, items) in lanes.iter().zip(split) {
-            // Called on the consumer thread, never inside the runtime. A lane holds at most
-            // max_in_flight_records records (consumption pauses there), so this rarely waits.
-            if !items.is_empty() && lane.blocking_send(items).is_err() {
-                tracing::error!("a lane worker has stopped; its records will be redelivered");
+            if !items.is_empty() && lane.send(items).is_err() {
+                // Only after shutdown cleared the lanes: the records stay pending, their offsets
+                // are not stored, and they are redelivered after the restart.
+                tracing::warn!("a lane worker has stopped; its records will be redelivered");
             }
         }
     }
@@ -126,90 +140,170 @@ impl Shared {
             return; // The semaphore is never closed.
         };
         let arrived = Instant::now();
+        // Executors are pluggable code: a panic must not lose the batch's records (they would
+        // stay in flight for good). Every record is then answered with an `internal` error.
+        let outcomes = match AssertUnwindSafe(self.compute(&messages))
+            .catch_unwind()
+            .await
+        {
+            Ok(outcomes) => outcomes,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".to_owned());
+                tracing::error!(panic = %what, records = messages.len(), "processing a batch panicked; answering its records with internal errors");
+                self.after_panic(&messages, &what)
+            }
+        };
+        drop(permit);
+        let latency = arrived.elapsed();
+        let deliveries = messages
+            .iter()
+            .zip(outcomes)
+            .map(|(msg, (outcome, reply_to))| self.answer(msg, outcome, reply_to, latency));
+        futures::future::join_all(deliveries).await;
+    }
+
+    /// Decodes and executes a batch: one outcome (and optional `reply_to`) per message.
+    async fn compute(&self, messages: &[OwnedMessage]) -> Vec<(Outcome, Option<String>)> {
         let now_ms = unix_ms();
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; messages.len()];
-        let mut groups: BTreeMap<Target, Vec<(usize, ExecRequest)>> = BTreeMap::new();
-        let mut reply_to: Vec<Option<String>> = vec![None; messages.len()];
+        let mut outcomes: Vec<(Outcome, Option<String>)> = Vec::with_capacity(messages.len());
+        let mut runnable: Vec<(usize, Target, ExecRequest)> = Vec::new();
         for (i, msg) in messages.iter().enumerate() {
-            match decode(msg.payload(), &self.rules, now_ms) {
+            let outcome = match decode(msg.payload(), &self.rules, now_ms) {
                 Decoded::Request { request, target } => {
-                    reply_to[i] = request.reply_to.clone();
-                    groups.entry(target).or_default().push((
+                    runnable.push((
                         i,
+                        target.clone(),
                         ExecRequest {
-                            request_id: request.request_id,
+                            request_id: request.request_id.clone(),
                             data: request.data,
                             parameters: request.parameters,
                             entity: request.entity,
                             tenant: request.tenant,
                         },
                     ));
+                    // Replaced by the execution's outcome below.
+                    (
+                        Outcome::Answer(
+                            request.request_id,
+                            Some(target),
+                            Err(ErrorBody::new(ErrorKind::Internal, "not executed")),
+                        ),
+                        request.reply_to,
+                    )
                 }
                 Decoded::Reject {
                     request_id,
                     target,
                     error,
-                } => outcomes[i] = Some(Outcome::Answer(request_id, target, Err(error))),
-                Decoded::DeadLetter(error) => outcomes[i] = Some(Outcome::DeadLetter(error)),
-            }
-        }
-        let this = &self;
-        let runs = groups.into_iter().map(|(target, items)| async move {
-            let (indices, requests): (Vec<usize>, Vec<ExecRequest>) = items.into_iter().unzip();
-            let ids: Vec<String> = requests.iter().map(|r| r.request_id.clone()).collect();
-            let n = requests.len();
-            let results = match tokio::time::timeout(
-                this.execute_timeout,
-                this.executor.execute(&target, requests),
-            )
-            .await
-            {
-                Ok(results) if results.len() == n => results,
-                Ok(results) => vec![
-                    Err(ErrorBody::new(
-                        ErrorKind::Internal,
-                        format!(
-                            "the executor returned {} outcomes for {n} requests",
-                            results.len()
-                        ),
-                    ));
-                    n
-                ],
-                Err(_) => vec![
-                    Err(ErrorBody::new(
-                        ErrorKind::ProviderTimeout,
-                        format!(
-                            "no answer within {} ms (executor.execute_timeout_ms)",
-                            this.execute_timeout.as_millis()
-                        ),
-                    ));
-                    n
-                ],
+                } => (Outcome::Answer(request_id, target, Err(error)), None),
+                Decoded::DeadLetter(error) => (Outcome::DeadLetter(error), None),
             };
-            (target, indices, ids, results)
-        });
-        for (target, indices, ids, results) in futures::future::join_all(runs).await {
-            for ((i, id), result) in indices.into_iter().zip(ids).zip(results) {
-                outcomes[i] = Some(Outcome::Answer(id, Some(target.clone()), result));
+            outcomes.push(outcome);
+        }
+        if self.per_key {
+            // Runs of consecutive requests for the same target, one after another: requests of
+            // one key (all in this lane) keep their consumption order across targets.
+            let mut rest = runnable.into_iter().peekable();
+            while let Some(first) = rest.next() {
+                let target = first.1.clone();
+                let mut run = vec![(first.0, first.2)];
+                while let Some(next) = rest.next_if(|r| r.1 == target) {
+                    run.push((next.0, next.2));
+                }
+                for (i, outcome) in self.execute_group(&target, run).await {
+                    outcomes[i].0 = outcome;
+                }
+            }
+        } else {
+            let mut groups: BTreeMap<Target, Vec<(usize, ExecRequest)>> = BTreeMap::new();
+            for (i, target, request) in runnable {
+                groups.entry(target).or_default().push((i, request));
+            }
+            let runs = groups
+                .into_iter()
+                .map(|(target, items)| async move { self.execute_group(&target, items).await });
+            for (i, outcome) in futures::future::join_all(runs).await.into_iter().flatten() {
+                outcomes[i].0 = outcome;
             }
         }
-        drop(permit);
-        let latency = arrived.elapsed();
-        let deliveries =
-            messages
-                .iter()
-                .zip(outcomes)
-                .zip(reply_to)
-                .map(|((msg, outcome), reply_to)| {
-                    let outcome = outcome.unwrap_or_else(|| {
-                        Outcome::DeadLetter(ErrorBody::new(
-                            ErrorKind::Internal,
-                            "record was not processed",
-                        ))
-                    });
-                    self.answer(msg, outcome, reply_to, latency)
-                });
-        futures::future::join_all(deliveries).await;
+        outcomes
+    }
+
+    /// Runs requests for one target through the executor, under the execute timeout.
+    async fn execute_group(
+        &self,
+        target: &Target,
+        items: Vec<(usize, ExecRequest)>,
+    ) -> Vec<(usize, Outcome)> {
+        let (indices, requests): (Vec<usize>, Vec<ExecRequest>) = items.into_iter().unzip();
+        let ids: Vec<String> = requests.iter().map(|r| r.request_id.clone()).collect();
+        let n = requests.len();
+        let results = match tokio::time::timeout(
+            self.execute_timeout,
+            self.executor.execute(target, requests),
+        )
+        .await
+        {
+            Ok(results) if results.len() == n => results,
+            Ok(results) => vec![
+                Err(ErrorBody::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "the executor returned {} outcomes for {n} requests",
+                        results.len()
+                    ),
+                ));
+                n
+            ],
+            Err(_) => vec![
+                Err(ErrorBody::new(
+                    ErrorKind::ProviderTimeout,
+                    format!(
+                        "no answer within {} ms (executor.execute_timeout_ms)",
+                        self.execute_timeout.as_millis()
+                    ),
+                ));
+                n
+            ],
+        };
+        indices
+            .into_iter()
+            .zip(ids)
+            .zip(results)
+            .map(|((i, id), result)| (i, Outcome::Answer(id, Some(target.clone()), result)))
+            .collect()
+    }
+
+    /// Outcomes for a batch whose processing panicked: an `internal` error result for every
+    /// record whose request id can be read, a dead letter for the others.
+    fn after_panic(&self, messages: &[OwnedMessage], what: &str) -> Vec<(Outcome, Option<String>)> {
+        let error = ErrorBody::new(
+            ErrorKind::Internal,
+            format!("inferflow failed while processing this request: {what}"),
+        );
+        let now_ms = unix_ms();
+        messages
+            .iter()
+            .map(|msg| {
+                let decoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    decode(msg.payload(), &self.rules, now_ms)
+                }));
+                let outcome = match decoded {
+                    Ok(Decoded::Request { request, target }) => {
+                        Outcome::Answer(request.request_id, Some(target), Err(error.clone()))
+                    }
+                    Ok(Decoded::Reject {
+                        request_id, target, ..
+                    }) => Outcome::Answer(request_id, target, Err(error.clone())),
+                    Ok(Decoded::DeadLetter(_)) | Err(_) => Outcome::DeadLetter(error.clone()),
+                };
+                (outcome, None)
+            })
+            .collect()
     }
 
     /// Delivers the output for one record and marks it done.
@@ -463,6 +557,8 @@ struct ProcessorContext {
     batcher: Mutex<Batcher<OwnedMessage>>,
     /// True while every assigned partition is paused for backpressure.
     paused: AtomicBool,
+    /// Set once shutdown has drained what it could: revokes then give up at once.
+    shutting_down: AtomicBool,
     rebalance_drain_timeout: Duration,
 }
 
@@ -500,10 +596,12 @@ impl ConsumerContext for ProcessorContext {
         if let Some(batch) = lock(&self.batcher).flush(Instant::now()) {
             self.shared.dispatch(batch);
         }
-        let left = self
-            .shared
-            .tracker
-            .wait_drained(&partitions, self.rebalance_drain_timeout);
+        let drain_for = if self.shutting_down.load(Ordering::Acquire) {
+            Duration::ZERO
+        } else {
+            self.rebalance_drain_timeout
+        };
+        let left = self.shared.tracker.wait_drained(&partitions, drain_for);
         if left > 0 {
             tracing::warn!(
                 left,
@@ -524,10 +622,17 @@ impl ConsumerContext for ProcessorContext {
                 let partitions = topic_partitions(tpl);
                 tracing::info!(?partitions, "partitions assigned");
                 self.shared.tracker.assign(partitions);
-                if self.paused.load(Ordering::Acquire) {
-                    if let Err(err) = consumer.pause(tpl) {
-                        tracing::warn!(error = %err, "could not pause newly assigned partitions");
-                    }
+                // librdkafka keeps an application pause across unassign and reassign, so a
+                // partition paused before it was revoked would come back paused: set the state
+                // explicitly either way.
+                let paused = self.paused.load(Ordering::Acquire);
+                let result = if paused {
+                    consumer.pause(tpl)
+                } else {
+                    consumer.resume(tpl)
+                };
+                if let Err(err) = result {
+                    tracing::warn!(error = %err, paused, "could not set the paused state of newly assigned partitions");
                 }
             }
             Rebalance::Revoke(_) => {}
@@ -642,6 +747,7 @@ pub async fn start(
         dlq_topic: config.topics.dlq.clone(),
         execute_timeout: Duration::from_millis(config.executor.execute_timeout_ms.get()),
         batch_permits: Arc::new(Semaphore::new(config.executor.max_in_flight_batches.get())),
+        per_key: config.executor.ordering == KeyOrdering::PerKey,
         lanes: Mutex::new(Vec::new()),
         in_flight: AtomicUsize::new(0),
         abort: CancellationToken::new(),
@@ -649,11 +755,9 @@ pub async fn start(
     });
     if config.executor.ordering == KeyOrdering::PerKey {
         let lanes = config.executor.max_in_flight_batches.get();
-        // Capacity in batches; the records they hold are bounded by max_in_flight_records.
-        let capacity = (config.executor.max_in_flight_records.get() / lanes).max(1);
         let mut senders = Vec::with_capacity(lanes);
         for _ in 0..lanes {
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<OwnedMessage>>(capacity);
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<OwnedMessage>>();
             let worker = Arc::clone(&shared);
             tokio::spawn(async move {
                 while let Some(items) = rx.recv().await {
@@ -672,6 +776,7 @@ pub async fn start(
             linger: Duration::from_millis(config.batch.linger_ms),
         })),
         paused: AtomicBool::new(false),
+        shutting_down: AtomicBool::new(false),
         rebalance_drain_timeout: Duration::from_millis(config.kafka.rebalance_drain_timeout_ms),
     };
     let mut client = crate::kafka::consumer_config(&config.kafka, &config.kafka.group_id);
@@ -726,6 +831,7 @@ fn consume(
     let context = consumer.context();
     let resume_below = limits.max_in_flight / 2;
     let mut paused_count = 0usize;
+    let mut last_store = Instant::now();
     while !stop.is_cancelled() {
         // Backpressure: pause every assigned partition at the budget, resume at half of it.
         let in_flight = shared.in_flight.load(Ordering::Acquire);
@@ -767,8 +873,11 @@ fn consume(
         if let Some(batch) = lingered {
             shared.dispatch(batch);
         }
-        if let Err(err) = shared.tracker.store(&consumer) {
-            tracing::warn!(error = %err, "storing offsets failed");
+        if last_store.elapsed() >= STORE_EVERY {
+            last_store = Instant::now();
+            if let Err(err) = shared.tracker.store(&consumer) {
+                tracing::warn!(error = %err, "storing offsets failed; retrying");
+            }
         }
     }
     shutdown(consumer, shared, limits)
@@ -848,6 +957,7 @@ fn shutdown(
         );
     }
     shared.abort.cancel();
+    context.shutting_down.store(true, Ordering::Release);
     // The group may be mid-rebalance (another member joining or leaving): the broker then
     // refuses commits until this member has rejoined, which needs polls. Keep serving the group
     // and retry until the commit lands or the deadline passes.

@@ -158,6 +158,16 @@ impl OffsetTracker {
         tpl
     }
 
+    /// After a failed store: forget what was marked as stored, so the next call tries again.
+    fn forget_stored(&self, tpl: &TopicPartitionList) {
+        let mut map = self.lock();
+        for e in tpl.elements() {
+            if let Some(state) = map.get_mut(&(e.topic().to_owned(), e.partition())) {
+                state.stored = None;
+            }
+        }
+    }
+
     /// Stores the positions that advanced (auto-commit then commits them). Call from the
     /// consumer's own thread.
     #[allow(clippy::disallowed_methods)] // This is the one place allowed to store offsets.
@@ -165,7 +175,10 @@ impl OffsetTracker {
         let tpl = self.take_committable(None);
         let n = tpl.count();
         if n > 0 {
-            consumer.store_offsets(&tpl)?;
+            if let Err(err) = consumer.store_offsets(&tpl) {
+                self.forget_stored(&tpl);
+                return Err(err);
+            }
         }
         Ok(n)
     }
@@ -180,7 +193,10 @@ impl OffsetTracker {
     ) -> KafkaResult<()> {
         let tpl = self.take_committable(partitions);
         if tpl.count() > 0 {
-            consumer.store_offsets(&tpl)?;
+            if let Err(err) = consumer.store_offsets(&tpl) {
+                self.forget_stored(&tpl);
+                return Err(err);
+            }
         }
         match consumer.commit_consumer_state(CommitMode::Sync) {
             // Nothing stored since the last commit is not a failure.

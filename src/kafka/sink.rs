@@ -99,11 +99,19 @@ impl Sink {
         let mut backoff = Duration::from_millis(50);
         loop {
             let error = match self.producer.send_result(record.future_record()) {
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(_)) => return Ok(()),
-                    Ok(Err((err, _))) => err,
-                    Err(_canceled) => KafkaError::Canceled,
-                },
+                Ok(delivery) => {
+                    let outcome = tokio::select! {
+                        outcome = delivery => outcome,
+                        () = stop.cancelled() => {
+                            return Err(DeliverError::Stopped("awaiting the broker's acknowledgement".into()));
+                        }
+                    };
+                    match outcome {
+                        Ok(Ok(_)) => return Ok(()),
+                        Ok(Err((err, _))) => err,
+                        Err(_canceled) => KafkaError::Canceled,
+                    }
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     // Backpressure, not failure: the queue drains as the broker acknowledges.
                     metrics::counter!(PRODUCER_QUEUE_FULL_TOTAL).increment(1);

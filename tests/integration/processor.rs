@@ -535,3 +535,79 @@ async fn per_key_ordering_runs_each_key_in_consumption_order() {
         "per_key mode must keep each key in order"
     );
 }
+
+/// Panics for the model `boom`, otherwise behaves like the built-ins.
+struct Panicking;
+
+impl Executor for Panicking {
+    fn execute<'a>(
+        &'a self,
+        target: &'a Target,
+        requests: Vec<ExecRequest>,
+    ) -> BoxFuture<'a, Vec<ExecResult>> {
+        if target == &Target::Model("boom".into()) {
+            panic!("the boom model always panics");
+        }
+        Builtins.execute(target, requests)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_executor_answers_with_internal_errors_and_processing_goes_on() {
+    utils::init_tracing();
+    let topics = Topics::create("panic", 2).await;
+    let group = unique_name("panic");
+    let cfg = config(&topics, &group, "");
+    let request = |i: usize, model: &str| {
+        let v = format!(r#"{{"request_id":"p{i}","model":"{model}","data":{i}}}"#);
+        (Some(format!("k{i}").into_bytes()), Some(v.into_bytes()))
+    };
+    let first: Vec<_> = (0..20)
+        .map(|i| request(i, if i % 2 == 0 { "boom" } else { "echo" }))
+        .collect();
+    produce(&topics.requests, &first).await;
+    let running = Running::start(&cfg, Arc::new(Panicking)).await;
+    collect(
+        &[&topics.results],
+        20,
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
+    // The processor is still healthy: later requests are answered normally.
+    let later: Vec<_> = (20..30).map(|i| request(i, "echo")).collect();
+    produce(&topics.requests, &later).await;
+    let outputs = collect(
+        &[&topics.results, &topics.dlq],
+        30,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    )
+    .await;
+    running.stop().await;
+
+    let results: HashMap<String, InferenceResult> = outputs
+        .iter()
+        .map(result_of)
+        .map(|r| (r.request_id.clone(), r))
+        .collect();
+    assert_eq!(
+        (outputs.len(), results.len()),
+        (30, 30),
+        "one result per request, nothing dead-lettered"
+    );
+    for i in (0..20).step_by(2) {
+        let r = &results[&format!("p{i}")];
+        assert_eq!(
+            r.error.as_ref().map(|e| e.kind.as_str()),
+            Some("internal"),
+            "p{i}: {r:?}"
+        );
+    }
+    for i in 20..30 {
+        assert!(
+            results[&format!("p{i}")].output.is_some(),
+            "p{i} answered after the panic"
+        );
+    }
+}
