@@ -18,7 +18,7 @@
 //!
 //! Records consumed and not yet answered are counted; at `executor.max_in_flight_records` the
 //! consumer pauses every assigned partition (and keeps polling, so it stays in the group) and
-//! resumes below half of it. Batches waiting for a permit are part of that count, so memory is
+//! resumes at half of it. Batches waiting for a permit are part of that count, so memory is
 //! bounded by records, not by batches. librdkafka's own prefetch is bounded by
 //! `kafka.consumer_queue_kbytes`.
 
