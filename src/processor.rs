@@ -96,10 +96,21 @@ struct Shared {
     in_flight: AtomicUsize,
     /// Cancelled when the shutdown deadline has passed: deliveries stop retrying.
     abort: CancellationToken,
+    /// Cancelled on a fatal client error; the consumer thread then shuts down and the processor
+    /// reports the error (the process should be restarted).
+    fatal: CancellationToken,
+    /// What the fatal error was.
+    fatal_reason: Mutex<Option<String>>,
     runtime: Handle,
 }
 
 impl Shared {
+    /// Records a fatal error and makes the consumer thread shut down.
+    fn fail(&self, reason: String) {
+        lock(&self.fatal_reason).get_or_insert(reason);
+        self.fatal.cancel();
+    }
+
     /// Hands a closed batch to a new task.
     ///
     /// Unordered, each batch gets its own task. Per key, the batch is split into lanes by key
@@ -378,6 +389,10 @@ impl Shared {
                 }
                 self.tracker
                     .complete(&(source.topic, source.partition), source.offset);
+            }
+            Err(DeliverError::Fatal(reason)) => {
+                tracing::error!(reason = %reason, "fatal producer error; stopping the processor");
+                self.fail(reason);
             }
             Err(err) => {
                 // Only on shutdown: the record stays pending, its offset is not stored, and it
@@ -751,6 +766,8 @@ pub async fn start(
         lanes: Mutex::new(Vec::new()),
         in_flight: AtomicUsize::new(0),
         abort: CancellationToken::new(),
+        fatal: CancellationToken::new(),
+        fatal_reason: Mutex::new(None),
         runtime: Handle::current(),
     });
     if config.executor.ordering == KeyOrdering::PerKey {
@@ -832,7 +849,7 @@ fn consume(
     let resume_below = limits.max_in_flight / 2;
     let mut paused_count = 0usize;
     let mut last_store = Instant::now();
-    while !stop.is_cancelled() {
+    while !stop.is_cancelled() && !shared.fatal.is_cancelled() {
         // Backpressure: pause every assigned partition at the budget, resume at half of it.
         let in_flight = shared.in_flight.load(Ordering::Acquire);
         metrics::gauge!(m::IN_FLIGHT_RECORDS).set(in_flight as f64);
@@ -865,7 +882,11 @@ fn consume(
                 }
             }
             Some(Err(err)) => {
-                tracing::warn!(error = %err, "consumer error");
+                if let Some((code, reason)) = consumer.client().fatal_error() {
+                    shared.fail(format!("consumer: {code}: {reason}"));
+                } else {
+                    tracing::warn!(error = %err, "consumer error");
+                }
             }
             None => {}
         }
@@ -987,6 +1008,9 @@ fn shutdown(
     // Leave the group now rather than on drop, so the partitions move at once.
     consumer.unsubscribe();
     drop(consumer);
+    if let Some(reason) = lock(&shared.fatal_reason).take() {
+        anyhow::bail!("stopped on a fatal Kafka client error: {reason}");
+    }
     tracing::info!("processor stopped");
     Ok(())
 }

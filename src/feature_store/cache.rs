@@ -218,7 +218,7 @@ where
             return FillOutcome::NotCached;
         }
         let expires_at = now + ttl;
-        let mut order = self.order.lock().expect("cache insertion queue poisoned");
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         // Room is made before the key's shard is locked (a victim may live in the same shard),
         // so a fill that then finds its key present, or superseded, may have evicted one entry
         // it did not need to.

@@ -53,6 +53,10 @@ pub enum DeliverError {
     /// The broker or client refused the record for a reason retrying cannot fix.
     #[error("record refused for good by Kafka: {0}")]
     Permanent(KafkaError),
+    /// The producer hit a fatal error (for example, the idempotent producer was fenced); it
+    /// cannot send anything any more and must be recreated.
+    #[error("the Kafka producer failed for good: {0}")]
+    Fatal(String),
     /// Shutdown was requested while the record was still being retried.
     #[error("shutdown while delivering (last error: {0})")]
     Stopped(String),
@@ -123,6 +127,9 @@ impl Sink {
                 }
                 Err((err, _)) => err,
             };
+            if let Some((code, reason)) = self.producer.client().fatal_error() {
+                return Err(DeliverError::Fatal(format!("{code}: {reason}")));
+            }
             if is_permanent(&error) {
                 return Err(DeliverError::Permanent(error));
             }
