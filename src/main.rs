@@ -65,12 +65,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => {
-            let config = match Config::load(&Sources::standard(config)) {
+            let config = match load_config(config) {
                 Ok(config) => config,
-                Err(errors) => {
-                    eprint!("{errors}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
+                Err(code) => return code,
             };
             inferflow::telemetry::init_logging(&config.log);
             let runtime = match tokio::runtime::Runtime::new() {
@@ -97,12 +94,9 @@ fn main() -> ExitCode {
             file,
             timeout_secs,
         } => {
-            let config = match Config::load(&Sources::standard(config)) {
+            let config = match load_config(config) {
                 Ok(config) => config,
-                Err(errors) => {
-                    eprint!("{errors}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
+                Err(code) => return code,
             };
             match request(
                 config,
@@ -120,17 +114,22 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig { config } => match Config::load(&Sources::standard(config)) {
+        Command::CheckConfig { config } => match load_config(config) {
             Ok(config) => {
                 print!("{}", config.to_redacted_toml());
                 ExitCode::SUCCESS
             }
-            Err(errors) => {
-                eprint!("{errors}");
-                ExitCode::from(EXIT_CONFIG)
-            }
+            Err(code) => code,
         },
     }
+}
+
+/// Loads the configuration, or prints every problem and returns exit code 2.
+fn load_config(file: Option<PathBuf>) -> Result<Config, ExitCode> {
+    Config::load(&Sources::standard(file)).map_err(|errors| {
+        eprint!("{errors}");
+        ExitCode::from(EXIT_CONFIG)
+    })
 }
 
 fn request(
