@@ -728,6 +728,10 @@ async fn the_api_key_never_appears_in_errors_debug_output_or_logs() {
     // The test runtime has one thread, so the fake server's and the client's events all land
     // here.
     let _guard = tracing::subscriber::set_default(subscriber);
+    // Other tests in this binary hit the same callsites at the same time without a subscriber;
+    // one registering a callsite while this one is installed can leave it cached as "never
+    // enabled". Recompute, so the retry events really are captured.
+    tracing::callsite::rebuild_interest_cache();
 
     let fake = Fake::start([
         Step::Fail(503, None),
@@ -739,6 +743,7 @@ async fn the_api_key_never_appears_in_errors_debug_output_or_logs() {
     .await;
     let provider = provider(config(fake.base_url()));
     let mut texts = vec![format!("{provider:?}")];
+    tracing::callsite::rebuild_interest_cache();
 
     // 503 then 401 quoting the key: not retried, and the quote is redacted.
     let unauthorized = chat_once(&provider, json!("hi")).await.unwrap_err();

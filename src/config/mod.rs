@@ -3,7 +3,7 @@
 //!
 //! # Precedence
 //!
-//! Lowest to highest, implemented by [`figment`] and nowhere else:
+//! Lowest to highest, implemented by [`figment()`] and nowhere else:
 //!
 //! 1. `config/default.toml`, embedded in the binary ([`DEFAULT_TOML`]);
 //! 2. the user's file, if one is named (`--config FILE`);

@@ -7,7 +7,7 @@
 //!
 //! The consumer thread registers each record with [`OffsetTracker::begin`] before handing it
 //! on, the processing tasks call [`OffsetTracker::complete`] after the broker's acknowledgement,
-//! and the consumer thread collects the new positions with [`OffsetTracker::take_committable`]
+//! and the consumer thread collects the new positions with [`OffsetTracker::store`]
 //! and stores them. This file is the only place that stores or commits offsets.
 
 use std::collections::{BTreeSet, HashMap};

@@ -1,10 +1,10 @@
 //! Model providers: what answers a model call, behind the [`Provider`] trait.
 //!
 //! A provider takes the inputs of one batch for one model and returns one outcome per input, in
-//! order. Remote providers (`openai`) own their HTTP client, their concurrency limit and their
+//! order. Remote providers (`openai`, `huggingface`) own their HTTP client, concurrency limit and
 //! retries ([`retry`]); failures are outcomes carrying a [`ProviderError`], which maps to the
 //! wire's [`ErrorKind`]. Nothing here knows about Kafka, and the model registry, rate limits,
-//! circuit breaking and the result cache will sit in front of this trait rather than inside it.
+//! circuit breaking and the result cache ([`cache`]) sit in front of this trait, not inside it.
 //!
 //! A custom provider only needs [`Provider::infer_batch`]:
 //!
@@ -36,6 +36,8 @@
 //! }
 //! ```
 
+pub mod cache;
+pub mod huggingface;
 pub mod openai;
 pub mod retry;
 

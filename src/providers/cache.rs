@@ -1,0 +1,524 @@
+//! The inference result cache: answers to identical model calls, kept for a while and shared.
+//!
+//! [`ResultCache`] sits in front of a [`Provider`](super::Provider) call. Each call is named by
+//! a [`CacheKey`]: the tenant, the resolved model id (`name@version`), the input and its
+//! parameters, written in a canonical JSON form (object keys sorted at every depth, no
+//! whitespace), so `{"a":1,"b":2}` and `{"b":2,"a":1}` share an entry. The canonical text itself
+//! is the key, not a digest of it: two different calls can never share an entry by collision,
+//! and different tenants never share one (`None` is distinct from `Some("")`).
+//!
+//! The store is a [`moka`] cache (TinyLFU admission, LRU eviction, a time to live) bounded both
+//! in entries and in bytes: every entry weighs its approximate size (key text plus output JSON)
+//! but never less than `max_bytes / max_entries`, so a total weight of at most `max_bytes`
+//! implies at most `max_entries` entries.
+//!
+//! Identical calls in flight at the same time share one provider call (coalescing): the first
+//! caller computes, the others wait for its outcome. Errors are never cached; every caller
+//! waiting on a failed computation gets the error, and the next call computes again. A
+//! [`CachePolicy`] can turn the cache off for one call (models whose answers should not be
+//! reused, such as high-temperature chat).
+
+use std::fmt::{self, Write as _};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use moka::notification::RemovalCause;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{BuildError, ProviderError, ProviderInput, ProviderOutput};
+
+/// Bytes added to every entry's weight for the bookkeeping around key and value.
+const ENTRY_OVERHEAD_BYTES: u64 = 128;
+
+/// Sizing of a [`ResultCache`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResultCacheConfig {
+    /// Most entries kept.
+    pub max_entries: u64,
+    /// Most bytes kept, counting each entry's key text and output JSON (approximate).
+    pub max_bytes: u64,
+    /// How long an answer is served after it was computed, in seconds.
+    pub ttl_secs: u64,
+}
+
+impl Default for ResultCacheConfig {
+    fn default() -> Self {
+        ResultCacheConfig {
+            max_entries: 10_000,
+            max_bytes: 64 * 1024 * 1024,
+            ttl_secs: 600,
+        }
+    }
+}
+
+impl ResultCacheConfig {
+    /// Every out-of-range value, one message each, naming its key.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.max_entries == 0 {
+            problems.push("cache.max_entries must be at least 1".to_owned());
+        }
+        if self.max_bytes == 0 {
+            problems.push("cache.max_bytes must be at least 1".to_owned());
+        }
+        if self.ttl_secs == 0 {
+            problems.push("cache.ttl_secs must be at least 1".to_owned());
+        }
+        problems
+    }
+
+    /// The least weight of an entry, so that `max_bytes` of weight holds at most `max_entries`
+    /// entries.
+    fn min_weight(&self) -> u64 {
+        self.max_bytes.div_ceil(self.max_entries.max(1))
+    }
+}
+
+/// Whether one call may use the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachePolicy {
+    /// False to call the provider directly, neither reading nor filling the cache.
+    pub enabled: bool,
+}
+
+impl CachePolicy {
+    /// Use the cache.
+    pub const ENABLED: CachePolicy = CachePolicy { enabled: true };
+    /// Bypass the cache.
+    pub const BYPASS: CachePolicy = CachePolicy { enabled: false };
+}
+
+impl Default for CachePolicy {
+    fn default() -> Self {
+        CachePolicy::ENABLED
+    }
+}
+
+/// Names one model call: tenant, resolved model id, input and parameters, in canonical JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey(String);
+
+impl CacheKey {
+    /// The key of calling `model` (resolved to `name@version` by the caller, so a new version
+    /// never serves an old version's answers) with `input` for `tenant`.
+    pub fn new(tenant: Option<&str>, model: &str, input: &ProviderInput) -> Self {
+        let mut text = String::with_capacity(64);
+        text.push('[');
+        match tenant {
+            Some(tenant) => write_string(&mut text, tenant),
+            None => text.push_str("null"),
+        }
+        text.push(',');
+        write_string(&mut text, model);
+        text.push(',');
+        write_canonical(&mut text, &input.data);
+        text.push(',');
+        write_object(&mut text, input.parameters.iter());
+        text.push(']');
+        CacheKey(text)
+    }
+
+    /// The canonical text: `[tenant, model, data, parameters]` as compact JSON with sorted
+    /// object keys. It contains request data, so it is not for logs.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Writes `value` as compact JSON with the keys of every object sorted.
+fn write_canonical(out: &mut String, value: &Value) {
+    match value {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => {
+            // Infallible: writing to a String.
+            let _ = write!(out, "{n}");
+        }
+        Value::String(s) => write_string(out, s),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(out, item);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => write_object(out, map.iter()),
+    }
+}
+
+fn write_object<'a>(out: &mut String, entries: impl Iterator<Item = (&'a String, &'a Value)>) {
+    // Sorted here rather than relying on the map's order: serde_json keeps insertion order
+    // when any crate in the build enables its `preserve_order` feature.
+    let mut entries: Vec<_> = entries.collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    out.push('{');
+    for (i, (key, value)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_string(out, key);
+        out.push(':');
+        write_canonical(out, value);
+    }
+    out.push('}');
+}
+
+/// Writes `s` as a JSON string literal.
+fn write_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Counts the bytes written through [`fmt::Write`].
+struct ByteCounter(u64);
+
+impl fmt::Write for ByteCounter {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.0 += s.len() as u64;
+        Ok(())
+    }
+}
+
+/// The approximate size of an output: its JSON text and the model name.
+fn output_bytes(output: &ProviderOutput) -> u64 {
+    let mut counter = ByteCounter(0);
+    // Infallible: the counter never fails.
+    let _ = write!(counter, "{}", output.output);
+    counter.0 + output.model.as_ref().map_or(0, |m| m.len() as u64)
+}
+
+/// A cached answer with its size, computed once.
+#[derive(Debug)]
+struct Cached {
+    output: ProviderOutput,
+    bytes: u64,
+}
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// From the cache.
+    Hit,
+    /// Not in the cache: this call computed it (and cached it, when it succeeded).
+    Miss,
+    /// From an identical call in flight at the same time, whose computation this one waited
+    /// for.
+    Coalesced,
+    /// The cache was off for this call ([`CachePolicy::BYPASS`]); this call computed it.
+    Bypassed,
+}
+
+impl CacheStatus {
+    /// True when the answer was not computed by this call: [`Hit`](Self::Hit) or
+    /// [`Coalesced`](Self::Coalesced). What a result's `cached` flag should say.
+    pub fn served_from_cache(self) -> bool {
+        matches!(self, CacheStatus::Hit | CacheStatus::Coalesced)
+    }
+}
+
+/// Counters since the cache was built, and its current size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Calls answered from the cache.
+    pub hits: u64,
+    /// Calls that computed their answer (successfully or not).
+    pub misses: u64,
+    /// Calls that waited for an identical call's computation.
+    pub coalesced: u64,
+    /// Calls with the cache turned off.
+    pub bypassed: u64,
+    /// Entries removed to stay within `max_entries` or `max_bytes` (including new entries
+    /// not admitted).
+    pub evictions: u64,
+    /// Entries removed because their time to live passed.
+    pub expirations: u64,
+    /// Entries held (approximate until pending maintenance has run).
+    pub entries: u64,
+    /// Weight held, in bytes (approximate, as `entries`).
+    pub weighted_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    coalesced: AtomicU64,
+    bypassed: AtomicU64,
+    evictions: AtomicU64,
+    expirations: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The inference result cache. Cheap to clone; clones share entries and counters.
+#[derive(Clone)]
+pub struct ResultCache {
+    cache: moka::future::Cache<CacheKey, Arc<Cached>>,
+    counters: Arc<Counters>,
+    config: ResultCacheConfig,
+}
+
+impl fmt::Debug for ResultCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResultCache")
+            .field("config", &self.config)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResultCache {
+    /// An empty cache sized by `config`; fails when a value is out of range.
+    pub fn new(config: ResultCacheConfig) -> Result<Self, BuildError> {
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(BuildError::InvalidConfig { problems });
+        }
+        let counters = Arc::new(Counters::default());
+        let listener_counters = Arc::clone(&counters);
+        let min_weight = config.min_weight();
+        let cache = moka::future::Cache::builder()
+            .max_capacity(config.max_bytes)
+            .weigher(move |key: &CacheKey, value: &Arc<Cached>| {
+                let bytes = key.0.len() as u64 + value.bytes + ENTRY_OVERHEAD_BYTES;
+                u32::try_from(bytes.max(min_weight)).unwrap_or(u32::MAX)
+            })
+            .time_to_live(Duration::from_secs(config.ttl_secs))
+            .eviction_listener(move |_key, _value, cause| match cause {
+                RemovalCause::Size => bump(&listener_counters.evictions),
+                RemovalCause::Expired => bump(&listener_counters.expirations),
+                RemovalCause::Explicit | RemovalCause::Replaced => {}
+            })
+            .build();
+        Ok(ResultCache {
+            cache,
+            counters,
+            config,
+        })
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &ResultCacheConfig {
+        &self.config
+    }
+
+    /// The answer for `key`: from the cache, from an identical call already computing it, or
+    /// from `compute`, which runs at most once and only when neither has it. Successful
+    /// answers are cached; errors are not, and reach every caller that waited on them. With
+    /// [`CachePolicy::BYPASS`], `compute` runs and the cache is neither read nor filled.
+    ///
+    /// If the computing call is dropped before it finishes, a waiting caller takes over and
+    /// computes with its own `compute`.
+    pub async fn get_or_compute<F, Fut>(
+        &self,
+        key: CacheKey,
+        policy: CachePolicy,
+        compute: F,
+    ) -> (Result<ProviderOutput, ProviderError>, CacheStatus)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<ProviderOutput, ProviderError>>,
+    {
+        if !policy.enabled {
+            bump(&self.counters.bypassed);
+            return (compute().await, CacheStatus::Bypassed);
+        }
+        if let Some(cached) = self.cache.get(&key).await {
+            bump(&self.counters.hits);
+            return (Ok(cached.output.clone()), CacheStatus::Hit);
+        }
+        let mut computed = false;
+        let init = async {
+            computed = true;
+            compute().await.map(|output| {
+                let bytes = output_bytes(&output);
+                Arc::new(Cached { output, bytes })
+            })
+        };
+        let outcome = self.cache.entry(key).or_try_insert_with(init).await;
+        let status = if computed {
+            bump(&self.counters.misses);
+            CacheStatus::Miss
+        } else {
+            // Another caller computed it (or inserted it between our lookup and now).
+            bump(&self.counters.coalesced);
+            CacheStatus::Coalesced
+        };
+        let result = match outcome {
+            Ok(entry) => Ok(entry.value().output.clone()),
+            Err(error) => Err(ProviderError::clone(&error)),
+        };
+        (result, status)
+    }
+
+    /// Counters and current size.
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.counters;
+        CacheStats {
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            coalesced: c.coalesced.load(Ordering::Relaxed),
+            bypassed: c.bypassed.load(Ordering::Relaxed),
+            evictions: c.evictions.load(Ordering::Relaxed),
+            expirations: c.expirations.load(Ordering::Relaxed),
+            entries: self.cache.entry_count(),
+            weighted_bytes: self.cache.weighted_size(),
+        }
+    }
+
+    /// Runs pending maintenance now (evictions, expirations, size accounting), which otherwise
+    /// happens as the cache is used.
+    pub async fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+
+    /// Removes every entry (for instance after a model is reloaded).
+    pub fn invalidate_all(&self) {
+        self.cache.invalidate_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn input(data: Value, params: Value) -> ProviderInput {
+        ProviderInput::with_parameters(data, params.as_object().cloned())
+    }
+
+    #[test]
+    fn keys_are_canonical_json() {
+        let key = CacheKey::new(
+            Some("acme"),
+            "m@1",
+            &input(
+                json!({"b": [1, {"z": 1, "y": "x"}], "a": null}),
+                json!({"t": 0.5}),
+            ),
+        );
+        assert_eq!(
+            key.as_str(),
+            r#"["acme","m@1",{"a":null,"b":[1,{"y":"x","z":1}]},{"t":0.5}]"#
+        );
+        // The canonical text parses back to the same document.
+        let parsed: Value = serde_json::from_str(key.as_str()).unwrap();
+        assert_eq!(
+            parsed,
+            json!(["acme", "m@1", {"a": null, "b": [1, {"y": "x", "z": 1}]}, {"t": 0.5}])
+        );
+        let reordered = CacheKey::new(
+            Some("acme"),
+            "m@1",
+            &input(
+                json!({"a": null, "b": [1, {"y": "x", "z": 1}]}),
+                json!({"t": 0.5}),
+            ),
+        );
+        assert_eq!(key, reordered);
+    }
+
+    #[test]
+    fn keys_keep_apart_what_differs() {
+        let data = input(json!("hi"), json!({}));
+        let keys = [
+            CacheKey::new(None, "m@1", &data),
+            CacheKey::new(Some(""), "m@1", &data),
+            CacheKey::new(Some("null"), "m@1", &data),
+            CacheKey::new(Some("a"), "m@1", &data),
+            CacheKey::new(Some("a"), "m@2", &data),
+            CacheKey::new(Some("a"), "m@1", &input(json!("hi"), json!({"t": 1}))),
+            CacheKey::new(Some("a"), "m@1", &input(json!("hi"), json!({"t": 1.0}))),
+            CacheKey::new(Some("a"), "m@1", &input(json!(["hi"]), json!({}))),
+            // A tenant that tries to smuggle in the separators.
+            CacheKey::new(Some("a\",\"m@1"), "", &data),
+        ];
+        for (i, a) in keys.iter().enumerate() {
+            for b in &keys[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn strings_are_escaped_as_json() {
+        let key = CacheKey::new(None, "m", &input(json!("q\"\\\n\u{1}é"), json!({})));
+        let parsed: Value = serde_json::from_str(key.as_str()).unwrap();
+        assert_eq!(parsed[2], json!("q\"\\\n\u{1}é"));
+    }
+
+    #[test]
+    fn config_is_validated_and_entry_bound_follows_from_weight() {
+        let bad = ResultCacheConfig {
+            max_entries: 0,
+            max_bytes: 0,
+            ttl_secs: 0,
+        };
+        assert_eq!(bad.problems().len(), 3);
+        assert!(matches!(
+            ResultCache::new(bad),
+            Err(BuildError::InvalidConfig { .. })
+        ));
+        let config = ResultCacheConfig {
+            max_entries: 3,
+            max_bytes: 1000,
+            ttl_secs: 1,
+        };
+        assert_eq!(config.min_weight(), 334);
+        assert!(config.max_bytes / config.min_weight() <= config.max_entries);
+        assert!(ResultCache::new(ResultCacheConfig::default()).is_ok());
+    }
+
+    #[test]
+    fn output_size_counts_json_and_model() {
+        let mut out = ProviderOutput::new(json!({"label": "pos"}));
+        assert_eq!(output_bytes(&out), r#"{"label":"pos"}"#.len() as u64);
+        out.model = Some("gpt".into());
+        assert_eq!(output_bytes(&out), r#"{"label":"pos"}"#.len() as u64 + 3);
+    }
+
+    #[tokio::test]
+    async fn at_most_max_entries_are_kept() {
+        let cache = ResultCache::new(ResultCacheConfig {
+            max_entries: 5,
+            max_bytes: 1 << 30,
+            ttl_secs: 60,
+        })
+        .unwrap();
+        for i in 0..50 {
+            let key = CacheKey::new(None, "m", &ProviderInput::new(json!(i)));
+            let (out, _) = cache
+                .get_or_compute(key, CachePolicy::ENABLED, || async move {
+                    Ok(ProviderOutput::new(json!(i)))
+                })
+                .await;
+            assert_eq!(out.unwrap().output, json!(i));
+            cache.run_pending_tasks().await;
+        }
+        let stats = cache.stats();
+        assert!(stats.entries <= 5, "{stats:?}");
+        assert!(stats.evictions >= 45, "{stats:?}");
+    }
+}
