@@ -5,6 +5,7 @@
 //! retries ([`retry`]); failures are outcomes carrying a [`ProviderError`], which maps to the
 //! wire's [`ErrorKind`]. Nothing here knows about Kafka, and the model registry, rate limits,
 //! circuit breaking and the result cache ([`cache`]) sit in front of this trait, not inside it.
+//! The model registry is [`manager::ModelManager`]: versioned models, usage stats, an executor.
 //!
 //! A custom provider only needs [`Provider::infer_batch`]:
 //!
@@ -38,6 +39,7 @@
 
 pub mod cache;
 pub mod huggingface;
+pub mod manager;
 pub mod openai;
 pub mod retry;
 

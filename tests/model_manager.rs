@@ -1,0 +1,477 @@
+//! The model manager: version resolution, batching, the result cache, error mapping, usage
+//! statistics and the lifecycle, against an in-test provider that records its calls.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use inferflow::executor::{ExecRequest, ExecResult, Executor};
+use inferflow::model::{ErrorKind, Target};
+use inferflow::providers::cache::{ResultCache, ResultCacheConfig};
+use inferflow::providers::manager::{ManagerError, ModelExecutor, ModelManager, ModelSpec};
+use inferflow::providers::{Provider, ProviderError, ProviderInput, ProviderOutput, TokenUsage};
+use serde_json::{Value, json};
+
+/// Answers `{"model": <remote model>, "echo": <data>}` with 1 prompt + 2 completion tokens, or
+/// fails for the data strings `fail:rate`, `fail:timeout` and `fail:input`. Records every call.
+#[derive(Default)]
+struct Fake {
+    calls: Mutex<Vec<(String, usize)>>,
+}
+
+impl Fake {
+    fn calls(&self) -> Vec<(String, usize)> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl Provider for Fake {
+    fn infer_batch(
+        &self,
+        model: &str,
+        inputs: Vec<ProviderInput>,
+    ) -> BoxFuture<'_, Vec<Result<ProviderOutput, ProviderError>>> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push((model.to_owned(), inputs.len()));
+        let model = model.to_owned();
+        Box::pin(async move {
+            inputs
+                .into_iter()
+                .map(|input| match input.data.as_str() {
+                    Some("fail:rate") => Err(ProviderError::RateLimited {
+                        message: "slow down".into(),
+                        retry_after: None,
+                    }),
+                    Some("fail:timeout") => Err(ProviderError::Timeout {
+                        after: Duration::from_millis(10),
+                    }),
+                    Some("fail:input") => Err(ProviderError::InvalidInput {
+                        message: "bad".into(),
+                    }),
+                    _ => Ok(ProviderOutput {
+                        output: json!({"model": model, "echo": input.data}),
+                        usage: Some(TokenUsage {
+                            prompt_tokens: 1,
+                            completion_tokens: 2,
+                            total_tokens: 3,
+                        }),
+                        model: None,
+                    }),
+                })
+                .collect()
+        })
+    }
+}
+
+fn spec(name: &str, version: &str, remote: &str, cache: bool) -> ModelSpec {
+    ModelSpec {
+        name: name.into(),
+        version: version.into(),
+        provider: "fake".into(),
+        remote_model: remote.into(),
+        cache,
+    }
+}
+
+fn req(data: Value, tenant: Option<&str>) -> ExecRequest {
+    ExecRequest {
+        request_id: "r".into(),
+        data,
+        parameters: None,
+        entity: None,
+        tenant: tenant.map(str::to_owned),
+    }
+}
+
+fn setup(cache: bool) -> (Arc<Fake>, Arc<ModelManager>, ModelExecutor) {
+    let fake = Arc::new(Fake::default());
+    let manager = if cache {
+        ModelManager::with_cache(ResultCache::new(ResultCacheConfig::default()).unwrap())
+    } else {
+        ModelManager::new()
+    };
+    let manager = Arc::new(manager);
+    manager.register_provider("fake", fake.clone());
+    let executor = ModelExecutor::new(Arc::clone(&manager));
+    (fake, manager, executor)
+}
+
+async fn run(executor: &ModelExecutor, model: &str, requests: Vec<ExecRequest>) -> Vec<ExecResult> {
+    let target = Target::Model(model.into());
+    let out = executor.execute(&target, requests.clone()).await;
+    assert_eq!(out.len(), requests.len(), "one outcome per request");
+    out
+}
+
+fn version_of(out: &ExecResult) -> &str {
+    out.as_ref().unwrap().model_version.as_deref().unwrap()
+}
+
+#[tokio::test]
+async fn versions_resolve_by_default_explicit_only_and_highest() {
+    let (fake, manager, executor) = setup(false);
+    for (version, remote) in [("1", "r1"), ("2", "r2"), ("10", "r10")] {
+        manager
+            .load_model(spec("m", version, remote, false))
+            .unwrap();
+    }
+    manager
+        .load_model(spec("solo", "beta", "rs", false))
+        .unwrap();
+
+    // No default: the highest version, numerically (10 > 2, though "10" < "2" as text).
+    let out = run(&executor, "m", vec![req(json!("x"), None)]).await;
+    assert_eq!(version_of(&out[0]), "10");
+    assert_eq!(out[0].as_ref().unwrap().output["model"], "r10");
+    assert_eq!(out[0].as_ref().unwrap().steps[0].name, "model:m@10");
+
+    // Explicit versions win.
+    let out = run(&executor, "m@1", vec![req(json!("x"), None)]).await;
+    assert_eq!(version_of(&out[0]), "1");
+    assert_eq!(out[0].as_ref().unwrap().output["model"], "r1");
+
+    // A default version wins over the highest.
+    manager.set_default_version("m", "2");
+    let out = run(&executor, "m", vec![req(json!("x"), None)]).await;
+    assert_eq!(version_of(&out[0]), "2");
+    assert_eq!(manager.resolve("m").unwrap().id(), "m@2");
+
+    // The only loaded version.
+    assert_eq!(manager.resolve("solo").unwrap().id(), "solo@beta");
+
+    // A default naming a version that is not loaded fails instead of falling back.
+    manager.set_default_version("m", "7");
+    let err = manager.resolve("m").unwrap_err();
+    assert_eq!(err.kind, ErrorKind::UnknownModel);
+    assert!(err.message.contains("`7`"), "{}", err.message);
+    assert_eq!(manager.clear_default_version("m").as_deref(), Some("7"));
+    assert_eq!(manager.resolve("m").unwrap().id(), "m@10");
+
+    // Unknown names and versions list the known ids (and the built-ins, through the executor).
+    for unknown in ["nope", "m@3", "solo@1"] {
+        let out = run(
+            &executor,
+            unknown,
+            vec![req(json!(1), None), req(json!(2), None)],
+        )
+        .await;
+        for o in &out {
+            let err = o.as_ref().unwrap_err();
+            assert_eq!(err.kind, ErrorKind::UnknownModel);
+            for id in ["m@1", "m@2", "m@10", "solo@beta", "echo"] {
+                assert!(err.message.contains(id), "{id} in {}", err.message);
+            }
+            assert!(err.message.contains(unknown), "{}", err.message);
+        }
+    }
+    assert_eq!(
+        fake.calls().len(),
+        3,
+        "unknown models never reach the provider"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_for_an_uncached_model_is_one_provider_call() {
+    let (fake, manager, executor) = setup(true);
+    manager
+        .load_model(spec("emb", "1", "embed-small", false))
+        .unwrap();
+    let requests: Vec<_> = (0..5).map(|i| req(json!(i), Some("t"))).collect();
+    let out = run(&executor, "emb@1", requests).await;
+    assert_eq!(fake.calls(), vec![("embed-small".to_owned(), 5)]);
+    for (i, o) in out.iter().enumerate() {
+        let o = o.as_ref().unwrap();
+        assert_eq!(o.output["echo"], json!(i), "answers stay in order");
+        assert!(!o.cached);
+    }
+    // Identical requests are not cached either: the model opted out.
+    run(&executor, "emb@1", vec![req(json!(0), Some("t"))]).await;
+    assert_eq!(fake.calls().len(), 2);
+    assert_eq!(manager.cache().unwrap().stats().hits, 0);
+}
+
+#[tokio::test]
+async fn a_manager_without_cache_batches_even_cache_enabled_models() {
+    let (fake, manager, executor) = setup(false);
+    manager.load_model(spec("m", "1", "r", true)).unwrap();
+    let out = run(
+        &executor,
+        "m",
+        vec![req(json!(1), None), req(json!(1), None)],
+    )
+    .await;
+    assert_eq!(fake.calls(), vec![("r".to_owned(), 2)]);
+    assert!(out.iter().all(|o| !o.as_ref().unwrap().cached));
+}
+
+#[tokio::test]
+async fn repeated_requests_are_served_from_cache_per_tenant() {
+    let (fake, manager, executor) = setup(true);
+    manager
+        .load_model(spec("clf", "3", "remote-clf", true))
+        .unwrap();
+
+    let first = run(
+        &executor,
+        "clf",
+        vec![req(json!({"text": "hi"}), Some("a"))],
+    )
+    .await;
+    let second = run(
+        &executor,
+        "clf@3",
+        vec![req(json!({"text": "hi"}), Some("a"))],
+    )
+    .await;
+    assert_eq!(fake.calls().len(), 1, "the second request is a cache hit");
+    let (first, second) = (first[0].as_ref().unwrap(), second[0].as_ref().unwrap());
+    assert!(!first.cached && !first.steps[0].cached);
+    assert!(second.cached && second.steps[0].cached);
+    assert_eq!(first.output, second.output);
+    assert_eq!(second.model_version.as_deref(), Some("3"));
+
+    // Another tenant (and no tenant) do not share tenant a's entry.
+    let out = run(
+        &executor,
+        "clf",
+        vec![req(json!({"text": "hi"}), Some("b"))],
+    )
+    .await;
+    assert!(!out[0].as_ref().unwrap().cached);
+    let out = run(&executor, "clf", vec![req(json!({"text": "hi"}), None)]).await;
+    assert!(!out[0].as_ref().unwrap().cached);
+    assert_eq!(fake.calls().len(), 3);
+
+    // Identical requests in one batch share one provider call.
+    let out = run(
+        &executor,
+        "clf",
+        (0..4).map(|_| req(json!("same"), Some("c"))).collect(),
+    )
+    .await;
+    assert_eq!(fake.calls().len(), 4);
+    assert_eq!(out.iter().filter(|o| o.as_ref().unwrap().cached).count(), 3);
+
+    let stats = manager.stats("clf@3").unwrap();
+    assert_eq!(stats.requests, 8);
+    assert_eq!(stats.cache_hits, 4);
+    assert_eq!(stats.provider_calls, 4);
+    assert_eq!(stats.total_tokens, 12, "cache hits cost no tokens");
+}
+
+#[tokio::test]
+async fn provider_errors_map_to_their_kinds_and_are_not_cached() {
+    for cache in [false, true] {
+        let (fake, manager, executor) = setup(cache);
+        manager.load_model(spec("m", "1", "r", cache)).unwrap();
+        let batch = || {
+            vec![
+                req(json!("fail:rate"), None),
+                req(json!("ok"), None),
+                req(json!("fail:timeout"), None),
+                req(json!("fail:input"), None),
+            ]
+        };
+        let out = run(&executor, "m", batch()).await;
+        let kind = |o: &ExecResult| o.as_ref().unwrap_err().kind;
+        assert_eq!(kind(&out[0]), ErrorKind::RateLimited);
+        assert_eq!(out[1].as_ref().unwrap().output["echo"], "ok");
+        assert_eq!(kind(&out[2]), ErrorKind::ProviderTimeout);
+        assert_eq!(kind(&out[3]), ErrorKind::InvalidRequest);
+        assert!(out[0].as_ref().unwrap_err().message.contains("slow down"));
+
+        // Errors are never cached: the same failing input calls the provider again.
+        let before: usize = fake.calls().iter().map(|c| c.1).sum();
+        let again = run(&executor, "m", vec![req(json!("fail:rate"), None)]).await;
+        assert_eq!(kind(&again[0]), ErrorKind::RateLimited);
+        let after: usize = fake.calls().iter().map(|c| c.1).sum();
+        assert_eq!(after, before + 1, "cache={cache}");
+    }
+}
+
+#[tokio::test]
+async fn usage_statistics_count_calls_errors_latency_and_tokens() {
+    let (_fake, manager, executor) = setup(false);
+    manager.load_model(spec("m", "1", "r", false)).unwrap();
+    manager.load_model(spec("m", "2", "r", false)).unwrap();
+    assert_eq!(manager.stats("m@1").unwrap().requests, 0);
+
+    run(
+        &executor,
+        "m@1",
+        vec![
+            req(json!("a"), None),
+            req(json!("fail:rate"), None),
+            req(json!("b"), None),
+        ],
+    )
+    .await;
+    run(&executor, "m@1", vec![req(json!("c"), None)]).await;
+    run(&executor, "m@1", vec![]).await;
+
+    let s = manager.stats("m@1").unwrap();
+    assert_eq!(s.requests, 4);
+    assert_eq!(s.errors, 1);
+    assert_eq!(s.provider_calls, 2, "an empty batch calls nobody");
+    assert_eq!(s.provider_inputs, 4);
+    assert_eq!(s.provider_errors, 1);
+    assert_eq!(
+        (s.prompt_tokens, s.completion_tokens, s.total_tokens),
+        (3, 6, 9)
+    );
+    assert_eq!(s.cache_hits, 0);
+    assert_eq!(s.mean_latency_us(), s.total_latency_us / 2);
+
+    let all = manager.all_stats();
+    assert_eq!(all.keys().collect::<Vec<_>>(), ["m@1", "m@2"]);
+    assert_eq!(all["m@1"], s);
+    assert_eq!(all["m@2"].requests, 0);
+    assert_eq!(all["m@2"].mean_latency_us(), 0);
+    assert!(manager.stats("m").is_none(), "stats take an exact id");
+}
+
+#[tokio::test]
+async fn unloading_makes_the_model_unknown() {
+    let (fake, manager, executor) = setup(false);
+    manager.load_model(spec("m", "1", "r", false)).unwrap();
+    manager.load_model(spec("m", "2", "r", false)).unwrap();
+    let unloaded = manager.unload_model("m@2").unwrap();
+    assert_eq!(unloaded.remote_model, "r");
+    assert_eq!(manager.model_ids(), ["m@1"]);
+    assert!(manager.stats("m@2").is_none());
+
+    let out = run(&executor, "m@2", vec![req(json!(1), None)]).await;
+    assert_eq!(out[0].as_ref().unwrap_err().kind, ErrorKind::UnknownModel);
+    let out = run(&executor, "m", vec![req(json!(1), None)]).await;
+    assert_eq!(version_of(&out[0]), "1");
+
+    manager.unload_model("m@1").unwrap();
+    let out = run(&executor, "m", vec![req(json!(1), None)]).await;
+    let err = out[0].as_ref().unwrap_err();
+    assert_eq!(err.kind, ErrorKind::UnknownModel);
+    assert!(!err.message.contains("m@1"), "{}", err.message);
+    assert!(matches!(
+        manager.unload_model("m@1"),
+        Err(ManagerError::NotLoaded { .. })
+    ));
+    assert!(matches!(
+        manager.unload_model("m"),
+        Err(ManagerError::NotLoaded { .. })
+    ));
+    assert_eq!(fake.calls().len(), 1);
+
+    // It can be loaded again, with fresh statistics.
+    manager.load_model(spec("m", "1", "r", false)).unwrap();
+    assert_eq!(manager.stats("m@1").unwrap().requests, 0);
+}
+
+#[tokio::test]
+async fn loading_is_validated() {
+    let (_fake, manager, _executor) = setup(false);
+    manager.load_model(spec("m", "1", "r", false)).unwrap();
+    assert_eq!(
+        manager.load_model(spec("m", "1", "other", false)),
+        Err(ManagerError::AlreadyLoaded { id: "m@1".into() })
+    );
+    for (name, version) in [("", "1"), ("m", ""), ("a@b", "1"), ("m", "1@2")] {
+        assert!(
+            matches!(
+                manager.load_model(spec(name, version, "r", false)),
+                Err(ManagerError::InvalidId { .. })
+            ),
+            "{name:?} {version:?}"
+        );
+    }
+    let mut s = spec("n", "1", "r", false);
+    s.provider = "missing".into();
+    let err = manager.load_model(s).unwrap_err();
+    assert!(matches!(err, ManagerError::UnknownProvider { .. }));
+    assert!(err.to_string().contains("fake"), "{err}");
+    assert_eq!(manager.model_ids(), ["m@1"]);
+}
+
+#[tokio::test]
+async fn warm_up_calls_the_provider_once_and_fails_the_load_on_error() {
+    let (fake, manager, _executor) = setup(false);
+    let err = manager
+        .load_model_with_warmup(
+            spec("w", "1", "rw", false),
+            ProviderInput::new(json!("fail:timeout")),
+        )
+        .await
+        .unwrap_err();
+    match &err {
+        ManagerError::WarmUp { id, error } => {
+            assert_eq!(id, "w@1");
+            assert_eq!(error.kind(), ErrorKind::ProviderTimeout);
+        }
+        other => panic!("expected a warm-up error, got {other:?}"),
+    }
+    assert!(manager.model_ids().is_empty());
+
+    manager
+        .load_model_with_warmup(spec("w", "1", "rw", false), ProviderInput::new(json!("hi")))
+        .await
+        .unwrap();
+    assert_eq!(manager.model_ids(), ["w@1"]);
+    assert_eq!(fake.calls(), vec![("rw".into(), 1), ("rw".into(), 1)]);
+    assert_eq!(manager.stats("w@1").unwrap().provider_calls, 0);
+}
+
+#[tokio::test]
+async fn builtins_remain_the_fallback() {
+    let (fake, manager, executor) = setup(false);
+    let out = executor
+        .execute(
+            &Target::Pipeline("identity".into()),
+            vec![req(json!({"a": 1}), None)],
+        )
+        .await;
+    assert_eq!(out[0].as_ref().unwrap().output, json!({"a": 1}));
+    let out = run(&executor, "echo", vec![req(json!(5), None)]).await;
+    assert_eq!(version_of(&out[0]), "1");
+    assert_eq!(out[0].as_ref().unwrap().output, json!(5));
+
+    // A loaded model named `echo` takes precedence over the built-in.
+    manager.load_model(spec("echo", "9", "r", false)).unwrap();
+    let out = run(&executor, "echo", vec![req(json!(5), None)]).await;
+    assert_eq!(version_of(&out[0]), "9");
+    assert_eq!(fake.calls().len(), 1);
+}
+
+#[tokio::test]
+async fn parameters_reach_the_provider_and_the_cache_key() {
+    let (fake, manager, executor) = setup(true);
+    manager.load_model(spec("m", "1", "r", true)).unwrap();
+    let with = |t: f64| ExecRequest {
+        parameters: json!({"temperature": t}).as_object().cloned(),
+        ..req(json!("q"), None)
+    };
+    run(&executor, "m", vec![with(0.1)]).await;
+    let out = run(&executor, "m", vec![with(0.9)]).await;
+    assert!(
+        !out[0].as_ref().unwrap().cached,
+        "other parameters, other entry"
+    );
+    let out = run(&executor, "m", vec![with(0.1)]).await;
+    assert!(out[0].as_ref().unwrap().cached);
+    assert_eq!(fake.calls().len(), 2);
+}
+
+#[tokio::test]
+async fn reloading_an_id_drops_its_cached_answers() {
+    let (fake, manager, executor) = setup(true);
+    manager.load_model(spec("m", "1", "old", true)).unwrap();
+    let out = run(&executor, "m@1", vec![req(json!("q"), None)]).await;
+    assert_eq!(out[0].as_ref().unwrap().output["model"], "old");
+    manager.unload_model("m@1").unwrap();
+    manager.load_model(spec("m", "1", "new", true)).unwrap();
+    let out = run(&executor, "m@1", vec![req(json!("q"), None)]).await;
+    let out = out[0].as_ref().unwrap();
+    assert!(!out.cached);
+    assert_eq!(out.output["model"], "new");
+    assert_eq!(fake.calls().len(), 2);
+}
