@@ -43,7 +43,6 @@
 //! messages are redacted and truncated.
 
 use std::collections::BTreeMap;
-use std::error::Error as _;
 use std::fmt;
 use std::num::{NonZeroU64, NonZeroUsize};
 use std::time::{Duration, SystemTime};
@@ -479,28 +478,7 @@ impl HuggingFaceProvider {
 
     /// Classifies a transport failure, describing it without the URL.
     fn transport_error(&self, error: reqwest::Error) -> ProviderError {
-        if error.is_timeout() {
-            let after = if error.is_connect() {
-                self.connect_timeout
-            } else {
-                self.timeout
-            };
-            return ProviderError::Timeout { after };
-        }
-        let error = error.without_url();
-        let mut text = error.to_string();
-        let mut source = error.source();
-        while let Some(cause) = source {
-            let cause_text = cause.to_string();
-            if !text.contains(&cause_text) {
-                text.push_str(": ");
-                text.push_str(&cause_text);
-            }
-            source = cause.source();
-        }
-        ProviderError::Connection {
-            message: sanitize_message(&text, self.secret()),
-        }
+        super::transport_error(error, self.connect_timeout, self.timeout, self.secret())
     }
 
     /// The request body for `texts` with `parameters`.

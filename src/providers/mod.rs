@@ -314,6 +314,40 @@ pub enum BuildError {
     },
 }
 
+/// Classifies a reqwest transport failure (no HTTP status): a timeout, after `connect_timeout`
+/// or `timeout` depending on the phase, or a connection error described with its causes but
+/// without the URL, and with `secret` masked.
+pub(crate) fn transport_error(
+    error: reqwest::Error,
+    connect_timeout: Duration,
+    timeout: Duration,
+    secret: Option<&str>,
+) -> ProviderError {
+    use std::error::Error as _;
+    if error.is_timeout() {
+        let after = if error.is_connect() {
+            connect_timeout
+        } else {
+            timeout
+        };
+        return ProviderError::Timeout { after };
+    }
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    ProviderError::Connection {
+        message: sanitize_message(&text, secret),
+    }
+}
+
 /// Longest provider message, in characters, kept in an error.
 pub(crate) const MAX_MESSAGE_CHARS: usize = 300;
 

@@ -23,7 +23,6 @@
 //! truncated.
 
 use std::collections::BTreeMap;
-use std::error::Error as _;
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::time::{Duration, SystemTime};
@@ -408,28 +407,7 @@ impl OpenAiProvider {
 
     /// Classifies a transport failure, describing it without the URL.
     fn transport_error(&self, error: reqwest::Error) -> ProviderError {
-        if error.is_timeout() {
-            let after = if error.is_connect() {
-                self.connect_timeout
-            } else {
-                self.timeout
-            };
-            return ProviderError::Timeout { after };
-        }
-        let error = error.without_url();
-        let mut text = error.to_string();
-        let mut source = error.source();
-        while let Some(cause) = source {
-            let cause_text = cause.to_string();
-            if !text.contains(&cause_text) {
-                text.push_str(": ");
-                text.push_str(&cause_text);
-            }
-            source = cause.source();
-        }
-        ProviderError::Connection {
-            message: sanitize_message(&text, self.secret()),
-        }
+        super::transport_error(error, self.connect_timeout, self.timeout, self.secret())
     }
 
     async fn chat(
