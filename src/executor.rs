@@ -53,6 +53,20 @@ pub trait Executor: Send + Sync + 'static {
         target: &'a Target,
         requests: Vec<ExecRequest>,
     ) -> BoxFuture<'a, Vec<ExecResult>>;
+
+    /// Waits until `requests` requests for `target` may run: rate limits have capacity and no
+    /// breaker the target needs is open. The processor calls it before the execute timeout
+    /// starts, so waiting here slows the stream instead of failing requests.
+    fn admit<'a>(&'a self, target: &'a Target, requests: usize) -> BoxFuture<'a, ()> {
+        let _ = (target, requests);
+        Box::pin(std::future::ready(()))
+    }
+
+    /// Why consumption should pause now (for instance a provider's breaker is open), polled
+    /// about ten times a second by the consumer thread; must be cheap.
+    fn hold(&self) -> Option<String> {
+        None
+    }
 }
 
 impl<E: Executor + ?Sized> Executor for Arc<E> {
@@ -62,6 +76,14 @@ impl<E: Executor + ?Sized> Executor for Arc<E> {
         requests: Vec<ExecRequest>,
     ) -> BoxFuture<'a, Vec<ExecResult>> {
         (**self).execute(target, requests)
+    }
+
+    fn admit<'a>(&'a self, target: &'a Target, requests: usize) -> BoxFuture<'a, ()> {
+        (**self).admit(target, requests)
+    }
+
+    fn hold(&self) -> Option<String> {
+        (**self).hold()
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod offsets;
 pub mod sink;
+pub mod source;
 
 use rdkafka::ClientConfig;
 

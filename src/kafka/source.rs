@@ -1,0 +1,619 @@
+//! A consumer-group source: one consumer thread, micro-batches, bounded in-flight records,
+//! ordered offset storage, rebalances and an orderly shutdown. Shared by the request processor
+//! ([`crate::processor`]) and feature ingestion ([`crate::feature_store::ingest`]); what
+//! happens to a batch is the [`BatchHandler`]'s business.
+//!
+//! # Flow
+//!
+//! One dedicated **consumer thread** owns the librdkafka consumer. It polls, registers each
+//! record with the [`OffsetTracker`], adds it to the [`Batcher`], and hands each closed batch
+//! to the handler, which spawns its work and calls [`SourceCore::finish`] once per record. The
+//! thread is also where rebalance callbacks run, where partitions are paused and resumed, and
+//! where offsets are stored: a blocking thread can wait for revoked partitions to drain without
+//! stalling the async workers.
+//!
+//! # Bounds and holds
+//!
+//! Records consumed and not yet finished are counted; at `max_in_flight` the consumer pauses
+//! every assigned partition (and keeps polling, so it stays in the group) and resumes at half
+//! of it. The handler can also *hold* consumption ([`BatchHandler::hold`]: the database is
+//! down, a provider's breaker is open); partitions stay paused while it does. librdkafka's own
+//! prefetch is bounded by `kafka.consumer_queue_kbytes`.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rdkafka::TopicPartitionList;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
+use tokio_util::sync::CancellationToken;
+
+use crate::batching::{Batch, BatchLimits, Batcher};
+use crate::config::KafkaConfig;
+use crate::kafka::offsets::{OffsetTracker, TopicPartition};
+use crate::kafka::sink::{DeliverError, OutRecord, Sink};
+use crate::metrics as m;
+use crate::model::{ErrorBody, SourceRef};
+
+/// Dead-letter (and result) header names.
+pub mod headers {
+    /// The request id (results).
+    pub const REQUEST_ID: &str = "inferflow-request-id";
+    /// `ok` or `error` (results).
+    pub const STATUS: &str = "inferflow-status";
+    /// Source topic of the record (results and dead letters).
+    pub const SOURCE_TOPIC: &str = "inferflow-source-topic";
+    /// Source partition (results and dead letters).
+    pub const SOURCE_PARTITION: &str = "inferflow-source-partition";
+    /// Source offset (results and dead letters).
+    pub const SOURCE_OFFSET: &str = "inferflow-source-offset";
+    /// Error kind (dead letters, and error results).
+    pub const ERROR_KIND: &str = "inferflow-error-kind";
+    /// Error message (dead letters).
+    pub const ERROR_MESSAGE: &str = "inferflow-error-message";
+}
+
+/// How often the consumer thread wakes up at the latest (to store offsets, flush lingering
+/// batches and notice shutdown or holds).
+const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
+
+/// How often the consumer thread stores the positions that advanced.
+const STORE_EVERY: Duration = Duration::from_millis(50);
+
+/// What a source does with its batches.
+pub trait BatchHandler: Send + Sync + 'static {
+    /// Takes a closed batch and starts its work without blocking (the consumer thread calls
+    /// this). Every record must end in exactly one [`SourceCore::finish`] call.
+    fn dispatch(self: &Arc<Self>, batch: Batch<OwnedMessage>);
+
+    /// Why consumption must pause now, apart from backpressure; polled about ten times a
+    /// second by the consumer thread, so it must be cheap.
+    fn hold(&self) -> Option<String> {
+        None
+    }
+
+    /// Called once on shutdown, after the final commit, before the producer is flushed.
+    fn close(&self) {}
+}
+
+/// State shared by the consumer thread and the handler's tasks.
+pub struct SourceCore {
+    /// Which source this is (`requests`, `features`): a metrics label and a log field.
+    pub name: &'static str,
+    /// Offsets in flight, per partition.
+    pub tracker: OffsetTracker,
+    /// Results, dead letters and other outputs.
+    pub sink: Sink,
+    /// The dead-letter topic.
+    pub dlq_topic: String,
+    in_flight: AtomicUsize,
+    /// Cancelled when the shutdown deadline has passed: deliveries and retries stop.
+    pub abort: CancellationToken,
+    /// Cancelled on a fatal error; the consumer thread then shuts down and reports it.
+    fatal: CancellationToken,
+    fatal_reason: Mutex<Option<String>>,
+}
+
+impl SourceCore {
+    /// A core for the source `name`, writing through `sink`.
+    pub fn new(name: &'static str, sink: Sink, dlq_topic: String) -> Self {
+        SourceCore {
+            name,
+            tracker: OffsetTracker::new(),
+            sink,
+            dlq_topic,
+            in_flight: AtomicUsize::new(0),
+            abort: CancellationToken::new(),
+            fatal: CancellationToken::new(),
+            fatal_reason: Mutex::new(None),
+        }
+    }
+
+    /// Records a fatal error and makes the consumer thread shut down.
+    pub fn fail(&self, reason: String) {
+        lock(&self.fatal_reason).get_or_insert(reason);
+        self.fatal.cancel();
+    }
+
+    /// Ends the work on one record. `done` means its output was acknowledged, so its offset may
+    /// be stored; otherwise (only on shutdown or a fatal error) it stays pending and is
+    /// redelivered after the restart.
+    pub fn finish(&self, msg: &OwnedMessage, done: bool) {
+        if done {
+            self.tracker
+                .complete(&(msg.topic().to_owned(), msg.partition()), msg.offset());
+        }
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Records consumed and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Dead-letters `msg`: its key and bytes to the dead-letter topic, with the error and the
+    /// source in headers. A dead letter Kafka refuses for good cannot be dropped either: it is
+    /// retried every 5 s, loudly, until accepted or the shutdown deadline passes.
+    pub async fn dead_letter(
+        &self,
+        msg: &OwnedMessage,
+        error: &ErrorBody,
+    ) -> Result<(), DeliverError> {
+        let source = source_ref(msg);
+        let record = OutRecord {
+            topic: self.dlq_topic.clone(),
+            key: msg.key().map(<[u8]>::to_vec),
+            value: msg.payload().unwrap_or_default().to_vec(),
+            headers: vec![
+                (headers::ERROR_KIND, error.kind.as_str().to_owned()),
+                (headers::ERROR_MESSAGE, error.message.clone()),
+                (headers::SOURCE_TOPIC, source.topic.clone()),
+                (headers::SOURCE_PARTITION, source.partition.to_string()),
+                (headers::SOURCE_OFFSET, source.offset.to_string()),
+            ],
+        };
+        loop {
+            match self.sink.deliver(&record, &self.abort).await {
+                Ok(()) => {
+                    metrics::counter!(m::DEAD_LETTERS_TOTAL, "error_kind" => error.kind.as_str(), "source" => self.name)
+                        .increment(1);
+                    return Ok(());
+                }
+                Err(DeliverError::Permanent(err)) => {
+                    tracing::error!(error = %err, topic = %record.topic, partition = source.partition, offset = source.offset,
+                        "the dead-letter topic refuses this record; retrying in 5 s (the partition is stalled until it is accepted)");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                        () = self.abort.cancelled() => return Err(DeliverError::Stopped(err.to_string())),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Finishes a record after its delivery: stores nothing and stops the source on a fatal
+    /// producer error, leaves the record pending on shutdown.
+    pub fn finish_delivered(&self, msg: &OwnedMessage, delivered: Result<(), DeliverError>) {
+        match delivered {
+            Ok(()) => self.finish(msg, true),
+            Err(DeliverError::Fatal(reason)) => {
+                tracing::error!(reason = %reason, source = self.name, "fatal producer error; stopping");
+                self.fail(reason);
+                self.finish(msg, false);
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, source = self.name, partition = msg.partition(), offset = msg.offset(),
+                    "output not delivered before shutdown; the record will be redelivered");
+                self.finish(msg, false);
+            }
+        }
+    }
+}
+
+/// Where a consumed record came from.
+pub fn source_ref(msg: &OwnedMessage) -> SourceRef {
+    SourceRef {
+        topic: msg.topic().to_owned(),
+        partition: msg.partition(),
+        offset: msg.offset(),
+    }
+}
+
+/// What a source consumes and its limits.
+#[derive(Debug, Clone)]
+pub struct SourceSpec {
+    /// Topics to subscribe to.
+    pub topics: Vec<String>,
+    /// Consumer group.
+    pub group_id: String,
+    /// Micro-batch limits.
+    pub batch: BatchLimits,
+    /// Records in flight at most before partitions pause (resumed at half).
+    pub max_in_flight: usize,
+    /// Longest orderly shutdown.
+    pub shutdown_timeout: Duration,
+    /// How long revoked partitions may drain on a rebalance.
+    pub rebalance_drain_timeout: Duration,
+    /// Counter of consumed records.
+    pub consumed_metric: &'static str,
+}
+
+/// A running source.
+pub struct SourceHandle {
+    done: tokio::sync::oneshot::Receiver<anyhow::Result<()>>,
+    shutdown_timeout: Duration,
+}
+
+impl SourceHandle {
+    /// Waits until the source has stopped (after its stop token was cancelled, or on a fatal
+    /// error). Callers bound the wait with [`SourceHandle::shutdown_timeout`] plus a margin, so
+    /// a hanging consumer close cannot keep the process alive.
+    pub async fn join(self) -> anyhow::Result<()> {
+        match self.done.await {
+            Ok(result) => result,
+            Err(_) => anyhow::bail!("the consumer thread ended without reporting"),
+        }
+    }
+
+    /// The configured shutdown deadline.
+    pub fn shutdown_timeout(&self) -> Duration {
+        self.shutdown_timeout
+    }
+}
+
+/// Subscribes to the spec's topics and starts the consumer thread. Cancel `stop` to shut it
+/// down gracefully, then await [`SourceHandle::join`].
+pub fn start<H: BatchHandler>(
+    kafka: &KafkaConfig,
+    spec: SourceSpec,
+    core: Arc<SourceCore>,
+    handler: Arc<H>,
+    stop: CancellationToken,
+) -> anyhow::Result<SourceHandle> {
+    let context = SourceContext {
+        core: Arc::clone(&core),
+        handler: Arc::clone(&handler),
+        batcher: Mutex::new(Batcher::new(spec.batch)),
+        paused: AtomicBool::new(false),
+        shutting_down: AtomicBool::new(false),
+        rebalance_drain_timeout: spec.rebalance_drain_timeout,
+    };
+    let mut client = crate::kafka::consumer_config(kafka, &spec.group_id);
+    client
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set(
+            "queued.max.messages.kbytes",
+            kafka.consumer_queue_kbytes.to_string(),
+        )
+        .set(
+            "statistics.interval.ms",
+            kafka.statistics_interval_ms.to_string(),
+        );
+    let consumer: BaseConsumer<SourceContext<H>> = client
+        .create_with_context(context)
+        .with_context(|| format!("creating the Kafka consumer of the {} source", core.name))?;
+    let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .with_context(|| format!("subscribing to {}", spec.topics.join(", ")))?;
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    let shutdown_timeout = spec.shutdown_timeout;
+    std::thread::Builder::new()
+        .name(format!("inferflow-{}", core.name))
+        .spawn(move || {
+            let result = consume(consumer, &spec, &stop);
+            let _ = done_tx.send(result);
+        })
+        .context("starting the consumer thread")?;
+    Ok(SourceHandle {
+        done,
+        shutdown_timeout,
+    })
+}
+
+fn topic_partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
+}
+
+/// The consumer's context: rebalance hooks, statistics and commit results.
+struct SourceContext<H> {
+    core: Arc<SourceCore>,
+    handler: Arc<H>,
+    batcher: Mutex<Batcher<OwnedMessage>>,
+    /// True while every assigned partition is paused (backpressure or a hold).
+    paused: AtomicBool,
+    /// Set once shutdown has drained what it could: revokes then give up at once.
+    shutting_down: AtomicBool,
+    rebalance_drain_timeout: Duration,
+}
+
+impl<H: BatchHandler> ClientContext for SourceContext<H> {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!(m::CONSUMER_LAG_RECORDS, "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl<H: BatchHandler> ConsumerContext for SourceContext<H> {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let core = &self.core;
+        let partitions = topic_partitions(tpl);
+        if consumer.assignment_lost() {
+            // Someone else may already own them: commit nothing, forget the work.
+            metrics::counter!(m::REBALANCES_TOTAL, "kind" => "lost", "source" => core.name)
+                .increment(1);
+            tracing::warn!(
+                ?partitions,
+                source = core.name,
+                "assignment lost; in-flight work of these partitions will be redelivered"
+            );
+            core.tracker.revoke(&partitions);
+            return;
+        }
+        metrics::counter!(m::REBALANCES_TOTAL, "kind" => "revoke", "source" => core.name)
+            .increment(1);
+        // Records of these partitions may sit in the open batch: send it on now.
+        if let Some(batch) = lock(&self.batcher).flush(Instant::now()) {
+            self.handler.dispatch(batch);
+        }
+        let drain_for = if self.shutting_down.load(Ordering::Acquire) {
+            Duration::ZERO
+        } else {
+            self.rebalance_drain_timeout
+        };
+        let left = core.tracker.wait_drained(&partitions, drain_for);
+        if left > 0 {
+            tracing::warn!(
+                left,
+                source = core.name,
+                "revoked partitions did not drain in time; their unfinished records will be redelivered"
+            );
+        }
+        if let Err(err) = core.tracker.commit_now(consumer, Some(&partitions)) {
+            tracing::warn!(error = %err, source = core.name, "commit before giving up partitions failed");
+        }
+        core.tracker.revoke(&partitions);
+        tracing::info!(?partitions, source = core.name, "partitions revoked");
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                metrics::counter!(m::REBALANCES_TOTAL, "kind" => "assign", "source" => self.core.name)
+                    .increment(1);
+                let partitions = topic_partitions(tpl);
+                tracing::info!(?partitions, source = self.core.name, "partitions assigned");
+                self.core.tracker.assign(partitions);
+                // librdkafka keeps an application pause across unassign and reassign, so a
+                // partition paused before it was revoked would come back paused: set the state
+                // explicitly either way.
+                let paused = self.paused.load(Ordering::Acquire);
+                let result = if paused {
+                    consumer.pause(tpl)
+                } else {
+                    consumer.resume(tpl)
+                };
+                if let Err(err) = result {
+                    tracing::warn!(error = %err, paused, "could not set the paused state of newly assigned partitions");
+                }
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(err) => tracing::warn!(error = %err, "rebalance error"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        match result {
+            Ok(())
+            | Err(rdkafka::error::KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(err) => {
+                tracing::warn!(error = %err, source = self.core.name, "offset commit failed; it is retried with the next commit")
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The consumer thread's loop, then its orderly shutdown.
+fn consume<H: BatchHandler>(
+    consumer: BaseConsumer<SourceContext<H>>,
+    spec: &SourceSpec,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let context = consumer.context();
+    let core = Arc::clone(&context.core);
+    let resume_below = spec.max_in_flight / 2;
+    let mut backpressure = false;
+    let mut held: Option<String> = None;
+    let mut paused_count = 0usize;
+    let mut last_store = Instant::now();
+    while !stop.is_cancelled() && !core.fatal.is_cancelled() {
+        // Backpressure: pause every assigned partition at the budget, resume at half of it.
+        // A hold from the handler pauses them too, for as long as it lasts.
+        let in_flight = core.in_flight();
+        metrics::gauge!(m::IN_FLIGHT_RECORDS, "source" => core.name).set(in_flight as f64);
+        backpressure = if backpressure {
+            in_flight > resume_below
+        } else {
+            in_flight >= spec.max_in_flight
+        };
+        let hold = context.handler.hold();
+        if hold != held {
+            match &hold {
+                Some(reason) => {
+                    tracing::warn!(source = core.name, reason = %reason, "pausing consumption")
+                }
+                None => tracing::info!(source = core.name, "resuming consumption"),
+            }
+            held = hold;
+        }
+        let want_paused = backpressure || held.is_some();
+        if want_paused != context.paused.load(Ordering::Acquire) {
+            paused_count = set_paused(&consumer, want_paused);
+        }
+        metrics::gauge!(m::PAUSED_PARTITIONS, "source" => core.name).set(if want_paused {
+            paused_count as f64
+        } else {
+            0.0
+        });
+
+        let wait = lock(&context.batcher)
+            .deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or(MAX_POLL_WAIT)
+            .min(MAX_POLL_WAIT);
+        match consumer.poll(wait) {
+            Some(Ok(message)) => {
+                let message = message.detach();
+                metrics::counter!(spec.consumed_metric).increment(1);
+                let tp = (message.topic().to_owned(), message.partition());
+                if core.tracker.begin(&tp, message.offset()) {
+                    core.in_flight.fetch_add(1, Ordering::AcqRel);
+                    let size = message.payload().map_or(0, <[u8]>::len);
+                    let closed = lock(&context.batcher).push(message, size, Instant::now());
+                    if let Some((batch, _)) = closed {
+                        context.handler.dispatch(batch);
+                    }
+                }
+            }
+            Some(Err(err)) => {
+                if let Some((code, reason)) = consumer.client().fatal_error() {
+                    core.fail(format!("consumer: {code}: {reason}"));
+                } else {
+                    tracing::warn!(error = %err, source = core.name, "consumer error");
+                }
+            }
+            None => {}
+        }
+        let lingered = lock(&context.batcher).poll_linger(Instant::now());
+        if let Some(batch) = lingered {
+            context.handler.dispatch(batch);
+        }
+        if last_store.elapsed() >= STORE_EVERY {
+            last_store = Instant::now();
+            if let Err(err) = core.tracker.store(&consumer) {
+                tracing::warn!(error = %err, source = core.name, "storing offsets failed; retrying");
+            }
+        }
+    }
+    shutdown(consumer, spec)
+}
+
+/// Commit errors that clear up once this member has caught up with the group.
+fn commit_retriable(err: &rdkafka::error::KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        err.rdkafka_error_code(),
+        Some(
+            C::RebalanceInProgress
+                | C::IllegalGeneration
+                | C::CoordinatorLoadInProgress
+                | C::NotCoordinator
+                | C::CoordinatorNotAvailable
+                | C::RequestTimedOut
+        )
+    )
+}
+
+/// Pauses (or resumes) every assigned partition; returns how many.
+fn set_paused<H: BatchHandler>(consumer: &BaseConsumer<SourceContext<H>>, pause: bool) -> usize {
+    let context = consumer.context();
+    context.paused.store(pause, Ordering::Release);
+    let assignment = match consumer.assignment() {
+        Ok(a) => a,
+        Err(err) => {
+            tracing::warn!(error = %err, "could not read the assignment");
+            return 0;
+        }
+    };
+    let result = if pause {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    };
+    if let Err(err) = result {
+        tracing::warn!(error = %err, pause, "could not change the paused state");
+    }
+    tracing::debug!(
+        pause,
+        partitions = assignment.count(),
+        source = context.core.name,
+        "pause state"
+    );
+    assignment.count()
+}
+
+/// Stop fetching, flush the open batch, let in-flight work finish, commit, close.
+fn shutdown<H: BatchHandler>(
+    consumer: BaseConsumer<SourceContext<H>>,
+    spec: &SourceSpec,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + spec.shutdown_timeout;
+    let context = consumer.context();
+    let core = Arc::clone(&context.core);
+    tracing::info!(source = core.name, "shutting down: draining in-flight work");
+    set_paused(&consumer, true);
+    if let Some(batch) = lock(&context.batcher).flush(Instant::now()) {
+        context.handler.dispatch(batch);
+    }
+    // Keep serving the group (rebalance callbacks, heartbeats) while work drains.
+    while core.tracker.pending() > 0 && Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(20)) {
+            // A record fetched before the pause took effect: leave it for after the restart.
+            tracing::debug!(
+                partition = message.partition(),
+                offset = message.offset(),
+                "not processing a record fetched during shutdown"
+            );
+        }
+        if let Err(err) = core.tracker.store(&consumer) {
+            tracing::warn!(error = %err, "storing offsets failed");
+        }
+    }
+    let left = core.tracker.pending();
+    if left > 0 {
+        tracing::warn!(
+            left,
+            source = core.name,
+            "shutdown deadline reached; unfinished records will be redelivered after the restart"
+        );
+    }
+    core.abort.cancel();
+    context.shutting_down.store(true, Ordering::Release);
+    // The group may be mid-rebalance (another member joining or leaving): the broker then
+    // refuses commits until this member has rejoined, which needs polls. Keep serving the group
+    // and retry until the commit lands or the deadline passes.
+    loop {
+        match core.tracker.commit_now(&consumer, None) {
+            Ok(()) => break,
+            Err(err) if Instant::now() < deadline && commit_retriable(&err) => {
+                tracing::debug!(error = %err, "final commit refused for now; polling and retrying");
+                let _ = consumer.poll(Duration::from_millis(100));
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, source = core.name, "final commit failed; the last records may be redelivered");
+                break;
+            }
+        }
+    }
+    // Nothing more will be stored; the revoke callback run by the close must not wait again.
+    core.tracker.revoke_all();
+    context.handler.close();
+    if let Err(err) = core.sink.flush(
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1)),
+    ) {
+        tracing::warn!(error = %err, "producer flush incomplete");
+    }
+    // Leave the group now rather than on drop, so the partitions move at once.
+    consumer.unsubscribe();
+    drop(consumer);
+    if let Some(reason) = lock(&core.fatal_reason).take() {
+        anyhow::bail!("stopped on a fatal Kafka client error: {reason}");
+    }
+    tracing::info!(source = core.name, "stopped");
+    Ok(())
+}
