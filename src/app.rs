@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::Builtins;
+use crate::feature_store::{FeatureStore, coherence};
 
 use crate::config::Config;
 use crate::http::{AppState, Readiness, router};
@@ -49,6 +50,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let processor = crate::processor::start(&config, Arc::new(Builtins), stop.clone()).await?;
     let margin = processor.shutdown_timeout() + Duration::from_secs(15);
+    let ingestion = if config.ingest.enabled {
+        Some(start_features(&config, &stop).await?)
+    } else {
+        None
+    };
     let http_stop = CancellationToken::new();
     let http = {
         let http_stop = http_stop.clone();
@@ -62,16 +68,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     tracing::info!(topic = %config.topics.requests, group = %config.kafka.group_id, "processing requests");
     let mut processor_join = std::pin::pin!(processor.join());
+    let mut ingestion_join = std::pin::pin!(async move {
+        match ingestion {
+            Some(handle) => handle.join().await,
+            None => std::future::pending().await,
+        }
+    });
     let outcome = tokio::select! {
         () = shutdown_signal() => {
             stop.cancel();
-            match tokio::time::timeout(margin, processor_join).await {
-                Ok(result) => result,
+            let both = async { tokio::join!(processor_join, ingestion_join) };
+            match tokio::time::timeout(margin, both).await {
+                Ok((processor, ingestion)) => processor.and(ingestion),
                 Err(_) => Err(anyhow::anyhow!("the processor did not stop within {margin:?}")),
             }
         }
         result = &mut processor_join => {
+            stop.cancel();
             result.and_then(|()| Err(anyhow::anyhow!("the processor stopped unexpectedly")))
+        }
+        result = &mut ingestion_join => {
+            stop.cancel();
+            result.and_then(|()| Err(anyhow::anyhow!("feature ingestion stopped unexpectedly")))
         }
     };
     http_stop.cancel();
@@ -81,6 +99,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Err(err) => tracing::warn!(error = %err, "HTTP server task failed"),
     }
     outcome
+}
+
+/// Opens the feature store and starts feature ingestion, the cache's maintenance and the
+/// invalidation listener; all stop with `stop`.
+async fn start_features(
+    config: &Config,
+    stop: &CancellationToken,
+) -> anyhow::Result<crate::kafka::source::SourceHandle> {
+    let store = Arc::new(
+        FeatureStore::open(&config.feature_store)
+            .await
+            .context("opening the feature store (set ingest.enabled = false to run without it)")?,
+    );
+    tokio::spawn(Arc::clone(&store).maintain(stop.clone()));
+    if !config.topics.feature_invalidations.is_empty() {
+        let (kafka, topic, store, stop) = (
+            config.kafka.clone(),
+            config.topics.feature_invalidations.clone(),
+            Arc::clone(&store),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(err) = coherence::listen(&kafka, topic, store, stop).await {
+                tracing::error!(
+                    error = format!("{err:#}"),
+                    "the feature-cache invalidation listener stopped; caches now rely on their TTL"
+                );
+            }
+        });
+    }
+    let handle = crate::feature_store::ingest::start(config, store, stop.clone())?;
+    tracing::info!(topic = %config.topics.features, group = %config.ingest.group_id, "ingesting feature updates");
+    Ok(handle)
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

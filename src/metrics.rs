@@ -35,8 +35,36 @@ pub const PRODUCER_QUEUE_FULL_TOTAL: &str = "inferflow_producer_queue_full_total
 /// Produce attempts that failed and were retried (counter).
 pub const PRODUCE_RETRIES_TOTAL: &str = "inferflow_produce_retries_total";
 
+/// Messages consumed from the feature-updates topic (counter).
+pub const FEATURE_UPDATES_CONSUMED_TOTAL: &str = "inferflow_feature_updates_consumed_total";
+/// Feature update writes by outcome (counter; label `outcome`: written, retried, rejected).
+pub const FEATURE_WRITES_TOTAL: &str = "inferflow_feature_writes_total";
+/// Latency of one feature write to the store (histogram, seconds).
+pub const FEATURE_STORE_WRITE_SECONDS: &str = "inferflow_feature_store_write_seconds";
+/// Latency of one read from the store, cache misses only (histogram, seconds).
+pub const FEATURE_STORE_READ_SECONDS: &str = "inferflow_feature_store_read_seconds";
+/// Feature reads by where they were served from (counter; label `source`: cache, store).
+pub const FEATURE_READS_TOTAL: &str = "inferflow_feature_reads_total";
+/// Hit ratio of the feature cache since start (gauge).
+pub const FEATURE_CACHE_HIT_RATIO: &str = "inferflow_feature_cache_hit_ratio";
+/// Entries in the feature cache (gauge).
+pub const FEATURE_CACHE_ENTRIES: &str = "inferflow_feature_cache_entries";
+/// Entries evicted from the full feature cache since start (gauge).
+pub const FEATURE_CACHE_EVICTIONS: &str = "inferflow_feature_cache_evictions";
+/// From a feature update's Kafka timestamp to its write (histogram, seconds).
+pub const FEATURE_INGEST_LAG_SECONDS: &str = "inferflow_feature_ingest_lag_seconds";
+/// 1 while feature writes succeed, 0 while ingestion is paused on a failing store (gauge).
+pub const FEATURE_STORE_AVAILABLE: &str = "inferflow_feature_store_available";
+/// Cached features dropped by invalidations from other writes (counter).
+pub const FEATURE_INVALIDATIONS_TOTAL: &str = "inferflow_feature_invalidations_total";
+/// From a write's acknowledgement to its invalidation applied here (histogram, seconds).
+pub const FEATURE_INVALIDATION_DELAY_SECONDS: &str = "inferflow_feature_invalidation_delay_seconds";
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const FAST_LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
 ];
 const BATCH_SIZE_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
@@ -52,6 +80,10 @@ fn builder() -> PrometheusBuilder {
     };
     let builder = with(builder, END_TO_END_LATENCY_SECONDS, LATENCY_BUCKETS);
     let builder = with(builder, BATCH_LINGER_SECONDS, LATENCY_BUCKETS);
+    let builder = with(builder, FEATURE_STORE_WRITE_SECONDS, FAST_LATENCY_BUCKETS);
+    let builder = with(builder, FEATURE_STORE_READ_SECONDS, FAST_LATENCY_BUCKETS);
+    let builder = with(builder, FEATURE_INGEST_LAG_SECONDS, LATENCY_BUCKETS);
+    let builder = with(builder, FEATURE_INVALIDATION_DELAY_SECONDS, LATENCY_BUCKETS);
     with(builder, BATCH_SIZE_RECORDS, BATCH_SIZE_BUCKETS)
 }
 
@@ -104,7 +136,10 @@ fn describe() {
         "Time a micro-batch stayed open."
     );
     describe_gauge!(IN_FLIGHT_RECORDS, "Records consumed and not yet answered.");
-    describe_gauge!(PAUSED_PARTITIONS, "Partitions paused for backpressure.");
+    describe_gauge!(
+        PAUSED_PARTITIONS,
+        "Partitions paused for backpressure or a hold (failing store, open breaker)."
+    );
     describe_gauge!(
         CONSUMER_LAG_RECORDS,
         "Consumer lag per partition (librdkafka statistics)."
@@ -120,5 +155,54 @@ fn describe() {
     describe_counter!(
         PRODUCE_RETRIES_TOTAL,
         "Failed produce attempts that were retried."
+    );
+    describe_counter!(
+        FEATURE_UPDATES_CONSUMED_TOTAL,
+        "Messages consumed from the feature-updates topic."
+    );
+    describe_counter!(
+        FEATURE_WRITES_TOTAL,
+        "Feature update writes by outcome (written, retried, rejected)."
+    );
+    describe_histogram!(
+        FEATURE_STORE_WRITE_SECONDS,
+        Unit::Seconds,
+        "Latency of one feature write to the store."
+    );
+    describe_histogram!(
+        FEATURE_STORE_READ_SECONDS,
+        Unit::Seconds,
+        "Latency of one read from the feature store on a cache miss."
+    );
+    describe_counter!(
+        FEATURE_READS_TOTAL,
+        "Feature reads by where they were served from (cache, store)."
+    );
+    describe_gauge!(
+        FEATURE_CACHE_HIT_RATIO,
+        "Hit ratio of the in-process feature cache since start."
+    );
+    describe_gauge!(FEATURE_CACHE_ENTRIES, "Entries in the feature cache.");
+    describe_gauge!(
+        FEATURE_CACHE_EVICTIONS,
+        "Entries evicted from the full feature cache since start."
+    );
+    describe_histogram!(
+        FEATURE_INGEST_LAG_SECONDS,
+        Unit::Seconds,
+        "From a feature update's Kafka timestamp to its write."
+    );
+    describe_gauge!(
+        FEATURE_STORE_AVAILABLE,
+        "1 while feature writes succeed, 0 while ingestion is paused on a failing store."
+    );
+    describe_counter!(
+        FEATURE_INVALIDATIONS_TOTAL,
+        "Cached features dropped by invalidations of newer writes."
+    );
+    describe_histogram!(
+        FEATURE_INVALIDATION_DELAY_SECONDS,
+        Unit::Seconds,
+        "From a feature write's acknowledgement to its invalidation applied on this instance."
     );
 }

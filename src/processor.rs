@@ -84,7 +84,8 @@ impl Shared {
     /// hash and each lane's worker runs its batches one after another, so records with the same
     /// key run in consumption order while different keys still run concurrently.
     fn dispatch(self: &Arc<Self>, batch: Batch<OwnedMessage>) {
-        metrics::histogram!(m::BATCH_SIZE_RECORDS).record(batch.items.len() as f64);
+        metrics::histogram!(m::BATCH_SIZE_RECORDS, "source" => "requests")
+            .record(batch.items.len() as f64);
         metrics::histogram!(m::BATCH_LINGER_SECONDS).record(batch.lingered.as_secs_f64());
         if !self.per_key {
             let shared = Arc::clone(self);
@@ -346,9 +347,7 @@ impl Shared {
             }
             Outcome::DeadLetter(error) => self.core.dead_letter(msg, &error).await,
         };
-        if delivered.is_ok()
-            && let Some(ts) = msg.timestamp().to_millis()
-        {
+        if let (true, Some(ts)) = (delivered.is_ok(), msg.timestamp().to_millis()) {
             let e2e = unix_ms().saturating_sub(ts).max(0) as f64 / 1000.0;
             metrics::histogram!(m::END_TO_END_LATENCY_SECONDS).record(e2e);
         }
@@ -480,17 +479,23 @@ pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
         .create()
         .context("creating the Kafka admin client")?;
     let t = &config.topics;
-    let names = [&t.requests, &t.features, &t.results, &t.dlq];
-    let topics: Vec<NewTopic<'_>> = names
-        .iter()
-        .map(|name| {
-            NewTopic::new(
-                name,
-                t.create_partitions.get() as i32,
-                TopicReplication::Fixed(t.create_replication_factor.get() as i32),
-            )
-        })
+    let partitions = t.create_partitions.get() as i32;
+    let replication = t.create_replication_factor.get() as i32;
+    let mut topics: Vec<NewTopic<'_>> = [&t.requests, &t.features, &t.results, &t.dlq]
+        .into_iter()
+        .map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(replication)))
         .collect();
+    if !t.feature_invalidations.is_empty() {
+        // Read from its end by every instance, never replayed: one partition, short retention.
+        topics.push(
+            NewTopic::new(
+                &t.feature_invalidations,
+                1,
+                TopicReplication::Fixed(replication),
+            )
+            .set("retention.ms", "3600000"),
+        );
+    }
     let results = admin
         .create_topics(
             &topics,

@@ -21,6 +21,7 @@ const DRAFT_2020_12: &str = "https://json-schema.org/draft/2020-12/schema";
 const REQUEST_SCHEMA: &str = "inference_request.v1.json";
 const RESULT_SCHEMA: &str = "inference_result.v1.json";
 const DEAD_LETTER_SCHEMA: &str = "dead_letter.v1.json";
+const FEATURE_UPDATE_SCHEMA: &str = "feature_update.v1.json";
 
 /// Every file in `examples/invalid/`, and whether serde also rejects it when deserialising an
 /// `InferenceRequest`. The schema must reject all of them; the schema path suffix is the keyword
@@ -319,7 +320,12 @@ fn schemas_are_valid_draft_2020_12_and_well_formed() {
     let names: BTreeSet<&str> = files.iter().map(|(name, _)| name.as_str()).collect();
     assert_eq!(
         names,
-        BTreeSet::from([DEAD_LETTER_SCHEMA, REQUEST_SCHEMA, RESULT_SCHEMA]),
+        BTreeSet::from([
+            DEAD_LETTER_SCHEMA,
+            FEATURE_UPDATE_SCHEMA,
+            REQUEST_SCHEMA,
+            RESULT_SCHEMA
+        ]),
         "unexpected set of schema files; update this test and schemas/README.md"
     );
     let meta = jsonschema::draft202012::meta::validator();
@@ -777,6 +783,65 @@ fn dead_letter_header_maps_validate() {
             &validator,
             &instance,
             &format!("dead-letter headers: {what}"),
+        );
+    }
+}
+
+/// Feature updates: the schema matches `FeatureUpdateMessage` field by field, every example in
+/// `examples/features/` is valid and decodes, and every file in `examples/features/invalid/`
+/// fails both the schema and inferflow's decoding.
+#[test]
+fn feature_update_schema_matches_the_type_and_examples_decode_as_stated() {
+    use inferflow::feature_store::ingest::{FeatureUpdateMessage, decode_update};
+    let schema_doc = schema(FEATURE_UPDATE_SCHEMA);
+    let full = FeatureUpdateMessage {
+        entity_type: "user".into(),
+        entity_id: "1".into(),
+        feature: "f".into(),
+        values: Map::new(),
+        version: Some(1),
+        event_time: Some(2),
+        ttl_seconds: Some(3),
+    };
+    let minimal = FeatureUpdateMessage {
+        version: None,
+        event_time: None,
+        ttl_seconds: None,
+        ..full.clone()
+    };
+    assert_fields_match(
+        &schema_doc,
+        &to_json(&full),
+        &to_json(&minimal),
+        "feature update",
+    );
+    let validator = validator(FEATURE_UPDATE_SCHEMA);
+    let valid = json_files("examples/features");
+    assert!(valid.len() >= 2, "expected feature update examples");
+    for path in &valid {
+        let doc = read_json(path);
+        assert_valid(&validator, &doc, file_name(path));
+        let bytes = serde_json::to_vec(&doc).expect("serialise");
+        decode_update(Some(&bytes), 1 << 20, Some(1_764_244_800_000))
+            .unwrap_or_else(|e| panic!("{} does not decode: {e:?}", file_name(path)));
+    }
+    let invalid = json_files("examples/features/invalid");
+    assert!(
+        invalid.len() >= 5,
+        "expected invalid feature update examples"
+    );
+    for path in &invalid {
+        let doc = read_json(path);
+        assert_invalid(&validator, &doc, file_name(path));
+        let bytes = serde_json::to_vec(&doc).expect("serialise");
+        let error = decode_update(Some(&bytes), 1 << 20, Some(1))
+            .expect_err(&format!("{} decodes but should not", file_name(path)));
+        assert_eq!(
+            error.kind.as_str(),
+            "invalid_request",
+            "{}: {}",
+            file_name(path),
+            error.message
         );
     }
 }

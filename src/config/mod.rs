@@ -33,9 +33,9 @@ use serde_path_to_error::Segment;
 
 pub use secret::{REDACTED, Secret};
 pub use sections::{
-    BatchConfig, Config, Consistency, ExecutorConfig, FeatureStoreConfig, HttpConfig, KafkaConfig,
-    KeyOrdering, LogConfig, LogFormat, OffsetReset, RESERVED_KAFKA_PROPERTIES, SaslMechanism,
-    SecurityProtocol, TopicsConfig, check_topic_name,
+    BatchConfig, Config, Consistency, ExecutorConfig, FeatureStoreConfig, HttpConfig, IngestConfig,
+    KafkaConfig, KeyOrdering, LogConfig, LogFormat, OffsetReset, RESERVED_KAFKA_PROPERTIES,
+    SaslMechanism, SecurityProtocol, TopicsConfig, check_topic_name,
 };
 
 /// The defaults, embedded at build time.
@@ -51,6 +51,7 @@ const SECTIONS: &[&str] = &[
     "batch",
     "executor",
     "feature_store",
+    "ingest",
     "http",
     "log",
 ];
@@ -183,6 +184,7 @@ impl Config {
         let batch = section::<BatchConfig>(fig, "batch", problems);
         let executor = section::<ExecutorConfig>(fig, "executor", problems);
         let feature_store = section::<FeatureStoreConfig>(fig, "feature_store", problems);
+        let ingest = section::<IngestConfig>(fig, "ingest", problems);
         let http = section::<HttpConfig>(fig, "http", problems);
         let log = section::<LogConfig>(fig, "log", problems);
         let config = Config {
@@ -191,6 +193,7 @@ impl Config {
             batch: batch?,
             executor: executor?,
             feature_store: feature_store?,
+            ingest: ingest?,
             http: http?,
             log: log?,
         };

@@ -22,6 +22,7 @@ pub(crate) trait Section: DeserializeOwned {
 
 impl Section for BatchConfig {}
 impl Section for ExecutorConfig {}
+impl Section for IngestConfig {}
 
 /// `[kafka]`: how to reach the brokers and how the processor's consumer behaves.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -249,6 +250,8 @@ pub struct TopicsConfig {
     pub results: String,
     /// Dead-letter topic.
     pub dlq: String,
+    /// Cache invalidations between instances; empty turns them off.
+    pub feature_invalidations: String,
     /// Topics a request may name in `reply_to`.
     #[serde(default)]
     pub reply_to_allowed: Vec<String>,
@@ -271,6 +274,17 @@ impl Section for TopicsConfig {
             if let Err(why) = check_topic_name(name) {
                 p.push(key, why);
             }
+        }
+        if !self.feature_invalidations.is_empty() {
+            if let Err(why) = check_topic_name(&self.feature_invalidations) {
+                p.push("topics.feature_invalidations", why);
+            }
+        }
+        if self.features == self.requests {
+            p.push(
+                "topics.features",
+                "must differ from topics.requests: feature updates and requests are consumed by different groups",
+            );
         }
         for (i, name) in self.reply_to_allowed.iter().enumerate() {
             if let Err(why) = check_topic_name(name) {
@@ -424,6 +438,31 @@ impl Section for FeatureStoreConfig {
     }
 }
 
+/// `[ingest]`: feature ingestion from `topics.features` into the feature store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IngestConfig {
+    /// Run ingestion in `inferflow run`.
+    pub enabled: bool,
+    /// Consumer group of feature ingestion (not the request processor's).
+    pub group_id: String,
+    /// Records per micro-batch at most.
+    pub max_batch_records: NonZeroUsize,
+    /// Longest time a batch waits for more records.
+    pub linger_ms: u64,
+    /// Batches written at the same time.
+    pub max_in_flight_batches: NonZeroUsize,
+    /// Updates consumed and not yet written; above it ingestion pauses its partitions.
+    pub max_in_flight_records: NonZeroUsize,
+    /// Concurrent writes of one batch.
+    pub write_concurrency: NonZeroUsize,
+    /// Largest accepted update message.
+    pub max_update_bytes: NonZeroUsize,
+    /// First retry delay while the database is unavailable.
+    pub retry_initial_backoff_ms: NonZeroU64,
+    /// Longest retry delay while the database is unavailable.
+    pub retry_max_backoff_ms: NonZeroU64,
+}
+
 /// `[http]`: the HTTP server.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HttpConfig {
@@ -488,6 +527,8 @@ pub struct Config {
     pub executor: ExecutorConfig,
     /// `[feature_store]`
     pub feature_store: FeatureStoreConfig,
+    /// `[ingest]`
+    pub ingest: IngestConfig,
     /// `[http]`
     pub http: HttpConfig,
     /// `[log]`
@@ -513,6 +554,33 @@ impl Config {
                 format!(
                     "{} must be lower than kafka.max_poll_interval_ms ({}): the consumer does not poll while it drains",
                     self.kafka.rebalance_drain_timeout_ms, self.kafka.max_poll_interval_ms
+                ),
+            );
+        }
+        if self.ingest.max_in_flight_records < self.ingest.max_batch_records {
+            p.push(
+                "ingest.max_in_flight_records",
+                format!(
+                    "{} is lower than ingest.max_batch_records ({}); a full batch could never be admitted",
+                    self.ingest.max_in_flight_records, self.ingest.max_batch_records
+                ),
+            );
+        }
+        if self.ingest.retry_initial_backoff_ms > self.ingest.retry_max_backoff_ms {
+            p.push(
+                "ingest.retry_initial_backoff_ms",
+                format!(
+                    "{} is above ingest.retry_max_backoff_ms ({})",
+                    self.ingest.retry_initial_backoff_ms, self.ingest.retry_max_backoff_ms
+                ),
+            );
+        }
+        if self.ingest.group_id == self.kafka.group_id {
+            p.push(
+                "ingest.group_id",
+                format!(
+                    "`{}` is also kafka.group_id; ingestion needs a consumer group of its own",
+                    self.ingest.group_id
                 ),
             );
         }

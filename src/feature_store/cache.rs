@@ -295,8 +295,18 @@ where
     /// Removes `key`, and cancels fills of its stripe that began earlier. Returns whether an
     /// entry was removed.
     pub fn invalidate(&self, key: &K) -> bool {
+        self.invalidate_if(key, |_| true)
+    }
+
+    /// Removes `key` if `remove(value)` says so, and cancels fills of its stripe that began
+    /// earlier either way. Returns whether an entry was removed.
+    pub fn invalidate_if(&self, key: &K, remove: impl FnOnce(&V) -> bool) -> bool {
         self.bump(key);
-        if self.map.remove(key).is_some() {
+        if self
+            .map
+            .remove_if(key, |_, slot| remove(&slot.value))
+            .is_some()
+        {
             self.len.fetch_sub(1, Ordering::Relaxed);
             self.invalidations.fetch_add(1, Ordering::Relaxed);
             true

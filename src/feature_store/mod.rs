@@ -26,13 +26,18 @@
 //! replaces a newer cached value. A write does not create an entry for a key that is not
 //! cached, because writes may arrive out of order and the writer does not know whether the
 //! database already holds a newer version; the next read fills it. A failed write drops the
-//! key from the cache. Other instances' writes are not seen until the entry expires;
-//! [`FeatureStore::invalidate`] is the hook for the cross-instance invalidation to come.
+//! key from the cache. Other instances' writes reach this cache through [`coherence`]: their
+//! announcements drop older cached values ([`FeatureStore::invalidate_older`]).
+//!
+//! - [`ingest`]: feature updates from Kafka into the store.
+//! - [`coherence`]: invalidations between instances.
 
 mod error;
 mod scylla;
 
 pub mod cache;
+pub mod coherence;
+pub mod ingest;
 pub mod model;
 pub mod schema;
 
@@ -57,6 +62,7 @@ use ::scylla::statement::Consistency as CqlConsistency;
 use futures::future::BoxFuture;
 
 use crate::config::{Consistency, FeatureStoreConfig};
+use crate::metrics as m;
 
 /// Why the feature store could not be reached.
 #[derive(Debug, thiserror::Error)]
@@ -259,12 +265,12 @@ impl FeatureStore {
         let key = FeatureKey::new(entity_type, entity_id, name);
         let now = Instant::now();
         if let Some(cached) = self.cache.get(&key, now) {
+            metrics::counter!(m::FEATURE_READS_TOTAL, "source" => "cache").increment(1);
             return Ok(cached);
         }
+        metrics::counter!(m::FEATURE_READS_TOTAL, "source" => "store").increment(1);
         let ticket = self.cache.begin_fill(&key);
-        let feature = self
-            .backend
-            .get_feature(entity_type, entity_id, name)
+        let feature = timed_read(self.backend.get_feature(entity_type, entity_id, name))
             .await?
             .map(Arc::new);
         let ttl = self.entry_ttl(feature.as_ref().and_then(|f| f.ttl_secs));
@@ -313,6 +319,10 @@ impl FeatureStore {
             })
             .collect();
         let misses: Vec<usize> = (0..unique.len()).filter(|&i| found[i].is_none()).collect();
+        metrics::counter!(m::FEATURE_READS_TOTAL, "source" => "cache")
+            .increment((unique.len() - misses.len()) as u64);
+        metrics::counter!(m::FEATURE_READS_TOTAL, "source" => "store")
+            .increment(misses.len() as u64);
         if !misses.is_empty() {
             let keys: Vec<FeatureKey> = misses
                 .iter()
@@ -320,10 +330,11 @@ impl FeatureStore {
                 .collect();
             let tickets: Vec<_> = keys.iter().map(|k| self.cache.begin_fill(k)).collect();
             let miss_names: Vec<&str> = misses.iter().map(|&i| unique[i]).collect();
-            let read = self
-                .backend
-                .get_features(entity_type, entity_id, &miss_names)
-                .await?;
+            let read = timed_read(
+                self.backend
+                    .get_features(entity_type, entity_id, &miss_names),
+            )
+            .await?;
             if read.len() != miss_names.len() {
                 return Err(FeatureStoreError::decode(
                     "feature vector read",
@@ -403,6 +414,23 @@ impl FeatureStore {
             .invalidate(&FeatureKey::new(entity_type, entity_id, name))
     }
 
+    /// Drops a cached feature whose version is older than `version`, or that is cached as
+    /// absent (another instance wrote `version`); returns whether an entry was dropped. A value
+    /// at `version` or newer stays. A read already on its way to the backend does not put an
+    /// older value back.
+    pub fn invalidate_older(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+        name: &str,
+        version: u64,
+    ) -> bool {
+        self.cache
+            .invalidate_if(&FeatureKey::new(entity_type, entity_id, name), |cached| {
+                cached.as_ref().is_none_or(|f| f.version < version)
+            })
+    }
+
     /// Removes expired entries from the cache; returns how many. For a periodic sweeper:
     /// expired entries are never served, this only frees their memory sooner.
     pub fn purge_expired(&self) -> usize {
@@ -412,6 +440,24 @@ impl FeatureStore {
     /// The cache's counters.
     pub fn cache_stats(&self) -> CacheStats {
         self.cache.stats()
+    }
+
+    /// Once a second until `stop`: removes expired cache entries and exports the cache's
+    /// counters as gauges (hit ratio, entries, evictions).
+    pub async fn maintain(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(cache::PURGE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            self.purge_expired();
+            let stats = self.cache_stats();
+            metrics::gauge!(m::FEATURE_CACHE_HIT_RATIO).set(stats.hit_rate);
+            metrics::gauge!(m::FEATURE_CACHE_ENTRIES).set(stats.entries as f64);
+            metrics::gauge!(m::FEATURE_CACHE_EVICTIONS).set(stats.evictions as f64);
+        }
     }
 
     /// How long to cache a value whose remaining TTL is `ttl_secs`: the cache TTL, but never
@@ -425,6 +471,16 @@ impl FeatureStore {
                 .min(Duration::from_secs(u64::from(secs).saturating_sub(1))),
         }
     }
+}
+
+/// Awaits a backend read, recording its latency.
+async fn timed_read<T>(
+    read: BoxFuture<'_, Result<T, FeatureStoreError>>,
+) -> Result<T, FeatureStoreError> {
+    let started = Instant::now();
+    let result = read.await;
+    metrics::histogram!(m::FEATURE_STORE_READ_SECONDS).record(started.elapsed().as_secs_f64());
+    result
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 
 mod utils;
 
+mod feature_ingest;
 mod feature_store;
 mod http;
 mod process;
