@@ -7,6 +7,7 @@
 // Test helpers are `pub` for sibling modules only, and tests need no API docs.
 #![allow(unreachable_pub, missing_docs)]
 
+mod harness;
 mod utils;
 
 mod feature_ingest;

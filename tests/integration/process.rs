@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use crate::processor::{Raw, Topics, collect, collect_until, produce};
+use crate::harness::{Raw, Topics, collect, collect_until, produce};
 use crate::utils::{self, kafka_config, unique_name};
 
 /// A free loopback port for a child's HTTP server.
@@ -190,10 +190,14 @@ async fn slow_model_and_deep_backlog_keep_memory_bounded_and_the_group_stable() 
         if let Ok(resp) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
             let text = resp.text().await.unwrap_or_default();
             for line in text.lines() {
-                if let Some(v) = line.strip_prefix("inferflow_paused_partitions ") {
+                if let Some(v) =
+                    line.strip_prefix("inferflow_paused_partitions{source=\"requests\"} ")
+                {
                     paused_seen |= v.trim().parse::<f64>().unwrap_or(0.0) > 0.0;
                 }
-                if let Some(v) = line.strip_prefix("inferflow_in_flight_records ") {
+                if let Some(v) =
+                    line.strip_prefix("inferflow_in_flight_records{source=\"requests\"} ")
+                {
                     max_in_flight = max_in_flight.max(v.trim().parse().unwrap_or(0.0));
                 }
             }

@@ -1,0 +1,405 @@
+//! Test harness shared by the integration and fault-suite binaries: topics and configurations
+//! for one test, in-process processors and feature-store instances, producing records and
+//! collecting outputs, committed offsets, and polling until a condition holds.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use inferflow::config::Config;
+use inferflow::executor::Executor;
+use inferflow::feature_store::{FeatureStore, coherence, ingest};
+use inferflow::kafka::source::SourceHandle;
+use inferflow::processor::{self, ProcessorHandle};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::utils::{
+    self, cql_contact, cql_session, create_topic, kafka_bootstrap, kafka_config, unique_name,
+};
+
+/// The topics of one test.
+pub struct Topics {
+    pub requests: String,
+    pub results: String,
+    pub dlq: String,
+    pub features: String,
+}
+
+impl Topics {
+    /// Creates fresh topics: `partitions` for requests, 3 for results, 1 for the others.
+    pub async fn create(prefix: &str, partitions: i32) -> Topics {
+        let base = unique_name(prefix);
+        let topics = Topics {
+            requests: format!("{base}.requests"),
+            results: format!("{base}.results"),
+            dlq: format!("{base}.dlq"),
+            features: format!("{base}.features"),
+        };
+        create_topic(&topics.requests, partitions).await;
+        create_topic(&topics.results, 3).await;
+        create_topic(&topics.dlq, 1).await;
+        create_topic(&topics.features, 1).await;
+        topics
+    }
+
+    /// Environment overrides pointing an `inferflow` process at these topics.
+    pub fn env(&self, group: &str) -> Vec<(String, String)> {
+        [
+            ("KAFKA__BOOTSTRAP_SERVERS", kafka_bootstrap()),
+            ("KAFKA__GROUP_ID", group.to_owned()),
+            ("TOPICS__REQUESTS", self.requests.clone()),
+            ("TOPICS__RESULTS", self.results.clone()),
+            ("TOPICS__DLQ", self.dlq.clone()),
+            ("TOPICS__FEATURES", self.features.clone()),
+            ("HTTP__LISTEN", "127.0.0.1:0".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("INFERFLOW__{k}"), v))
+        .collect()
+    }
+}
+
+/// A processor configuration for `topics` and `group`, with `extra` TOML layered on top.
+pub fn config(topics: &Topics, group: &str, extra: &str) -> Config {
+    Config::from_toml_str(&format!(
+        r#"
+        [kafka]
+        bootstrap_servers = "{}"
+        group_id = "{group}"
+        statistics_interval_ms = 0
+        [topics]
+        requests = "{}"
+        results = "{}"
+        dlq = "{}"
+        features = "{}"
+        {extra}
+        "#,
+        kafka_bootstrap(),
+        topics.requests,
+        topics.results,
+        topics.dlq,
+        topics.features,
+    ))
+    .expect("valid test config")
+}
+
+/// A running in-process processor.
+pub struct Running {
+    stop: CancellationToken,
+    handle: ProcessorHandle,
+}
+
+impl Running {
+    pub async fn start(config: &Config, executor: Arc<dyn Executor>) -> Running {
+        utils::require_kafka().await;
+        let stop = CancellationToken::new();
+        let handle = processor::start(config, executor, stop.clone())
+            .await
+            .expect("processor starts");
+        Running { stop, handle }
+    }
+
+    /// Graceful stop: drain, deliver, commit.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.handle.join())
+            .await
+            .expect("processor stops within 60 s")
+            .expect("processor stops cleanly");
+    }
+}
+
+/// A record to produce: optional key, optional value.
+pub type Raw = (Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// Produces every record, keys and values as given, and waits for all acknowledgements.
+pub async fn produce(topic: &str, records: &[Raw]) {
+    let producer: FutureProducer = kafka_config()
+        .set("linger.ms", "20")
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("producer");
+    for chunk in records.chunks(2000) {
+        let sends = chunk.iter().map(|(key, value)| {
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+            if let Some(k) = key {
+                record = record.key(k.as_slice());
+            }
+            if let Some(v) = value {
+                record = record.payload(v.as_slice());
+            }
+            producer.send(record, Duration::from_secs(30))
+        });
+        for result in futures::future::join_all(sends).await {
+            result.map_err(|(e, _)| e).expect("produce");
+        }
+    }
+}
+
+/// A record read back from an output topic.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads `topics` from the beginning until `expected` records arrived (then `settle` more,
+/// to catch duplicates), or panics after `timeout`.
+pub async fn collect(
+    topics: &[&str],
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<Captured> {
+    collect_until(topics, timeout, settle, |out| out.len() >= expected).await
+}
+
+/// Reads `topics` from the beginning until `done` holds for what was read (then `settle`
+/// more), or panics after `timeout`.
+pub async fn collect_until(
+    topics: &[&str],
+    timeout: Duration,
+    settle: Duration,
+    mut done: impl FnMut(&[Captured]) -> bool,
+) -> Vec<Captured> {
+    let consumer: StreamConsumer = kafka_config()
+        .set("group.id", unique_name("collector"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("collector");
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        for p in metadata.topics()[0].partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                .unwrap();
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let mut stream = consumer.stream();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut settle_until: Option<tokio::time::Instant> = None;
+    loop {
+        let until = settle_until.unwrap_or(deadline);
+        match tokio::time::timeout_at(until, stream.next()).await {
+            Ok(Some(Ok(m))) => {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_owned(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Captured {
+                    topic: m.topic().to_owned(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    headers,
+                });
+                if settle_until.is_none() && done(&out) {
+                    settle_until = Some(tokio::time::Instant::now() + settle);
+                }
+            }
+            Ok(Some(Err(e))) => panic!("reading outputs: {e}"),
+            Ok(None) => panic!("output stream ended"),
+            Err(_) if settle_until.is_some() => return out,
+            Err(_) => panic!(
+                "only {} outputs within {timeout:?}, not yet done",
+                out.len()
+            ),
+        }
+    }
+}
+
+/// The topics and keyspace of one test.
+pub struct FeatureEnv {
+    pub features: String,
+    pub dlq: String,
+    pub invalidations: String,
+    pub keyspace: String,
+    pub group: String,
+}
+
+impl FeatureEnv {
+    pub async fn create(prefix: &str, partitions: i32) -> FeatureEnv {
+        utils::init_tracing();
+        let base = unique_name(prefix);
+        let env = FeatureEnv {
+            features: format!("{base}.features"),
+            dlq: format!("{base}.dlq"),
+            invalidations: format!("{base}.invalidations"),
+            keyspace: unique_name(prefix),
+            group: format!("{base}.ingest"),
+        };
+        create_topic(&env.features, partitions).await;
+        create_topic(&env.dlq, 1).await;
+        create_topic(&env.invalidations, 1).await;
+        env
+    }
+
+    /// A configuration for these topics and keyspace, `extra` TOML layered on top.
+    pub fn config(&self, extra: &str) -> Config {
+        Config::from_toml_str(&format!(
+            r#"
+            [kafka]
+            bootstrap_servers = "{}"
+            group_id = "{}-requests"
+            statistics_interval_ms = 0
+            [topics]
+            requests = "{}.unused-requests"
+            features = "{}"
+            dlq = "{}"
+            feature_invalidations = "{}"
+            create_missing = false
+            [feature_store]
+            contact_points = ["{}"]
+            keyspace = "{}"
+            request_timeout_ms = 2000
+            [ingest]
+            group_id = "{}"
+            retry_max_backoff_ms = 1000
+            {extra}
+            "#,
+            kafka_bootstrap(),
+            self.group,
+            self.features,
+            self.features,
+            self.dlq,
+            self.invalidations,
+            cql_contact(),
+            self.keyspace,
+            self.group,
+        ))
+        .expect("valid test config")
+    }
+
+    pub async fn drop_keyspace(&self) {
+        cql_session()
+            .await
+            .query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", self.keyspace), &[])
+            .await
+            .expect("drop keyspace");
+    }
+}
+
+/// One running instance: a feature store with its invalidation listener, and optionally
+/// ingestion.
+pub struct Instance {
+    pub store: Arc<FeatureStore>,
+    stop: CancellationToken,
+    ingestion: Option<SourceHandle>,
+}
+
+impl Instance {
+    pub async fn start(config: &Config, ingest: bool, listen: bool) -> Instance {
+        utils::require_kafka().await;
+        let store = Arc::new(
+            FeatureStore::open(&config.feature_store)
+                .await
+                .unwrap_or_else(|e| panic!("opening the feature store: {e}")),
+        );
+        let stop = CancellationToken::new();
+        if listen {
+            let (kafka, topic, store, stop) = (
+                config.kafka.clone(),
+                config.topics.feature_invalidations.clone(),
+                Arc::clone(&store),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                coherence::listen(&kafka, topic, store, stop)
+                    .await
+                    .expect("invalidation listener");
+            });
+        }
+        let ingestion = ingest.then(|| {
+            ingest::start(config, Arc::clone(&store), stop.clone()).expect("ingestion starts")
+        });
+        Instance {
+            store,
+            stop,
+            ingestion,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        if let Some(handle) = self.ingestion {
+            tokio::time::timeout(Duration::from_secs(60), handle.join())
+                .await
+                .expect("ingestion stops within 60 s")
+                .expect("ingestion stops cleanly");
+        }
+    }
+}
+
+pub fn update(entity: &str, feature: &str, version: u64, extra: Value) -> Raw {
+    let mut doc = json!({
+        "entity_type": "user",
+        "entity_id": entity,
+        "feature": feature,
+        "values": {"v": version, "extra": extra},
+        "version": version,
+    });
+    if version == 0 {
+        doc.as_object_mut().expect("object").remove("version");
+    }
+    (
+        Some(entity.as_bytes().to_vec()),
+        Some(doc.to_string().into_bytes()),
+    )
+}
+
+/// The group's committed offsets, summed over the topic's partitions.
+pub fn committed_total(group: &str, topic: &str, partitions: i32) -> i64 {
+    let consumer: BaseConsumer = kafka_config()
+        .set("group.id", group)
+        .create()
+        .expect("offset reader");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Waits until `check` holds, polling every 100 ms, or panics with `what` after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
