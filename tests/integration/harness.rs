@@ -272,7 +272,7 @@ impl FeatureEnv {
             [feature_store]
             contact_points = ["{}"]
             keyspace = "{}"
-            request_timeout_ms = 2000
+            request_timeout_ms = 1000
             [ingest]
             group_id = "{}"
             retry_max_backoff_ms = 1000
