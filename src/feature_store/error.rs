@@ -87,6 +87,19 @@ pub enum FeatureStoreError {
         /// The version.
         version: u32,
     },
+
+    /// A feature is older than the `max_age` of the lookup, whose rule says to fail.
+    #[error(
+        "feature {name} is {age_ms} ms old, older than its max_age of {max_age_ms} ms; it needs a fresher update, or a rule that skips it or uses a default"
+    )]
+    Stale {
+        /// The feature's name.
+        name: String,
+        /// Its age at the read.
+        age_ms: u64,
+        /// The rule's limit.
+        max_age_ms: u64,
+    },
 }
 
 impl From<ConnectError> for FeatureStoreError {

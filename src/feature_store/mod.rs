@@ -37,12 +37,14 @@ mod scylla;
 
 pub mod cache;
 pub mod coherence;
+pub mod freshness;
 pub mod ingest;
 pub mod model;
 pub mod schema;
 
 pub use self::cache::{CacheStats, TtlCache};
 pub use self::error::FeatureStoreError;
+pub use self::freshness::{Freshness, FreshnessRules, OnStale};
 pub use self::model::{
     Feature, FeatureGroup, FeatureKey, FeatureUpdate, FeatureValue, FeatureVector, MAX_TTL_SECS,
     MAX_VERSION,
@@ -360,6 +362,7 @@ impl FeatureStore {
             entity_id: entity_id.to_owned(),
             features: BTreeMap::new(),
             missing: Vec::new(),
+            stale: Vec::new(),
         };
         for (name, feature) in unique.into_iter().zip(found) {
             match feature.flatten() {
@@ -386,6 +389,34 @@ impl FeatureStore {
         entity_id: &str,
     ) -> Result<FeatureVector, FeatureStoreError> {
         self.get_feature_vector(&group.entity_type, entity_id, &group.features)
+            .await
+    }
+
+    /// [`FeatureStore::get_feature_vector`] with freshness `rules` applied: features older
+    /// than their `max_age` fail the lookup, are skipped or take their default.
+    pub async fn get_feature_vector_with<S: AsRef<str>>(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+        names: &[S],
+        rules: &FreshnessRules,
+    ) -> Result<FeatureVector, FeatureStoreError> {
+        let mut vector = self
+            .get_feature_vector(entity_type, entity_id, names)
+            .await?;
+        rules.apply(&mut vector)?;
+        Ok(vector)
+    }
+
+    /// [`FeatureStore::get_feature_group_vector`] with freshness `rules` applied (typically
+    /// one `max_age` for the whole group, [`FreshnessRules::all`]).
+    pub async fn get_feature_group_vector_with(
+        &self,
+        group: &FeatureGroup,
+        entity_id: &str,
+        rules: &FreshnessRules,
+    ) -> Result<FeatureVector, FeatureStoreError> {
+        self.get_feature_vector_with(&group.entity_type, entity_id, &group.features, rules)
             .await
     }
 

@@ -235,6 +235,10 @@ pub struct FeatureVector {
     pub features: BTreeMap<String, FeatureValue>,
     /// The names asked for that have no value (never written, or expired), in the order asked.
     pub missing: Vec<String>,
+    /// Features older than their `max_age` that were skipped or replaced by their default
+    /// ([`super::freshness`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stale: Vec<String>,
 }
 
 /// One feature inside a [`FeatureVector`].
