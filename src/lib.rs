@@ -8,7 +8,7 @@
 //! - [`config`]: layered configuration (embedded defaults, a user file, `INFERFLOW__*`
 //!   environment variables), strict parsing and one validation pass reporting every problem.
 //! - [`kafka`]: building librdkafka clients from configuration.
-//! - [`feature_store`]: the feature store (CQL backend, schema, TTL cache).
+//! - [`feature_store`]: the feature store (CQL and embedded backends, schema, TTL cache).
 //! - [`providers`]: model providers (the `Provider` trait, OpenAI-compatible HTTP) and their
 //!   retry policy.
 //! - [`telemetry`]: logging set-up; [`metrics`]: metric names and the Prometheus exporter.

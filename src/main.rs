@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use inferflow::config::{Config, Sources};
 
+mod cli {
+    //! Subcommands big enough for a file of their own.
+    pub(crate) mod features;
+}
+
 /// Machine-learning inference on Kafka event streams.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -48,6 +53,9 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         timeout_secs: u64,
     },
+    /// Read and write the feature store (the configured backend) as JSON: put, get, vector,
+    /// group create, group get. A missing feature or group exits with code 3.
+    Features(cli::features::FeaturesArgs),
     /// Load and validate the configuration; print the effective configuration (secrets
     /// redacted), or every problem found and exit with code 2.
     CheckConfig {
@@ -114,6 +122,10 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Features(args) => match load_config(args.config.clone()) {
+            Ok(config) => cli::features::run(&config, args),
+            Err(code) => code,
+        },
         Command::CheckConfig { config } => match load_config(config) {
             Ok(config) => {
                 print!("{}", config.to_redacted_toml());

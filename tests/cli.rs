@@ -76,3 +76,287 @@ fn check_config_reports_a_missing_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.toml: no such file"));
 }
+
+/// Runs `inferflow features ARGS` on the embedded store at `db` and returns its exit code,
+/// stdout parsed as JSON (`Null` when empty) and stderr.
+fn features(db: &std::path::Path, args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+    let mut all = vec!["features"];
+    all.extend_from_slice(args);
+    let out = inferflow(
+        &all,
+        &[
+            ("INFERFLOW__FEATURE_STORE__BACKEND", "embedded"),
+            ("INFERFLOW__FEATURE_STORE__PATH", db.to_str().unwrap()),
+            // The CQL keys are ignored by the embedded backend: nothing listens here.
+            (
+                "INFERFLOW__FEATURE_STORE__CONTACT_POINTS",
+                "[\"127.0.0.1:1\"]",
+            ),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = if stdout.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        assert_eq!(stdout.lines().count(), 1, "one JSON document: {stdout}");
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+    };
+    (
+        out.status.code(),
+        json,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn features_commands_put_get_vector_and_groups_on_the_embedded_store() {
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("store/features.redb");
+    let key = [
+        "--entity-type",
+        "user",
+        "--entity-id",
+        "u1",
+        "--name",
+        "activity",
+    ];
+    let with_key = |rest: &[&'static str]| -> Vec<&str> {
+        key.iter().copied().chain(rest.iter().copied()).collect()
+    };
+
+    // put: the version written and the current value after the write.
+    let mut args = vec!["put"];
+    args.extend(with_key(&[
+        "--values",
+        r#"{"clicks":3,"tags":["a"]}"#,
+        "--version",
+        "2",
+        "--updated-at-ms",
+        "1700000000000",
+    ]));
+    let (code, out, err) = features(&db, &args);
+    assert_eq!(code, Some(0), "stderr: {err}");
+    assert_eq!(out["written"]["version"], 2);
+    assert_eq!(out["current"]["version"], 2);
+    assert_eq!(
+        out["current"]["values"],
+        json!({"clicks": 3, "tags": ["a"]})
+    );
+    assert_eq!(out["current"]["updated_at_ms"], 1_700_000_000_000_u64);
+    assert!(
+        db.is_file(),
+        "the database file and its directory were created"
+    );
+
+    // A late, older version is written to the history only; the current value stays.
+    let mut args = vec!["put"];
+    args.extend(with_key(&["--values", r#"{"clicks":1}"#, "--version", "1"]));
+    let (code, out, err) = features(&db, &args);
+    assert_eq!(code, Some(0), "stderr: {err}");
+    assert_eq!(
+        (&out["written"]["version"], &out["current"]["version"]),
+        (&json!(1), &json!(2))
+    );
+    let mut args = vec!["put"];
+    args.extend_from_slice(&[
+        "--entity-type",
+        "user",
+        "--entity-id",
+        "u1",
+        "--name",
+        "session",
+        "--values",
+        r#"{"open":true}"#,
+        "--version",
+        "5",
+        "--ttl-secs",
+        "600",
+    ]);
+    let (code, out, err) = features(&db, &args);
+    assert_eq!(code, Some(0), "stderr: {err}");
+    let ttl = out["current"]["ttl_secs"].as_u64().expect("a TTL");
+    assert!((599..=600).contains(&ttl), "{out}");
+
+    // get: the current value, or a version from the history.
+    let mut args = vec!["get"];
+    args.extend(with_key(&[]));
+    let (code, out, err) = features(&db, &args);
+    assert_eq!(code, Some(0), "stderr: {err}");
+    assert_eq!(
+        out,
+        json!({
+            "entity_type": "user",
+            "entity_id": "u1",
+            "name": "activity",
+            "values": {"clicks": 3, "tags": ["a"]},
+            "version": 2,
+            "updated_at_ms": 1_700_000_000_000_u64
+        })
+    );
+    let mut args = vec!["get"];
+    args.extend(with_key(&["--version", "1"]));
+    let (code, out, err) = features(&db, &args);
+    assert_eq!(code, Some(0), "stderr: {err}");
+    assert_eq!(
+        (&out["version"], &out["values"]),
+        (&json!(1), &json!({"clicks": 1}))
+    );
+
+    // vector: found features by name, and the missing ones.
+    let (code, out, err) = features(
+        &db,
+        &[
+            "vector",
+            "--entity-type",
+            "user",
+            "--entity-id",
+            "u1",
+            "--names",
+            "activity,nope,session",
+        ],
+    );
+    assert_eq!(code, Some(0), "stderr: {err}");
+    assert_eq!(out["entity_id"], "u1");
+    assert_eq!(out["features"]["activity"]["version"], 2);
+    assert_eq!(out["features"]["activity"]["values"]["clicks"], 3);
+    assert_eq!(out["features"]["session"]["values"], json!({"open": true}));
+    assert_eq!(out["missing"], json!(["nope"]));
+
+    // group create, then group get (latest by default) and a vector of the group.
+    let create = |version: &'static str, features_list: &'static str| {
+        features(
+            &db,
+            &[
+                "group",
+                "create",
+                "--name",
+                "fraud",
+                "--version",
+                version,
+                "--entity-type",
+                "user",
+                "--features",
+                features_list,
+                "--description",
+                "fraud signals",
+            ],
+        )
+    };
+    let (code, out, err) = create("1", "activity,nope");
+    assert_eq!(code, Some(0), "stderr: {err}");
+    let v1 = json!({
+        "name": "fraud",
+        "version": 1,
+        "entity_type": "user",
+        "features": ["activity", "nope"],
+        "description": "fraud signals"
+    });
+    assert_eq!(out, v1);
+    let (code, out, err) = create("2", "activity,session");
+    assert_eq!(code, Some(0), "stderr: {err}");
+    assert_eq!(out["version"], 2);
+    let (code, out, err) = features(&db, &["group", "get", "--name", "fraud"]);
+    assert_eq!(code, Some(0), "stderr: {err}");
+    assert_eq!(
+        (&out["version"], &out["features"]),
+        (&json!(2), &json!(["activity", "session"]))
+    );
+    let (code, out, err) = features(&db, &["group", "get", "--name", "fraud", "--version", "1"]);
+    assert_eq!(code, Some(0), "stderr: {err}");
+    assert_eq!(out, v1);
+    let (code, out, err) = features(
+        &db,
+        &[
+            "vector",
+            "--entity-id",
+            "u1",
+            "--group",
+            "fraud",
+            "--group-version",
+            "1",
+        ],
+    );
+    assert_eq!(code, Some(0), "stderr: {err}");
+    assert_eq!(out["features"]["activity"]["version"], 2);
+    assert_eq!(out["missing"], json!(["nope"]));
+
+    // Errors: stderr and a nonzero exit, nothing on stdout; absent things exit 3.
+    let (code, out, err) = create("1", "other");
+    assert_eq!(code, Some(1), "a different definition under version 1");
+    assert_eq!(out, serde_json::Value::Null);
+    assert!(err.contains("different definition"), "{err}");
+    let (code, out, err) = features(&db, &["group", "get", "--name", "nope"]);
+    assert_eq!((code, &out), (Some(3), &serde_json::Value::Null));
+    assert!(err.contains("feature group nope"), "{err}");
+    let mut args = vec!["get"];
+    args.extend(with_key(&["--version", "9"]));
+    let (code, _, err) = features(&db, &args);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("user/u1/activity at version 9"), "{err}");
+    let mut args = vec!["put"];
+    args.extend(with_key(&["--values", "[1,2]", "--version", "3"]));
+    let (code, _, err) = features(&db, &args);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--values must be a JSON object"), "{err}");
+    let (code, _, err) = features(
+        &db,
+        &[
+            "put",
+            "--entity-type",
+            "user",
+            "--entity-id",
+            "",
+            "--name",
+            "x",
+            "--values",
+            "{}",
+            "--version",
+            "1",
+        ],
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.contains("entity_id is empty"), "{err}");
+}
+
+#[test]
+fn features_commands_report_a_locked_or_misconfigured_store() {
+    let dir = tempfile::tempdir().unwrap();
+    // An empty path is a configuration problem: exit code 2 and the key named.
+    let out = inferflow(
+        &[
+            "features",
+            "get",
+            "--entity-type",
+            "u",
+            "--entity-id",
+            "1",
+            "--name",
+            "f",
+        ],
+        &[
+            ("INFERFLOW__FEATURE_STORE__BACKEND", "embedded"),
+            ("INFERFLOW__FEATURE_STORE__PATH", ""),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("feature_store.path"));
+
+    // A file that is not a database: exit code 1, and the message names the file.
+    let junk = dir.path().join("junk.redb");
+    std::fs::write(&junk, vec![7u8; 8192]).unwrap();
+    let (code, out, err) = features(
+        &junk,
+        &[
+            "get",
+            "--entity-type",
+            "u",
+            "--entity-id",
+            "1",
+            "--name",
+            "f",
+        ],
+    );
+    assert_eq!((code, out), (Some(1), serde_json::Value::Null));
+    assert!(err.contains("junk.redb"), "{err}");
+}

@@ -33,9 +33,9 @@ use serde_path_to_error::Segment;
 
 pub use secret::{REDACTED, Secret};
 pub use sections::{
-    BatchConfig, Config, Consistency, ExecutorConfig, FeatureStoreConfig, HttpConfig, IngestConfig,
-    KafkaConfig, KeyOrdering, LogConfig, LogFormat, OffsetReset, RESERVED_KAFKA_PROPERTIES,
-    SaslMechanism, SecurityProtocol, TopicsConfig, check_topic_name,
+    BatchConfig, Config, Consistency, ExecutorConfig, FeatureStoreBackend, FeatureStoreConfig,
+    HttpConfig, IngestConfig, KafkaConfig, KeyOrdering, LogConfig, LogFormat, OffsetReset,
+    RESERVED_KAFKA_PROPERTIES, SaslMechanism, SecurityProtocol, TopicsConfig, check_topic_name,
 };
 
 /// The defaults, embedded at build time.
@@ -476,6 +476,74 @@ mod tests {
             assert!(errs[0].message.contains("INFERFLOW__"), "{}", errs[0]);
             Ok(())
         });
+    }
+
+    #[test]
+    fn the_feature_store_backend_defaults_to_scylla_and_embedded_needs_a_path() {
+        let config = Config::from_toml_str("").unwrap();
+        assert_eq!(config.feature_store.backend, FeatureStoreBackend::Scylla);
+        assert_eq!(
+            config.feature_store.path,
+            PathBuf::from("data/features.redb")
+        );
+
+        let embedded = Config::from_toml_str(
+            "[feature_store]\nbackend = \"embedded\"\npath = \"/tmp/f.redb\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            embedded.feature_store.backend,
+            FeatureStoreBackend::Embedded
+        );
+        assert_eq!(embedded.feature_store.path, PathBuf::from("/tmp/f.redb"));
+
+        let errs = problems("[feature_store]\nbackend = \"embedded\"\npath = \"  \"\n");
+        assert_eq!(paths(&errs), ["feature_store.path"], "{errs:#?}");
+        assert!(
+            errs[0].message.contains("embedded database file"),
+            "{}",
+            errs[0]
+        );
+
+        let errs = problems("[feature_store]\nbackend = \"sqlite\"\n");
+        assert_eq!(paths(&errs), ["feature_store.backend"], "{errs:#?}");
+        assert!(
+            errs[0].message.contains("scylla") && errs[0].message.contains("embedded"),
+            "the message lists the backends: {}",
+            errs[0]
+        );
+    }
+
+    #[test]
+    fn cql_keys_are_checked_for_scylla_only_and_path_for_embedded_only() {
+        let cql_trouble = "contact_points = []\nkeyspace = \"has-dash\"\npassword = \"pw\"\n";
+        let errs = problems(&format!("[feature_store]\n{cql_trouble}path = \"\"\n"));
+        assert_eq!(
+            paths(&errs),
+            [
+                "feature_store.contact_points",
+                "feature_store.keyspace",
+                "feature_store.username"
+            ],
+            "{errs:#?}"
+        );
+        let embedded = Config::from_toml_str(&format!(
+            "[feature_store]\nbackend = \"embedded\"\n{cql_trouble}"
+        ))
+        .expect("the CQL keys are ignored by the embedded backend");
+        assert_eq!(
+            embedded.feature_store.backend,
+            FeatureStoreBackend::Embedded
+        );
+        // Checks shared by both backends still apply.
+        let errs = problems(
+            "[feature_store]\nbackend = \"embedded\"\nhistory_retention_secs = 999999999999\n",
+        );
+        assert_eq!(
+            paths(&errs),
+            ["feature_store.history_retention_secs"],
+            "{errs:#?}"
+        );
     }
 
     #[test]

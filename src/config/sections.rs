@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::{NonZeroU64, NonZeroUsize};
+use std::path::PathBuf;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -342,9 +343,14 @@ pub enum KeyOrdering {
     PerKey,
 }
 
-/// `[feature_store]`: the CQL database and the cache in front of it.
+/// `[feature_store]`: the backend (a CQL database or an embedded file) and the cache in front
+/// of it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FeatureStoreConfig {
+    /// Where features are stored.
+    pub backend: FeatureStoreBackend,
+    /// The embedded database file (or a directory to hold it); used by the embedded backend.
+    pub path: PathBuf,
     /// `host:port` contact points.
     pub contact_points: Vec<String>,
     /// Keyspace holding inferflow's tables.
@@ -371,6 +377,16 @@ pub struct FeatureStoreConfig {
     pub history_retention_secs: u64,
 }
 
+/// `feature_store.backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureStoreBackend {
+    /// ScyllaDB, or any CQL database accepting the same CQL (`contact_points`, `keyspace`...).
+    Scylla,
+    /// One local redb file at `path`, for a single process.
+    Embedded,
+}
+
 /// The longest TTL CQL accepts (20 years, on ScyllaDB and Cassandra alike); the same limit as
 /// `feature_store::MAX_TTL_SECS`, repeated so configuration does not depend on the store.
 const MAX_CQL_TTL_SECS: u64 = 630_720_000;
@@ -393,6 +409,26 @@ pub enum Consistency {
 
 impl Section for FeatureStoreConfig {
     fn validate(&self, p: &mut Problems) {
+        match self.backend {
+            // The CQL keys are ignored by the embedded backend, so they are not checked for it.
+            FeatureStoreBackend::Scylla => self.validate_cql(p),
+            FeatureStoreBackend::Embedded => self.validate_path(p),
+        }
+        if self.history_retention_secs > MAX_CQL_TTL_SECS {
+            p.push(
+                "feature_store.history_retention_secs",
+                format!(
+                    "{} is above the longest TTL CQL accepts ({MAX_CQL_TTL_SECS}, 20 years); use 0 to keep history until deleted",
+                    self.history_retention_secs
+                ),
+            );
+        }
+    }
+}
+
+impl FeatureStoreConfig {
+    /// The checks of the keys the scylla backend uses.
+    fn validate_cql(&self, p: &mut Problems) {
         if self.contact_points.is_empty() {
             p.push(
                 "feature_store.contact_points",
@@ -426,14 +462,19 @@ impl Section for FeatureStoreConfig {
                 "required when feature_store.password is set",
             );
         }
-        if self.history_retention_secs > MAX_CQL_TTL_SECS {
+    }
+
+    /// The checks of `path`, which the embedded backend uses. Only its form is checked here;
+    /// whether it can be opened is found out when the store opens it.
+    fn validate_path(&self, p: &mut Problems) {
+        let path = self.path.to_string_lossy();
+        if path.trim().is_empty() {
             p.push(
-                "feature_store.history_retention_secs",
-                format!(
-                    "{} is above the longest TTL CQL accepts ({MAX_CQL_TTL_SECS}, 20 years); use 0 to keep history until deleted",
-                    self.history_retention_secs
-                ),
+                "feature_store.path",
+                "must name the embedded database file (for example \"data/features.redb\") or a directory to hold it",
             );
+        } else if path.contains('\0') {
+            p.push("feature_store.path", "must not contain a NUL character");
         }
     }
 }

@@ -1,5 +1,7 @@
 //! [`FeatureStoreError`]: why a feature store operation failed.
 
+use std::path::PathBuf;
+
 use scylla::errors::{DbError, ExecutionError, PrepareError, RequestAttemptError};
 
 use super::ConnectError;
@@ -68,13 +70,36 @@ pub enum FeatureStoreError {
     /// A result did not have the expected shape: a row that does not decode, stored JSON that
     /// is not an object, a negative version.
     #[error(
-        "unexpected data from {operation}: {reason}; check that the tables match schemas/cql/ and are written only by inferflow"
+        "unexpected data from {operation}: {reason}; check that the data is written only by inferflow (and, on CQL, that the tables match schemas/cql/)"
     )]
     Decode {
         /// Which operation.
         operation: &'static str,
         /// What was wrong.
         reason: String,
+    },
+
+    /// The embedded database file could not be opened: it is locked by another process, not a
+    /// database inferflow wrote, of a layout version this inferflow does not read, or the path is
+    /// not usable.
+    #[error("could not open the embedded feature store {}: {reason}", path.display())]
+    EmbeddedOpen {
+        /// The database file.
+        path: PathBuf,
+        /// Why, and what to do about it.
+        reason: String,
+    },
+
+    /// A read or write of the embedded database failed.
+    #[error(
+        "embedded feature store {operation} failed: {source}; check that the disk holding feature_store.path is healthy and has room"
+    )]
+    Embedded {
+        /// Which operation, e.g. `feature write`.
+        operation: &'static str,
+        /// redb's error.
+        #[source]
+        source: Box<redb::Error>,
     },
 
     /// A group version already exists with a different definition. Group versions never change.
@@ -125,6 +150,14 @@ impl FeatureStoreError {
         }
     }
 
+    /// A [`FeatureStoreError::Embedded`].
+    pub(crate) fn embedded(operation: &'static str, source: redb::Error) -> Self {
+        FeatureStoreError::Embedded {
+            operation,
+            source: Box::new(source),
+        }
+    }
+
     /// A [`FeatureStoreError::Decode`].
     pub(crate) fn decode(operation: &'static str, reason: impl ToString) -> Self {
         FeatureStoreError::Decode {
@@ -134,10 +167,13 @@ impl FeatureStoreError {
     }
 
     /// Whether the same call may succeed later: the database was unreachable, overloaded, short
-    /// of replicas or slow. Invalid input, schema problems and conflicts are not retryable.
+    /// of replicas or slow, or the embedded database's disk failed to read or write (it may be
+    /// full). Invalid input, schema problems, conflicts, corrupt data and a database that did not
+    /// open are not retryable.
     pub fn is_retryable(&self) -> bool {
         match self {
             FeatureStoreError::Connect(_) => true,
+            FeatureStoreError::Embedded { source, .. } => matches!(**source, redb::Error::Io(_)),
             FeatureStoreError::Query { source, .. } => match source.as_ref() {
                 ExecutionError::BadQuery(_) | ExecutionError::PrepareError(_) => false,
                 ExecutionError::LastAttemptError(RequestAttemptError::DbError(db, _)) => !matches!(

@@ -1,10 +1,11 @@
-//! The feature store: features, feature groups and feature vectors on a CQL database, read
-//! through an in-process TTL cache.
+//! The feature store: features, feature groups and feature vectors on a CQL database or in an
+//! embedded one, read through an in-process TTL cache.
 //!
 //! - [`model`]: the domain types ([`FeatureUpdate`], [`Feature`], [`FeatureGroup`],
 //!   [`FeatureVector`]) and their rules.
 //! - [`FeatureBackend`]: what a storage backend does. [`ScyllaBackend`] (`scylla.rs`) is the
-//!   CQL one; an embedded backend will implement the same trait.
+//!   CQL one; [`EmbeddedBackend`] (`embedded.rs`) keeps everything in one local redb file.
+//!   `feature_store.backend` chooses ([`FeatureStore::open`]).
 //! - [`cache`]: the bounded TTL cache ([`TtlCache`]), with no I/O and no clock of its own.
 //! - [`FeatureStore`]: a backend plus the cache; what the rest of inferflow calls.
 //! - [`schema`]: the CQL in `schemas/cql/`, applied at start-up when configured to.
@@ -32,6 +33,7 @@
 //! - [`ingest`]: feature updates from Kafka into the store.
 //! - [`coherence`]: invalidations between instances.
 
+mod embedded;
 mod error;
 mod scylla;
 
@@ -43,6 +45,10 @@ pub mod model;
 pub mod schema;
 
 pub use self::cache::{CacheStats, TtlCache};
+pub use self::embedded::{
+    DEFAULT_FILE_NAME, EmbeddedBackend, EmbeddedStats, FORMAT_VERSION, SWEEP_BATCH, SweepStats,
+    TOMBSTONE_GRACE_SECS, database_file,
+};
 pub use self::error::FeatureStoreError;
 pub use self::freshness::{Freshness, FreshnessRules, OnStale};
 pub use self::model::{
@@ -63,7 +69,7 @@ use ::scylla::client::session_builder::SessionBuilder;
 use ::scylla::statement::Consistency as CqlConsistency;
 use futures::future::BoxFuture;
 
-use crate::config::{Consistency, FeatureStoreConfig};
+use crate::config::{Consistency, FeatureStoreBackend, FeatureStoreConfig};
 use crate::metrics as m;
 
 /// Why the feature store could not be reached.
@@ -221,11 +227,15 @@ impl FeatureStore {
         )
     }
 
-    /// Connects to the CQL database of `cfg`, creates or migrates its schema if configured to,
-    /// and puts the cache in front of it.
+    /// Opens the backend `feature_store.backend` names and puts the cache in front of it:
+    /// `scylla` connects to the CQL database of `cfg` and creates or migrates its schema if
+    /// configured to; `embedded` opens (or creates) the database file at `feature_store.path`.
     pub async fn open(cfg: &FeatureStoreConfig) -> Result<Self, FeatureStoreError> {
-        let backend = ScyllaBackend::connect(cfg).await?;
-        Ok(Self::with_config(Arc::new(backend), cfg))
+        let backend: Arc<dyn FeatureBackend> = match cfg.backend {
+            FeatureStoreBackend::Scylla => Arc::new(ScyllaBackend::connect(cfg).await?),
+            FeatureStoreBackend::Embedded => Arc::new(EmbeddedBackend::open(cfg).await?),
+        };
+        Ok(Self::with_config(backend, cfg))
     }
 
     /// The backend, for callers that need it without the cache.

@@ -1,47 +1,168 @@
-//! The feature store against the real CQL database: highest-version-wins writes, history,
-//! TTLs, vectors, groups, schema creation, and the cache in front of it. Each test works in a
-//! keyspace of its own, created by the store itself (`create_schema`), and drops it at the end.
+//! The feature store's behaviour, written once against `Arc<dyn FeatureBackend>` and
+//! `FeatureStore` and run on both backends by [`on_both_backends!`]: each behaviour becomes
+//! `on_scylla::<name>` (the real CQL test database, in a keyspace of its own that the store
+//! creates and the test drops) and `on_embedded::<name>` (a redb file in a temporary
+//! directory). Checks only a CQL database can make (write timestamps and TTLs of the rows
+//! behind the store's back, schema creation) and checks only the embedded backend has (reopening
+//! its file, the sweep) come after, one backend each.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use inferflow::config::{Config, FeatureStoreConfig};
+use inferflow::config::{Config, FeatureStoreBackend, FeatureStoreConfig};
+use inferflow::feature_store::model::MAX_KEY_BYTES;
 use inferflow::feature_store::{
-    Feature, FeatureBackend, FeatureGroup, FeatureStore, FeatureStoreError, FeatureUpdate,
-    ScyllaBackend,
+    EmbeddedBackend, EmbeddedStats, Feature, FeatureBackend, FeatureGroup, FeatureStore,
+    FeatureStoreError, FeatureUpdate, MAX_TTL_SECS, MAX_VERSION, ScyllaBackend,
 };
 use scylla::client::session::Session;
 use serde_json::{Map, Value, json};
+use tempfile::TempDir;
 
 use crate::utils::{self, cql_contact, cql_session, unique_name};
 
-/// The feature store section for a fresh keyspace on the test database.
-fn config(keyspace: &str, extra: &str) -> FeatureStoreConfig {
-    Config::from_toml_str(&format!(
-        "[feature_store]\ncontact_points = [\"{}\"]\nkeyspace = \"{keyspace}\"\nhistory_retention_secs = 3600\n{extra}",
-        cql_contact()
-    ))
-    .expect("test config")
-    .feature_store
+/// Expands each behaviour `name` (an `async fn name(backend: &Backend)` below) into two tests,
+/// `on_scylla::name` and `on_embedded::name`. A behaviour may add TOML lines to the
+/// `[feature_store]` section: `name("history_retention_secs = 2")`.
+macro_rules! on_both_backends {
+    ($($name:ident $(($extra:literal))?;)*) => {
+        mod on_scylla {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let backend = super::Backend::scylla(concat!("" $(, $extra)?)).await;
+                    super::$name(&backend).await;
+                    backend.finish().await;
+                }
+            )*
+        }
+
+        mod on_embedded {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let backend = super::Backend::embedded(concat!("" $(, $extra)?)).await;
+                    super::$name(&backend).await;
+                    backend.finish().await;
+                }
+            )*
+        }
+    };
 }
 
-/// A backend on a new keyspace, the session for checks behind its back, and the keyspace.
-async fn backend(prefix: &str) -> (Arc<ScyllaBackend>, Session, FeatureStoreConfig) {
-    utils::init_tracing();
-    // Fails with the command that starts the database if it is not running.
-    let session = cql_session().await;
-    let cfg = config(&unique_name(prefix), "");
-    let backend = ScyllaBackend::connect(&cfg)
-        .await
-        .unwrap_or_else(|e| panic!("opening the feature store: {e}"));
-    (Arc::new(backend), session, cfg)
+on_both_backends! {
+    out_of_order_and_replayed_writes_converge_to_the_highest_version;
+    older_versions_are_read_back_from_history;
+    history_retention_ends_old_versions_but_not_the_current_one("history_retention_secs = 2");
+    a_feature_with_a_ttl_expires_in_the_store_and_in_the_cache;
+    get_features_reports_missing_names_as_missing;
+    groups_are_versioned_and_latest_is_the_default;
+    the_cache_serves_repeat_reads_and_write_through_keeps_the_highest_version;
+    invalid_input_is_refused_before_anything_is_stored;
 }
 
-async fn drop_keyspace(session: &Session, cfg: &FeatureStoreConfig) {
+/// A backend under test, its configuration, and what to clean up afterwards.
+struct Backend {
+    backend: Arc<dyn FeatureBackend>,
+    cfg: FeatureStoreConfig,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    /// Drop the keyspace with this session.
+    Scylla(Box<Session>),
+    /// The directory holding the database file, deleted when dropped.
+    Embedded(TempDir),
+}
+
+impl Backend {
+    /// The CQL backend on a new keyspace of the test database; `extra` adds TOML lines to
+    /// `[feature_store]`. Fails with the command that starts the database if it is not running.
+    async fn scylla(extra: &str) -> Self {
+        utils::init_tracing();
+        let session = cql_session().await;
+        let cfg = config(&format!(
+            "contact_points = [\"{}\"]\nkeyspace = \"{}\"\n{extra}",
+            cql_contact(),
+            unique_name("fs")
+        ));
+        assert_eq!(cfg.backend, FeatureStoreBackend::Scylla);
+        let backend = ScyllaBackend::connect(&cfg)
+            .await
+            .unwrap_or_else(|e| panic!("opening the feature store: {e}"));
+        Backend {
+            backend: Arc::new(backend),
+            cfg,
+            cleanup: Cleanup::Scylla(Box::new(session)),
+        }
+    }
+
+    /// The embedded backend on a file in a new temporary directory; `extra` adds TOML lines to
+    /// `[feature_store]`.
+    async fn embedded(extra: &str) -> Self {
+        utils::init_tracing();
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let cfg = embedded_config(&dir, extra);
+        let backend = EmbeddedBackend::open(&cfg)
+            .await
+            .unwrap_or_else(|e| panic!("opening the feature store: {e}"));
+        Backend {
+            backend: Arc::new(backend),
+            cfg,
+            cleanup: Cleanup::Embedded(dir),
+        }
+    }
+
+    /// A feature store (cache included) over this backend, with the cache settings of `cfg`.
+    fn store(&self) -> FeatureStore {
+        FeatureStore::with_config(self.backend.clone(), &self.cfg)
+    }
+
+    async fn current(&self, entity_id: &str, name: &str) -> Option<Feature> {
+        self.backend
+            .get_feature("user", entity_id, name)
+            .await
+            .expect("read feature")
+    }
+
+    async fn finish(self) {
+        match self.cleanup {
+            Cleanup::Scylla(session) => drop_keyspace(&session, &self.cfg.keyspace).await,
+            Cleanup::Embedded(dir) => {
+                drop(self.backend);
+                dir.close().expect("remove the temporary directory");
+            }
+        }
+    }
+}
+
+/// The feature store section with `extra`, and an hour of history unless `extra` says otherwise.
+fn config(extra: &str) -> FeatureStoreConfig {
+    let retention = if extra.contains("history_retention_secs") {
+        ""
+    } else {
+        "history_retention_secs = 3600\n"
+    };
+    Config::from_toml_str(&format!("[feature_store]\n{retention}{extra}"))
+        .expect("test config")
+        .feature_store
+}
+
+/// The embedded backend's section for a file in `dir`.
+fn embedded_config(dir: &TempDir, extra: &str) -> FeatureStoreConfig {
+    let cfg = config(&format!(
+        "backend = \"embedded\"\npath = \"{}\"\n{extra}",
+        dir.path().join("features.redb").display()
+    ));
+    assert_eq!(cfg.backend, FeatureStoreBackend::Embedded);
+    cfg
+}
+
+async fn drop_keyspace(session: &Session, keyspace: &str) {
     session
-        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", cfg.keyspace), &[])
+        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), &[])
         .await
         .expect("drop keyspace");
 }
@@ -60,24 +181,18 @@ fn update(entity_id: &str, name: &str, version: u64) -> FeatureUpdate {
     )
 }
 
-async fn current(backend: &ScyllaBackend, entity_id: &str, name: &str) -> Option<Feature> {
-    backend
-        .get_feature("user", entity_id, name)
-        .await
-        .expect("read feature")
-}
+// ---------------------------------------------------------------------------------------------
+// Behaviours shared by both backends.
+// ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn out_of_order_and_replayed_writes_converge_to_the_highest_version() {
-    let (backend, session, cfg) = backend("fs_order").await;
-
+async fn out_of_order_and_replayed_writes_converge_to_the_highest_version(b: &Backend) {
     // After every write, the highest version written so far is the one stored.
     for version in [3, 1, 2, 3, 1] {
-        backend
+        b.backend
             .put_feature(&update("u1", "activity", version))
             .await
             .expect("write");
-        let feature = current(&backend, "u1", "activity").await.expect("stored");
+        let feature = b.current("u1", "activity").await.expect("stored");
         assert_eq!(
             (feature.version, &feature.values["tag"]),
             (3, &json!("v3")),
@@ -86,101 +201,112 @@ async fn out_of_order_and_replayed_writes_converge_to_the_highest_version() {
         assert_eq!(feature.ttl_secs, None);
     }
 
-    // The write timestamp is the version times 1000.
-    let rows = session
-        .query_unpaged(
-            format!(
-                "SELECT WRITETIME(values_json) FROM {}.features WHERE entity_type = 'user' AND entity_id = 'u1' AND name = 'activity'",
-                cfg.keyspace
-            ),
-            &[],
-        )
-        .await
-        .expect("select writetime")
-        .into_rows_result()
-        .expect("rows");
-    let (writetime,): (i64,) = rows.single_row().expect("one row");
-    assert_eq!(writetime, 3000);
-
     // Many versions written at once, in a shuffled order: the highest one is kept.
     let mut versions: Vec<u64> = (1..=60).collect();
     versions.sort_by_key(|v| (v * 7919) % 61);
     let writes = versions.iter().map(|&v| {
-        let backend = backend.clone();
+        let backend = b.backend.clone();
         async move { backend.put_feature(&update("u2", "activity", v)).await }
     });
     futures::future::try_join_all(writes)
         .await
         .expect("concurrent writes");
-    let feature = current(&backend, "u2", "activity").await.expect("stored");
+    let feature = b.current("u2", "activity").await.expect("stored");
     assert_eq!(
         (feature.version, &feature.values["score"]),
         (60, &json!(60))
     );
-
-    drop_keyspace(&session, &cfg).await;
 }
 
-#[tokio::test]
-async fn older_versions_are_read_back_from_history() {
-    let (backend, session, cfg) = backend("fs_history").await;
-
-    for version in [1, 2, 3] {
-        backend
+async fn older_versions_are_read_back_from_history(b: &Backend) {
+    for version in [1, 3, 2] {
+        b.backend
             .put_feature(&update("u1", "activity", version))
             .await
             .expect("write");
     }
     for version in [1, 2, 3] {
-        let old = backend
+        let old = b
+            .backend
             .get_feature_at_version("user", "u1", "activity", version)
             .await
             .expect("history read")
             .unwrap_or_else(|| panic!("version {version} is in the history"));
         assert_eq!(old.version, version);
         assert_eq!(old.values["tag"], format!("v{version}"));
+        // History rows last the retention (an hour here).
+        let ttl = old.ttl_secs.expect("history rows expire");
+        assert!((3000..=3600).contains(&ttl), "v{version}: TTL {ttl}");
     }
-    let never = backend
+    let never = b
+        .backend
         .get_feature_at_version("user", "u1", "activity", 4)
         .await
         .expect("history read");
     assert_eq!(never, None);
+    assert_eq!(b.current("u1", "activity").await.unwrap().version, 3);
 
-    // History rows carry the retention as TTL, or the feature's own TTL when it is shorter.
-    backend
+    // A feature's own TTL ends its history rows when it is shorter than the retention.
+    b.backend
         .put_feature(&update("u1", "short", 1).with_ttl_secs(600))
         .await
         .expect("write");
-    let history_ttl = |name: &'static str, version: i64| {
-        let session = &session;
-        let ks = cfg.keyspace.clone();
-        async move {
-            let rows = session
-                .query_unpaged(
-                    format!("SELECT TTL(values_json) FROM {ks}.feature_history WHERE entity_type = 'user' AND entity_id = 'u1' AND name = ? AND version = ?"),
-                    (name, version),
-                )
-                .await
-                .expect("select ttl")
-                .into_rows_result()
-                .expect("rows");
-            let (ttl,): (Option<i32>,) = rows.single_row().expect("one history row");
-            ttl.expect("history rows expire")
-        }
-    };
-    let retained = history_ttl("activity", 1).await;
-    assert!((3000..=3600).contains(&retained), "TTL {retained}");
-    let short = history_ttl("short", 1).await;
-    assert!((1..=600).contains(&short), "TTL {short}");
-
-    drop_keyspace(&session, &cfg).await;
+    let short = b
+        .backend
+        .get_feature_at_version("user", "u1", "short", 1)
+        .await
+        .expect("history read")
+        .expect("in the history");
+    let ttl = short.ttl_secs.expect("expires");
+    assert!((1..=600).contains(&ttl), "TTL {ttl}");
 }
 
-#[tokio::test]
-async fn a_feature_with_a_ttl_expires_in_the_store_and_in_the_cache() {
-    let (backend, session, cfg) = backend("fs_ttl").await;
-    let store = FeatureStore::with_config(backend.clone(), &cfg);
+async fn history_retention_ends_old_versions_but_not_the_current_one(b: &Backend) {
+    for version in [1, 2] {
+        b.backend
+            .put_feature(&update("u1", "activity", version))
+            .await
+            .expect("write");
+    }
+    let at = |version: u64| {
+        b.backend
+            .get_feature_at_version("user", "u1", "activity", version)
+    };
+    let v1 = at(1).await.expect("read").expect("v1 in the history");
+    assert!(
+        v1.ttl_secs.is_some_and(|t| (1..=2).contains(&t)),
+        "{:?}",
+        v1.ttl_secs
+    );
+    // Both history rows end after 2 s. v2 stays readable by version all along, since it is
+    // the current value (which has no TTL, so once it is read from there it has none).
+    let start = Instant::now();
+    loop {
+        let v1 = at(1).await.expect("read");
+        let v2 = at(2)
+            .await
+            .expect("read")
+            .expect("the current version is always readable by version");
+        assert_eq!(v2.version, 2);
+        if v1.is_none() && v2.ttl_secs.is_none() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "history rows still there 15 s after writing them with a 2 s retention: {v1:?}, {v2:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(500),
+        "gone after {elapsed:?}, too soon for a 2 s retention"
+    );
+    assert_eq!(b.current("u1", "activity").await.unwrap().version, 2);
+}
 
+async fn a_feature_with_a_ttl_expires_in_the_store_and_in_the_cache(b: &Backend) {
+    let store = b.store();
     store
         .set_feature(&update("u1", "session", 7).with_ttl_secs(2))
         .await
@@ -199,7 +325,7 @@ async fn a_feature_with_a_ttl_expires_in_the_store_and_in_the_cache() {
 
     let start = Instant::now();
     loop {
-        let in_store = current(&backend, "u1", "session").await;
+        let in_store = b.current("u1", "session").await;
         let through_cache = store
             .get_feature("user", "u1", "session")
             .await
@@ -218,15 +344,18 @@ async fn a_feature_with_a_ttl_expires_in_the_store_and_in_the_cache() {
         elapsed >= Duration::from_millis(500),
         "gone after {elapsed:?}, too soon for a 2 s TTL"
     );
-
-    drop_keyspace(&session, &cfg).await;
+    assert_eq!(
+        store
+            .get_feature_vector("user", "u1", &["session"])
+            .await
+            .unwrap()
+            .missing,
+        ["session"]
+    );
 }
 
-#[tokio::test]
-async fn get_features_reports_missing_names_as_missing() {
-    let (backend, session, cfg) = backend("fs_vector").await;
-    let store = FeatureStore::with_config(backend.clone(), &cfg);
-
+async fn get_features_reports_missing_names_as_missing(b: &Backend) {
+    let store = b.store();
     store
         .set_feature(&update("u1", "a", 1))
         .await
@@ -241,12 +370,25 @@ async fn get_features_reports_missing_names_as_missing() {
         .expect("write");
 
     let names = ["a", "b", "c"];
-    let read = backend
+    let read = b
+        .backend
         .get_features("user", "u1", &names)
         .await
         .expect("read");
     let versions: Vec<Option<u64>> = read.iter().map(|f| f.as_ref().map(|f| f.version)).collect();
     assert_eq!(versions, [Some(1), Some(2), None], "c belongs to u2 only");
+
+    // A name asked for twice is answered twice.
+    let twice = b
+        .backend
+        .get_features("user", "u1", &["b", "c", "b"])
+        .await
+        .expect("read");
+    let versions: Vec<Option<u64>> = twice
+        .iter()
+        .map(|f| f.as_ref().map(|f| f.version))
+        .collect();
+    assert_eq!(versions, [Some(2), None, Some(2)]);
 
     let vector = store
         .get_feature_vector("user", "u1", &names)
@@ -254,19 +396,21 @@ async fn get_features_reports_missing_names_as_missing() {
         .expect("vector");
     assert_eq!(vector.features.keys().collect::<Vec<_>>(), ["a", "b"]);
     assert_eq!(vector.features["b"].values["tag"], "v2");
+    assert_eq!(vector.features["b"].version, 2);
     assert!(vector.features["a"].age_ms < 60_000);
     assert_eq!(vector.missing, ["c"]);
 
-    // More names than one IN query takes: split, and still every name answered in order.
+    // Many names (more than one CQL IN query takes): every name answered, in order.
     let many: Vec<String> = (0..250).map(|i| format!("f{i:03}")).collect();
     for name in many.iter().step_by(2) {
-        backend
+        b.backend
             .put_feature(&update("u3", name, 1))
             .await
             .expect("write");
     }
     let refs: Vec<&str> = many.iter().map(String::as_str).collect();
-    let read = backend
+    let read = b
+        .backend
         .get_features("user", "u3", &refs)
         .await
         .expect("read");
@@ -275,17 +419,13 @@ async fn get_features_reports_missing_names_as_missing() {
         assert_eq!(feature.is_some(), i % 2 == 0, "f{i:03}");
         if let Some(feature) = feature {
             assert_eq!(feature.name, many[i]);
+            assert_eq!(feature.entity_id, "u3");
         }
     }
-
-    drop_keyspace(&session, &cfg).await;
 }
 
-#[tokio::test]
-async fn groups_are_versioned_and_latest_is_the_default() {
-    let (backend, session, cfg) = backend("fs_groups").await;
-    let store = FeatureStore::with_config(backend.clone(), &cfg);
-
+async fn groups_are_versioned_and_latest_is_the_default(b: &Backend) {
+    let store = b.store();
     let v1 = FeatureGroup {
         name: "fraud".into(),
         version: 1,
@@ -299,11 +439,31 @@ async fn groups_are_versioned_and_latest_is_the_default() {
         description: "adds c".into(),
         ..v1.clone()
     };
-    store.create_feature_group(&v1).await.expect("create v1");
+    let v10 = FeatureGroup {
+        version: 10,
+        features: vec!["c".into()],
+        description: "v10 sorts after v2".into(),
+        ..v1.clone()
+    };
+    // A group whose name extends this one's must not be taken for one of its versions.
+    let other = FeatureGroup {
+        name: "fraud2".into(),
+        version: 50,
+        ..v1.clone()
+    };
     store.create_feature_group(&v2).await.expect("create v2");
+    store.create_feature_group(&v1).await.expect("create v1");
+    store
+        .create_feature_group(&other)
+        .await
+        .expect("create other");
 
     let latest = store.get_feature_group("fraud", None).await.expect("read");
-    assert_eq!(latest.as_ref(), Some(&v2));
+    assert_eq!(
+        latest.as_ref(),
+        Some(&v2),
+        "created after v1, still the latest"
+    );
     let first = store
         .get_feature_group("fraud", Some(1))
         .await
@@ -320,6 +480,11 @@ async fn groups_are_versioned_and_latest_is_the_default() {
         store.get_feature_group("nope", None).await.expect("read"),
         None
     );
+    store.create_feature_group(&v10).await.expect("create v10");
+    assert_eq!(
+        store.get_feature_group("fraud", None).await.expect("read"),
+        Some(v10.clone())
+    );
 
     // Creating the same version again is a no-op; a different definition is refused.
     store
@@ -335,6 +500,7 @@ async fn groups_are_versioned_and_latest_is_the_default() {
         matches!(err, FeatureStoreError::GroupConflict { version: 1, .. }),
         "{err}"
     );
+    assert!(!err.is_retryable());
     assert_eq!(
         store
             .get_feature_group("fraud", Some(1))
@@ -354,13 +520,11 @@ async fn groups_are_versioned_and_latest_is_the_default() {
         .expect("vector");
     assert_eq!(vector.features.keys().collect::<Vec<_>>(), ["a"]);
     assert_eq!(vector.missing, ["b", "c"]);
-
-    drop_keyspace(&session, &cfg).await;
 }
 
 /// A backend that counts the reads reaching the database.
 struct Counting {
-    inner: Arc<ScyllaBackend>,
+    inner: Arc<dyn FeatureBackend>,
     reads: AtomicUsize,
 }
 
@@ -419,14 +583,12 @@ impl FeatureBackend for Counting {
     }
 }
 
-#[tokio::test]
-async fn the_cache_serves_repeat_reads_and_write_through_keeps_the_highest_version() {
-    let (backend, session, cfg) = backend("fs_cache").await;
+async fn the_cache_serves_repeat_reads_and_write_through_keeps_the_highest_version(b: &Backend) {
     let counting = Arc::new(Counting {
-        inner: backend.clone(),
+        inner: b.backend.clone(),
         reads: AtomicUsize::new(0),
     });
-    let store = FeatureStore::with_config(counting.clone(), &cfg);
+    let store = FeatureStore::with_config(counting.clone(), &b.cfg);
     let reads = || counting.reads.load(Ordering::SeqCst);
     let cached_version = || async {
         store
@@ -459,10 +621,7 @@ async fn the_cache_serves_repeat_reads_and_write_through_keeps_the_highest_versi
         .await
         .expect("write v1");
     assert_eq!(cached_version().await, 2);
-    assert_eq!(
-        current(&backend, "u1", "activity").await.unwrap().version,
-        2
-    );
+    assert_eq!(b.current("u1", "activity").await.unwrap().version, 2);
 
     // A higher version replaces the cached one without another read.
     store
@@ -478,7 +637,7 @@ async fn the_cache_serves_repeat_reads_and_write_through_keeps_the_highest_versi
     assert_eq!(reads(), 1, "write-through, not a re-read");
 
     // A write behind the store's back (another instance) is not seen until invalidated.
-    backend
+    b.backend
         .put_feature(&update("u1", "activity", 9))
         .await
         .expect("direct write");
@@ -489,21 +648,237 @@ async fn the_cache_serves_repeat_reads_and_write_through_keeps_the_highest_versi
 
     let stats = store.cache_stats();
     assert_eq!((stats.invalidations, stats.evictions), (1, 0), "{stats:?}");
+}
 
-    drop_keyspace(&session, &cfg).await;
+async fn invalid_input_is_refused_before_anything_is_stored(b: &Backend) {
+    fn assert_invalid<T: std::fmt::Debug>(result: Result<T, FeatureStoreError>, expected: &str) {
+        let err = result.expect_err(expected);
+        assert!(
+            matches!(err, FeatureStoreError::Invalid { .. }),
+            "{expected}: {err:?}"
+        );
+        assert!(
+            err.to_string().contains(expected),
+            "`{err}` does not say `{expected}`"
+        );
+        assert!(!err.is_retryable());
+    }
+
+    let good = update("u1", "f", 1);
+    let bad_updates = [
+        (
+            FeatureUpdate {
+                entity_type: String::new(),
+                ..good.clone()
+            },
+            "entity_type is empty",
+        ),
+        (
+            FeatureUpdate {
+                entity_id: String::new(),
+                ..good.clone()
+            },
+            "entity_id is empty",
+        ),
+        (
+            FeatureUpdate {
+                name: "x".repeat(MAX_KEY_BYTES + 1),
+                ..good.clone()
+            },
+            "feature name has",
+        ),
+        (
+            FeatureUpdate {
+                version: MAX_VERSION + 1,
+                ..good.clone()
+            },
+            "largest supported version",
+        ),
+        (good.clone().with_ttl_secs(0), "ttl_secs 0"),
+        (good.clone().with_ttl_secs(MAX_TTL_SECS + 1), "out of range"),
+        (
+            FeatureUpdate {
+                updated_at_ms: u64::MAX,
+                ..good.clone()
+            },
+            "updated_at_ms",
+        ),
+    ];
+    for (bad, expected) in &bad_updates {
+        assert_invalid(b.backend.put_feature(bad).await, expected);
+    }
+    assert_eq!(b.current("u1", "f").await, None, "no refused write landed");
+    assert_eq!(
+        b.backend
+            .get_feature_at_version("user", "u1", "f", 1)
+            .await
+            .expect("read"),
+        None
+    );
+
+    // Reads check their keys too, and the largest version is accepted.
+    assert_invalid(
+        b.backend.get_feature("user", "", "f").await,
+        "entity_id is empty",
+    );
+    assert_invalid(
+        b.backend
+            .get_feature_at_version("user", "u1", "f", MAX_VERSION + 1)
+            .await,
+        "largest supported version",
+    );
+    assert_invalid(
+        b.backend.get_features("user", "u1", &["a", ""]).await,
+        "feature name is empty",
+    );
+    assert_invalid(b.backend.get_feature_group("", None).await, "name is empty");
+    let store = b.store();
+    assert_invalid(
+        store.get_feature_vector("", "u1", &["a"]).await,
+        "entity_type is empty",
+    );
+    let max = FeatureUpdate {
+        version: MAX_VERSION,
+        ..good.clone()
+    };
+    b.backend
+        .put_feature(&max)
+        .await
+        .expect("MAX_VERSION is valid");
+    assert_eq!(b.current("u1", "f").await.unwrap().version, MAX_VERSION);
+
+    // Groups: a version from 1, at least one feature, no feature twice.
+    let group = FeatureGroup {
+        name: "g".into(),
+        version: 1,
+        entity_type: "user".into(),
+        features: vec!["a".into()],
+        description: String::new(),
+    };
+    for (bad, expected) in [
+        (
+            FeatureGroup {
+                version: 0,
+                ..group.clone()
+            },
+            "version 0",
+        ),
+        (
+            FeatureGroup {
+                features: vec![],
+                ..group.clone()
+            },
+            "features is empty",
+        ),
+        (
+            FeatureGroup {
+                features: vec!["a".into(), "a".into()],
+                ..group.clone()
+            },
+            "listed twice",
+        ),
+        (
+            FeatureGroup {
+                entity_type: String::new(),
+                ..group.clone()
+            },
+            "entity_type is empty",
+        ),
+    ] {
+        assert_invalid(b.backend.create_feature_group(&bad).await, expected);
+    }
+    assert_eq!(
+        b.backend.get_feature_group("g", None).await.expect("read"),
+        None,
+        "no refused group landed"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// CQL only: rows behind the store's back, and the schema.
+// ---------------------------------------------------------------------------------------------
+
+/// The single row a CQL query returns.
+async fn cql_row<T>(
+    session: &Session,
+    cql: String,
+    values: impl scylla::serialize::row::SerializeRow,
+) -> T
+where
+    T: for<'f> scylla::deserialize::row::DeserializeRow<'f, 'f>,
+{
+    let rows = session
+        .query_unpaged(cql, values)
+        .await
+        .expect("select")
+        .into_rows_result()
+        .expect("rows");
+    rows.single_row::<T>().expect("one row")
 }
 
 #[tokio::test]
-async fn schema_creation_is_repeatable_and_a_missing_schema_is_explained() {
-    let (_backend, session, cfg) = backend("fs_schema").await;
+async fn scylla_rows_carry_the_version_as_write_timestamp_and_the_retention_as_ttl() {
+    let b = Backend::scylla("").await;
+    let Cleanup::Scylla(session) = &b.cleanup else {
+        unreachable!("a Scylla backend");
+    };
+    let ks = &b.cfg.keyspace;
+    for version in [3, 1, 2] {
+        b.backend
+            .put_feature(&update("u1", "activity", version))
+            .await
+            .expect("write");
+    }
+    b.backend
+        .put_feature(&update("u1", "short", 1).with_ttl_secs(600))
+        .await
+        .expect("write");
+
+    // The write timestamp is the version times 1000.
+    let (writetime,): (i64,) = cql_row(
+        session,
+        format!(
+            "SELECT WRITETIME(values_json) FROM {ks}.features WHERE entity_type = 'user' AND entity_id = 'u1' AND name = ?"
+        ),
+        ("activity",),
+    )
+    .await;
+    assert_eq!(writetime, 3000);
+
+    // History rows carry the retention as TTL, or the feature's own TTL when it is shorter.
+    let history_ttl = |name: &'static str| {
+        cql_row::<(Option<i32>,)>(
+            session,
+            format!(
+                "SELECT TTL(values_json) FROM {ks}.feature_history WHERE entity_type = 'user' AND entity_id = 'u1' AND name = ? AND version = ?"
+            ),
+            (name, 1_i64),
+        )
+    };
+    let (retained,) = history_ttl("activity").await;
+    let retained = retained.expect("history rows expire");
+    assert!((3000..=3600).contains(&retained), "TTL {retained}");
+    let (short,) = history_ttl("short").await;
+    let short = short.expect("history rows expire");
+    assert!((1..=600).contains(&short), "TTL {short}");
+
+    b.finish().await;
+}
+
+#[tokio::test]
+async fn scylla_schema_creation_is_repeatable_and_a_missing_schema_is_explained() {
+    let b = Backend::scylla("").await;
+    let Cleanup::Scylla(session) = &b.cleanup else {
+        unreachable!("a Scylla backend");
+    };
 
     // A second start on the same keyspace applies the (idempotent) schema again.
-    ScyllaBackend::connect(&cfg)
+    ScyllaBackend::connect(&b.cfg)
         .await
         .expect("second start on an existing schema");
     let rows = session
         .query_unpaged(
-            format!("SELECT version FROM {}.schema_migrations", cfg.keyspace),
+            format!("SELECT version FROM {}.schema_migrations", b.cfg.keyspace),
             &[],
         )
         .await
@@ -518,12 +893,88 @@ async fn schema_creation_is_repeatable_and_a_missing_schema_is_explained() {
     assert_eq!(versions, [1]);
 
     // Without create_schema, a keyspace with no tables fails at start-up, saying what to do.
-    let missing = config(&unique_name("fs_noschema"), "create_schema = false\n");
+    let missing = config(&format!(
+        "contact_points = [\"{}\"]\nkeyspace = \"{}\"\ncreate_schema = false\n",
+        cql_contact(),
+        unique_name("fs_noschema")
+    ));
     let err = ScyllaBackend::connect(&missing)
         .await
         .expect_err("no schema");
     assert!(matches!(err, FeatureStoreError::Prepare { .. }), "{err}");
     assert!(err.to_string().contains("create_schema"), "{err}");
 
-    drop_keyspace(&session, &cfg).await;
+    b.finish().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedded only: the file outlives the process's handle, and expired data is swept.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn embedded_data_survives_reopening_and_expired_data_is_swept_when_opened() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let cfg = embedded_config(&dir, "");
+
+    // FeatureStore::open picks the backend the configuration names.
+    let store = FeatureStore::open(&cfg).await.expect("open");
+    store
+        .set_feature(&update("u1", "kept", 4))
+        .await
+        .expect("write");
+    store
+        .set_feature(&update("u1", "brief", 1).with_ttl_secs(1))
+        .await
+        .expect("write");
+    let group = FeatureGroup {
+        name: "g".into(),
+        version: 3,
+        entity_type: "user".into(),
+        features: vec!["kept".into(), "brief".into()],
+        description: "survives".into(),
+    };
+    store.create_feature_group(&group).await.expect("group");
+    // The file is locked while a store has it open.
+    let err = FeatureStore::open(&cfg).await.expect_err("locked");
+    assert!(
+        matches!(err, FeatureStoreError::EmbeddedOpen { .. }),
+        "{err:?}"
+    );
+    drop(store);
+
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let backend = EmbeddedBackend::open(&cfg).await.expect("reopen");
+    // Opening swept the expired feature: its values are gone (its version stays as a
+    // tombstone for a while) and so is its history row.
+    assert_eq!(
+        backend.stats().await.expect("stats"),
+        EmbeddedStats {
+            features: 1,
+            tombstones: 1,
+            history_rows: 1,
+            groups: 1,
+            expiry_entries: 2,
+        },
+        "kept@4 with its history row (which expires with the retention), brief's tombstone \
+         (which has a purge entry), one group"
+    );
+    let kept = backend
+        .get_feature("user", "u1", "kept")
+        .await
+        .expect("read")
+        .expect("kept");
+    assert_eq!((kept.version, &kept.values["tag"]), (4, &json!("v4")));
+    assert_eq!(
+        backend
+            .get_feature("user", "u1", "brief")
+            .await
+            .expect("read"),
+        None
+    );
+    assert_eq!(
+        backend.get_feature_group("g", None).await.expect("read"),
+        Some(group)
+    );
+    drop(backend);
+    dir.close().expect("remove the temporary directory");
 }
