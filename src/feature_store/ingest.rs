@@ -289,9 +289,7 @@ impl Ingest {
             self.mark_down(&error);
             let delay = self.backoff.delay(attempt);
             attempt = attempt.saturating_add(1);
-            if attempt == 1 || attempt % 20 == 0 {
-                tracing::warn!(error = %error, attempt, retry_in = ?delay, "feature write failed; retrying (ingestion paused)");
-            }
+            tracing::debug!(error = %error, attempt, retry_in = ?delay, "feature write failed; retrying");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = self.core.abort.cancelled() => return WriteOutcome::Stopped,
@@ -304,6 +302,8 @@ impl Ingest {
         match down.as_mut() {
             Some((_, last)) => *last = error.to_string(),
             None => {
+                // Logged once per outage (the source logs the pause); each write retries quietly.
+                tracing::warn!(error = %error, "feature writes fail; pausing ingestion and retrying with backoff");
                 metrics::gauge!(m::FEATURE_STORE_AVAILABLE).set(0.0);
                 *down = Some((Instant::now(), error.to_string()));
             }

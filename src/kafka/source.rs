@@ -440,7 +440,8 @@ fn consume<H: BatchHandler>(
             in_flight >= spec.max_in_flight
         };
         let hold = context.handler.hold();
-        if hold != held {
+        // Logged when a hold starts or ends, not each time its reason's wording changes.
+        if hold.is_some() != held.is_some() {
             match &hold {
                 Some(reason) => {
                     tracing::warn!(source = core.name, reason = %reason, "pausing consumption")
