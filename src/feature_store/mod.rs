@@ -67,6 +67,7 @@ use ::scylla::client::execution_profile::ExecutionProfile;
 use ::scylla::client::session::Session;
 use ::scylla::client::session_builder::SessionBuilder;
 use ::scylla::statement::Consistency as CqlConsistency;
+use futures::StreamExt as _;
 use futures::future::BoxFuture;
 
 use crate::config::{Consistency, FeatureStoreBackend, FeatureStoreConfig};
@@ -179,6 +180,10 @@ pub trait FeatureBackend: Send + Sync + 'static {
         version: Option<u32>,
     ) -> BoxFuture<'a, Result<Option<FeatureGroup>, FeatureStoreError>>;
 }
+
+/// Backend calls in flight at most in the batch methods ([`FeatureStore::set_features`],
+/// [`FeatureStore::get_feature_vectors`]).
+pub const BATCH_CONCURRENCY: usize = 32;
 
 /// What the cache holds for a feature: its value, or `None` when the backend had none.
 type Cached = Option<Arc<Feature>>;
@@ -427,6 +432,46 @@ impl FeatureStore {
         rules: &FreshnessRules,
     ) -> Result<FeatureVector, FeatureStoreError> {
         self.get_feature_vector_with(&group.entity_type, entity_id, &group.features, rules)
+            .await
+    }
+
+    /// Writes many updates, at most [`BATCH_CONCURRENCY`] at a time; one outcome per update,
+    /// in order. A failed write does not stop the others.
+    pub async fn set_features(
+        &self,
+        updates: &[FeatureUpdate],
+    ) -> Vec<Result<(), FeatureStoreError>> {
+        futures::stream::iter(updates)
+            .map(|u| self.set_feature(u))
+            .buffered(BATCH_CONCURRENCY)
+            .collect()
+            .await
+    }
+
+    /// The vectors of `names` for many entities of one type, at most [`BATCH_CONCURRENCY`]
+    /// backend reads at a time; one outcome per entity, in order. Cached features are served
+    /// from the cache, as for one entity.
+    pub async fn get_feature_vectors<S: AsRef<str> + Sync, I: AsRef<str>>(
+        &self,
+        entity_type: &str,
+        entity_ids: &[I],
+        names: &[S],
+    ) -> Vec<Result<FeatureVector, FeatureStoreError>> {
+        futures::stream::iter(entity_ids)
+            .map(|id| self.get_feature_vector(entity_type, id.as_ref(), names))
+            .buffered(BATCH_CONCURRENCY)
+            .collect()
+            .await
+    }
+
+    /// The vectors of `group`'s features for many entities (see
+    /// [`FeatureStore::get_feature_vectors`]).
+    pub async fn get_feature_group_vectors<I: AsRef<str>>(
+        &self,
+        group: &FeatureGroup,
+        entity_ids: &[I],
+    ) -> Vec<Result<FeatureVector, FeatureStoreError>> {
+        self.get_feature_vectors(&group.entity_type, entity_ids, &group.features)
             .await
     }
 
@@ -777,6 +822,52 @@ mod tests {
             memory.read_count(),
             2,
             "the second vector came from the cache"
+        );
+    }
+
+    #[tokio::test]
+    async fn batch_variants_answer_each_entity_in_order() {
+        let (_memory, store) = store();
+        let updates: Vec<FeatureUpdate> = (0..50)
+            .map(|i| FeatureUpdate::new("user", format!("u{i}"), "a", values(json!({ "i": i })), 1))
+            .chain(std::iter::once(FeatureUpdate::new(
+                "user",
+                "",
+                "a",
+                Map::new(),
+                1,
+            )))
+            .collect();
+        let written = store.set_features(&updates).await;
+        assert_eq!(written.len(), 51);
+        assert!(written[..50].iter().all(Result::is_ok));
+        assert!(
+            matches!(written[50], Err(FeatureStoreError::Invalid { .. })),
+            "the invalid update fails alone"
+        );
+        let ids: Vec<String> = (0..60).map(|i| format!("u{i}")).collect();
+        let vectors = store.get_feature_vectors("user", &ids, &["a"]).await;
+        assert_eq!(vectors.len(), 60);
+        for (i, v) in vectors.into_iter().enumerate() {
+            let v = v.expect("read");
+            assert_eq!(v.entity_id, format!("u{i}"), "in order");
+            if i < 50 {
+                assert_eq!(v.features["a"].values["i"], json!(i));
+            } else {
+                assert_eq!(v.missing, ["a"]);
+            }
+        }
+        let group = FeatureGroup {
+            name: "g".into(),
+            version: 1,
+            entity_type: "user".into(),
+            features: vec!["a".into()],
+            description: String::new(),
+        };
+        let by_group = store.get_feature_group_vectors(&group, &["u3", "u7"]).await;
+        assert_eq!(
+            by_group[1].as_ref().expect("read").features["a"].values["i"],
+            json!(7)
         );
     }
 
