@@ -38,6 +38,9 @@ pub struct KafkaConfig {
     pub auto_offset_reset: OffsetReset,
     /// librdkafka `session.timeout.ms`.
     pub session_timeout_ms: NonZeroU64,
+    /// librdkafka `group.instance.id` (static membership).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_instance_id: Option<String>,
     /// librdkafka `max.poll.interval.ms`.
     pub max_poll_interval_ms: NonZeroU64,
     /// librdkafka `security.protocol`.
@@ -150,6 +153,7 @@ impl SaslMechanism {
 pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
     "bootstrap.servers",
     "group.id",
+    "group.instance.id",
     "client.id",
     "enable.auto.offset.store",
     "enable.auto.commit",
@@ -188,6 +192,23 @@ impl Section for KafkaConfig {
         }
         if self.client_id.trim().is_empty() {
             p.push("kafka.client_id", "must not be empty");
+        }
+        if let Some(id) = &self.group_instance_id {
+            if id.trim().is_empty() {
+                p.push(
+                    "kafka.group_instance_id",
+                    "must not be empty; remove the key for dynamic membership",
+                );
+            }
+        }
+        if self.session_timeout_ms.get() < 6000 {
+            p.push(
+                "kafka.session_timeout_ms",
+                format!(
+                    "{} is below the brokers' default group.min.session.timeout.ms (6000); the group coordinator would refuse to join",
+                    self.session_timeout_ms
+                ),
+            );
         }
         if self.session_timeout_ms >= self.max_poll_interval_ms {
             p.push(

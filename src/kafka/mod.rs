@@ -56,6 +56,9 @@ pub fn consumer_config(cfg: &KafkaConfig, group_id: &str) -> ClientConfig {
         .set("auto.offset.reset", cfg.auto_offset_reset.as_str())
         .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
         .set("max.poll.interval.ms", cfg.max_poll_interval_ms.to_string());
+    if let Some(id) = &cfg.group_instance_id {
+        client.set("group.instance.id", id);
+    }
     client
 }
 

@@ -57,7 +57,13 @@ pub mod headers {
     pub const ERROR_KIND: &str = "inferflow-error-kind";
     /// Error message (dead letters).
     pub const ERROR_MESSAGE: &str = "inferflow-error-message";
+    /// Original size in bytes of a value too large for the dead-letter topic, which then holds
+    /// its first [`super::TRUNCATED_VALUE_BYTES`] bytes (dead letters).
+    pub const VALUE_TRUNCATED: &str = "inferflow-value-truncated";
 }
+
+/// Bytes kept of a value too large for the dead-letter topic.
+pub const TRUNCATED_VALUE_BYTES: usize = 65_536;
 
 /// How often the consumer thread wakes up at the latest (to store offsets, flush lingering
 /// batches and notice shutdown or holds).
@@ -146,7 +152,7 @@ impl SourceCore {
         error: &ErrorBody,
     ) -> Result<(), DeliverError> {
         let source = source_ref(msg);
-        let record = OutRecord {
+        let mut record = OutRecord {
             topic: self.dlq_topic.clone(),
             key: msg.key().map(<[u8]>::to_vec),
             value: msg.payload().unwrap_or_default().to_vec(),
@@ -164,6 +170,18 @@ impl SourceCore {
                     metrics::counter!(m::DEAD_LETTERS_TOTAL, "error_kind" => error.kind.as_str(), "source" => self.name)
                         .increment(1);
                     return Ok(());
+                }
+                Err(DeliverError::Permanent(err))
+                    if is_size_error(&err) && record.value.len() > TRUNCATED_VALUE_BYTES =>
+                {
+                    // Too large for the dead-letter topic: keep the head of the value and say
+                    // how large it was, rather than stall the partition for good.
+                    tracing::warn!(error = %err, bytes = record.value.len(), partition = source.partition, offset = source.offset,
+                        "dead letter too large; sending its first {TRUNCATED_VALUE_BYTES} bytes");
+                    record
+                        .headers
+                        .push((headers::VALUE_TRUNCATED, record.value.len().to_string()));
+                    record.value.truncate(TRUNCATED_VALUE_BYTES);
                 }
                 Err(DeliverError::Permanent(err)) => {
                     tracing::error!(error = %err, topic = %record.topic, partition = source.partition, offset = source.offset,
@@ -195,6 +213,14 @@ impl SourceCore {
             }
         }
     }
+}
+
+/// Whether Kafka refused a record for its size.
+fn is_size_error(err: &rdkafka::error::KafkaError) -> bool {
+    matches!(
+        err.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
+    )
 }
 
 /// Where a consumed record came from.

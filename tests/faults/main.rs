@@ -12,5 +12,6 @@ mod utils;
 #[path = "../integration/harness.rs"]
 mod harness;
 
+mod broker_outage;
 mod servers;
 mod store_outage;

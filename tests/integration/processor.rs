@@ -11,7 +11,7 @@ use inferflow::executor::{Builtins, ExecRequest, ExecResult, Executor};
 use inferflow::model::{InferenceResult, Target};
 
 use crate::harness::{Captured, Running, Topics, collect, config, produce};
-use crate::utils::{self, unique_name};
+use crate::utils::{self, kafka_config, unique_name};
 
 fn result_of(c: &Captured) -> InferenceResult {
     serde_json::from_slice(c.value.as_deref().expect("result has a value"))
@@ -397,4 +397,150 @@ async fn a_panicking_executor_answers_with_internal_errors_and_processing_goes_o
             "p{i} answered after the panic"
         );
     }
+}
+
+/// A poison message: key, value, and the request id of its result (empty: a dead letter) with
+/// the kind expected (`ok` for a successful result).
+type Poison<'a> = (Option<Vec<u8>>, Option<Vec<u8>>, &'a str, &'a str);
+
+/// A poison corpus: every message is dead-lettered or answered with the right error kind, and
+/// the processor keeps going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_corpus_is_dead_lettered_or_answered_with_the_right_error_kind() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    utils::init_tracing();
+    utils::require_kafka().await;
+    // Requests may be up to 16 MiB on the wire here, so the 10 MiB value reaches inferflow;
+    // the dead-letter topic keeps the broker's default limit (1 MiB).
+    let base = unique_name("poison");
+    let topics = Topics {
+        requests: format!("{base}.requests"),
+        results: format!("{base}.results"),
+        dlq: format!("{base}.dlq"),
+        features: format!("{base}.features"),
+    };
+    let admin: AdminClient<DefaultClientContext> = kafka_config().create().expect("admin");
+    let big = NewTopic::new(&topics.requests, 2, TopicReplication::Fixed(1))
+        .set("max.message.bytes", "16777216");
+    let others: Vec<NewTopic<'_>> = [&topics.results, &topics.dlq, &topics.features]
+        .into_iter()
+        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
+        .collect();
+    for result in admin
+        .create_topics(
+            std::iter::once(&big).chain(others.iter()),
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+        )
+        .await
+        .expect("create topics")
+    {
+        result.expect("topic created");
+    }
+    let group = unique_name("poison");
+    let processor = Running::start(&config(&topics, &group, ""), Arc::new(Builtins)).await;
+
+    let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+    // (key, value, expected: Ok(request id of an `ok` result) | Err((request id or "", kind)))
+    let corpus: Vec<Poison<'_>> = vec![
+        (Some(b"k".to_vec()), Some(vec![0xff, 0xfe, 0x00, 0x80]), "", "invalid_json"),
+        (None, Some(br#"{"request_id":"utf","pipeline":"identity","data":"caf\xc3"}"#.to_vec()), "", "invalid_json"),
+        (None, Some(deep(10_000).into_bytes()), "", "invalid_json"),
+        (None, Some(format!(r#"{{"request_id":"deep","pipeline":"identity","data":{}}}"#, deep(200)).into_bytes()), "", "invalid_json"),
+        (None, Some(br#"{"request_id":"num","pipeline":"identity","data":1e400}"#.to_vec()), "", "invalid_json"),
+        (None, Some(br#"{"request_id":"bigint","pipeline":"identity","data":123456789012345678901234567890}"#.to_vec()), "bigint", "ok"),
+        (None, Some(br#"{"request_id":5,"pipeline":"identity","data":1}"#.to_vec()), "", "invalid_request"),
+        (None, Some(br#"{"request_id":"type","pipeline":7,"data":1}"#.to_vec()), "type", "invalid_request"),
+        (None, Some(br#"{"request_id":"params","model":"echo","data":1,"parameters":[1]}"#.to_vec()), "params", "invalid_request"),
+        (None, Some(vec![b' '; 10 * 1024 * 1024]), "", "payload_too_large"),
+        (Some(b"empty".to_vec()), Some(Vec::new()), "", "invalid_json"),
+        (Some(b"null".to_vec()), None, "", "invalid_json"),
+        (None, Some(br#"{"request_id":"nullkey","pipeline":"identity","data":{"a":null}}"#.to_vec()), "nullkey", "ok"),
+        (None, Some(br#"{"request_id":"","pipeline":"identity","data":1}"#.to_vec()), "", "invalid_request"),
+        (None, Some(br#"{"request_id":"nopipe","pipeline":"nope","data":1}"#.to_vec()), "nopipe", "unknown_pipeline"),
+    ];
+    let producer: rdkafka::producer::FutureProducer = kafka_config()
+        .set("message.max.bytes", "16777216")
+        .create()
+        .expect("producer");
+    for (key, value, _, _) in &corpus {
+        let mut record: rdkafka::producer::FutureRecord<'_, [u8], [u8]> =
+            rdkafka::producer::FutureRecord::to(&topics.requests);
+        if let Some(k) = key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(v) = value {
+            record = record.payload(v.as_slice());
+        }
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("produce poison");
+    }
+    // After the poison, a valid request is still answered.
+    produce(
+        &topics.requests,
+        &[(
+            None,
+            Some(br#"{"request_id":"after","pipeline":"identity","data":1}"#.to_vec()),
+        )],
+    )
+    .await;
+    let outputs = collect(
+        &[&topics.results, &topics.dlq],
+        corpus.len() + 1,
+        Duration::from_secs(60),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(outputs.len(), corpus.len() + 1, "one output per message");
+
+    let mut dead_kinds: Vec<String> = Vec::new();
+    let mut results: HashMap<String, (String, String)> = HashMap::new();
+    for out in &outputs {
+        if out.topic == topics.dlq {
+            dead_kinds.push(out.headers["inferflow-error-kind"].clone());
+            if out.headers["inferflow-error-kind"] == "payload_too_large" {
+                assert_eq!(
+                    out.headers
+                        .get("inferflow-value-truncated")
+                        .map(String::as_str),
+                    Some("10485760"),
+                    "the 10 MiB value is dead-lettered truncated, with its size"
+                );
+                assert_eq!(out.value.as_ref().map(Vec::len), Some(65_536));
+            }
+        } else {
+            let doc: InferenceResult =
+                serde_json::from_slice(out.value.as_deref().expect("value")).expect("result");
+            let kind = doc
+                .error
+                .as_ref()
+                .map_or("ok".to_owned(), |e| e.kind.as_str().to_owned());
+            results.insert(
+                doc.request_id.clone(),
+                (doc.status.as_str().to_owned(), kind),
+            );
+        }
+    }
+    let mut expected_dead: Vec<String> = corpus
+        .iter()
+        .filter(|(_, _, id, _)| id.is_empty())
+        .map(|(_, _, _, kind)| (*kind).to_owned())
+        .collect();
+    expected_dead.sort();
+    dead_kinds.sort();
+    assert_eq!(dead_kinds, expected_dead, "dead letters by kind");
+    for (_, _, id, kind) in corpus.iter().filter(|(_, _, id, _)| !id.is_empty()) {
+        let (status, got) = results
+            .get(*id)
+            .unwrap_or_else(|| panic!("no result for {id}"));
+        assert_eq!(got, kind, "{id}: status {status}");
+    }
+    assert_eq!(
+        results["after"].1, "ok",
+        "processing goes on after the poison"
+    );
+    processor.stop().await;
 }
