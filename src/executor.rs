@@ -53,6 +53,23 @@ pub trait Executor: Send + Sync + 'static {
         target: &'a Target,
         requests: Vec<ExecRequest>,
     ) -> BoxFuture<'a, Vec<ExecResult>>;
+
+    /// Waits until `requests` requests for `target` may be executed: for rate-limit capacity,
+    /// for an open circuit breaker to let calls through again, for an idle-unloaded model to
+    /// load. The caller awaits it *before* its execute timeout starts, so waiting here never
+    /// turns into a timeout. It never fails: whatever cannot be admitted is answered by
+    /// [`execute`](Self::execute). The default admits at once.
+    fn admit<'a>(&'a self, target: &'a Target, requests: usize) -> BoxFuture<'a, ()> {
+        let _ = (target, requests);
+        Box::pin(async {})
+    }
+
+    /// A reason to stop fetching new requests now (for instance "circuit breaker open for
+    /// provider `x`"), or `None`. Polled often (about ten times a second) from the consumer
+    /// thread, so it must be cheap and must not block. The default never holds.
+    fn hold(&self) -> Option<String> {
+        None
+    }
 }
 
 impl<E: Executor + ?Sized> Executor for Arc<E> {
@@ -62,6 +79,14 @@ impl<E: Executor + ?Sized> Executor for Arc<E> {
         requests: Vec<ExecRequest>,
     ) -> BoxFuture<'a, Vec<ExecResult>> {
         (**self).execute(target, requests)
+    }
+
+    fn admit<'a>(&'a self, target: &'a Target, requests: usize) -> BoxFuture<'a, ()> {
+        (**self).admit(target, requests)
+    }
+
+    fn hold(&self) -> Option<String> {
+        (**self).hold()
     }
 }
 

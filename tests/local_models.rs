@@ -1,10 +1,14 @@
 //! The local provider with the models shipped in `models/`: the iris ONNX classifier checked
 //! against the outputs its training script recorded, the VADER analyser checked against the
-//! Python reference's scores, input errors, and batching into one model run.
+//! Python reference's scores, input errors, batching into one model run, and idle unload.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-use inferflow::model::ErrorKind;
+use inferflow::executor::{ExecRequest, Executor};
+use inferflow::model::{ErrorKind, Target};
+use inferflow::providers::manager::{ModelExecutor, ModelManager, ModelSpec};
 use inferflow::providers::{
     LocalConfig, LocalModelConfig, LocalModelKind, LocalProvider, Provider, ProviderError,
     ProviderInput,
@@ -215,4 +219,68 @@ async fn vader_takes_text_or_a_text_field_only() {
     for bad in &out[1..] {
         assert_eq!(bad.as_ref().unwrap_err().kind(), ErrorKind::InvalidRequest);
     }
+}
+
+fn request(data: Value) -> ExecRequest {
+    ExecRequest {
+        request_id: "r".into(),
+        data,
+        parameters: None,
+        entity: None,
+        tenant: None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_models_are_unloaded_and_reloaded_transparently() {
+    let provider = Arc::new(local());
+    let manager = Arc::new(ModelManager::new());
+    manager.register_provider("local", provider.clone());
+    manager
+        .load_model_with_warmup(
+            ModelSpec {
+                unload_after_idle: Some(Duration::from_secs(60)),
+                cache: false,
+                ..ModelSpec::new("sentiment", "1", "local", "vader")
+            },
+            ProviderInput::new(json!("warm up")),
+        )
+        .await
+        .unwrap();
+    assert!(provider.is_loaded("vader"));
+    assert_eq!(provider.loads("vader"), 1);
+    let executor = ModelExecutor::new(manager.clone());
+    let target = Target::Model("sentiment".into());
+
+    let out = executor
+        .execute(&target, vec![request(json!("I love it"))])
+        .await;
+    assert_eq!(out[0].as_ref().unwrap().output["label"], "positive");
+
+    // Not idle long enough yet.
+    tokio::time::advance(Duration::from_secs(59)).await;
+    assert!(manager.unload_idle().is_empty());
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(manager.unload_idle(), vec!["sentiment@1".to_owned()]);
+    assert!(!provider.is_loaded("vader"));
+    assert!(manager.unload_idle().is_empty(), "already unloaded");
+
+    // The next request loads it again and is answered as usual.
+    let out = executor
+        .execute(&target, vec![request(json!("I hate it"))])
+        .await;
+    assert_eq!(out[0].as_ref().unwrap().output["label"], "negative");
+    assert!(provider.is_loaded("vader"));
+    assert_eq!(provider.loads("vader"), 2);
+    let stats = manager.stats("sentiment@1").unwrap();
+    assert_eq!((stats.idle_unloads, stats.reloads), (1, 1));
+
+    // The background sweeper does the same on its own.
+    let sweeper = manager.spawn_idle_sweeper(Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_secs(75)).await;
+    assert!(!provider.is_loaded("vader"));
+    // admit() loads it ahead of the batch.
+    executor.admit(&target, 1).await;
+    assert!(provider.is_loaded("vader"));
+    sweeper.abort();
 }

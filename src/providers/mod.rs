@@ -5,9 +5,9 @@
 //! retries ([`retry`]); the [`local`] provider runs ONNX models (tract) and the VADER sentiment
 //! analyser ([`vader`]) in-process. Failures are outcomes carrying a [`ProviderError`], which
 //! maps to the wire's [`ErrorKind`]. Nothing here knows about Kafka, and the model registry,
-//! rate limits, circuit breaking and the result cache ([`cache`]) sit in front of this trait,
-//! not inside it. The model registry is [`manager::ModelManager`]: versioned models, usage
-//! stats, an executor.
+//! rate limits ([`ratelimit`]), circuit breaking ([`breaker`]) and the result cache ([`cache`])
+//! sit in front of this trait, not inside it. The model registry is
+//! [`manager::ModelManager`]: versioned models, usage stats, idle unload, an executor.
 //!
 //! A custom provider only needs [`Provider::infer_batch`]:
 //!
@@ -39,11 +39,13 @@
 //! }
 //! ```
 
+pub mod breaker;
 pub mod cache;
 pub mod huggingface;
 pub mod local;
 pub mod manager;
 pub mod openai;
+pub mod ratelimit;
 pub mod retry;
 pub mod vader;
 
@@ -56,8 +58,10 @@ use serde_json::{Map, Value};
 
 use crate::model::{ErrorBody, ErrorKind};
 
+pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 pub use local::{LocalConfig, LocalModelConfig, LocalModelKind, LocalProvider};
 pub use openai::{OpenAiConfig, OpenAiModelConfig, OpenAiProvider, OpenAiTask};
+pub use ratelimit::{RateLimitConfig, RateLimiter};
 pub use retry::{RetryBudget, RetryConfig, RetryPolicy, RetryStats};
 
 /// Answers model calls. Implementations return exactly one outcome per input, in the order
@@ -120,7 +124,8 @@ impl<P: Provider + ?Sized> Provider for Arc<P> {
 
 /// Tokens an input will probably cost, before the call: a quarter of the characters of every
 /// string in its `data` (about four characters a token for English text), plus a small
-/// per-message overhead, plus the `max_tokens` parameter when the request sets one.
+/// per-message overhead, plus the `max_tokens` parameter when the request sets one. The rate
+/// limiter charges this before the call and corrects it by the usage the provider reports.
 pub fn estimate_tokens(input: &ProviderInput) -> u64 {
     fn chars(value: &Value) -> u64 {
         match value {
