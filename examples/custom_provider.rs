@@ -110,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
                 provider: "shout".into(),
                 remote_model: "shout".into(),
                 cache: true,
+                unload_after_idle: None,
             },
             ProviderInput::new(json!("warm up")),
         )
@@ -120,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
         provider: "shout".into(),
         remote_model: "shout-twice".into(),
         cache: false,
+        unload_after_idle: None,
     })?;
     // Without this, `loud` would mean the highest version, 2.
     manager.set_default_version("loud", "1");

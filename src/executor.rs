@@ -54,16 +54,19 @@ pub trait Executor: Send + Sync + 'static {
         requests: Vec<ExecRequest>,
     ) -> BoxFuture<'a, Vec<ExecResult>>;
 
-    /// Waits until `requests` requests for `target` may run: rate limits have capacity and no
-    /// breaker the target needs is open. The processor calls it before the execute timeout
-    /// starts, so waiting here slows the stream instead of failing requests.
+    /// Waits until `requests` requests for `target` may be executed: for rate-limit capacity,
+    /// for an open circuit breaker to let calls through again, for an idle-unloaded model to
+    /// load. The caller awaits it *before* its execute timeout starts, so waiting here never
+    /// turns into a timeout. It never fails: whatever cannot be admitted is answered by
+    /// [`execute`](Self::execute). The default admits at once.
     fn admit<'a>(&'a self, target: &'a Target, requests: usize) -> BoxFuture<'a, ()> {
         let _ = (target, requests);
-        Box::pin(std::future::ready(()))
+        Box::pin(async {})
     }
 
-    /// Why consumption should pause now (for instance a provider's breaker is open), polled
-    /// about ten times a second by the consumer thread; must be cheap.
+    /// A reason to stop fetching new requests now (for instance "circuit breaker open for
+    /// provider `x`"), or `None`. Polled often (about ten times a second) from the consumer
+    /// thread, so it must be cheap and must not block. The default never holds.
     fn hold(&self) -> Option<String> {
         None
     }

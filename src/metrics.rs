@@ -34,6 +34,30 @@ pub const REBALANCES_TOTAL: &str = "inferflow_rebalances_total";
 pub const PRODUCER_QUEUE_FULL_TOTAL: &str = "inferflow_producer_queue_full_total";
 /// Produce attempts that failed and were retried (counter).
 pub const PRODUCE_RETRIES_TOTAL: &str = "inferflow_produce_retries_total";
+/// Calls to a model provider, one per `infer_batch` (counter; labels `provider`, `model`).
+pub const PROVIDER_CALLS_TOTAL: &str = "inferflow_provider_calls_total";
+/// Inputs sent in provider calls (counter; labels `provider`, `model`).
+pub const PROVIDER_INPUTS_TOTAL: &str = "inferflow_provider_inputs_total";
+/// Provider outcomes that were errors (counter; labels `provider`, `model`, `kind`: the
+/// `ProviderError::label`, e.g. `unavailable`, `timeout`, `invalid_input`).
+pub const PROVIDER_ERRORS_TOTAL: &str = "inferflow_provider_errors_total";
+/// Duration of one provider call (histogram, seconds; labels `provider`, `model`).
+pub const PROVIDER_LATENCY_SECONDS: &str = "inferflow_provider_latency_seconds";
+/// Tokens providers reported (counter; labels `provider`, `model`, `type`: prompt, completion).
+pub const PROVIDER_TOKENS_TOTAL: &str = "inferflow_provider_tokens_total";
+/// Circuit breaker state per provider (gauge: 0 closed, 1 half-open probe, 2 open; label
+/// `provider`).
+pub const PROVIDER_BREAKER_STATE: &str = "inferflow_provider_breaker_state";
+/// Times a provider's circuit breaker opened (counter; label `provider`).
+pub const PROVIDER_BREAKER_OPENED_TOTAL: &str = "inferflow_provider_breaker_opened_total";
+/// Time spent waiting for a provider's rate limit or for its breaker to close (histogram,
+/// seconds; labels `provider`, `wait`: rate_limit, breaker; `stage`: admit, call).
+pub const PROVIDER_WAIT_SECONDS: &str = "inferflow_provider_wait_seconds";
+/// Result cache lookups (counter; label `outcome`: hit, miss, coalesced, bypassed).
+pub const CACHE_LOOKUPS_TOTAL: &str = "inferflow_cache_lookups_total";
+/// Models loaded again after an idle unload, and models unloaded for idleness (counter;
+/// labels `model`, `event`: unload, reload).
+pub const MODEL_LIFECYCLE_TOTAL: &str = "inferflow_model_lifecycle_total";
 
 /// Messages consumed from the feature-updates topic (counter).
 pub const FEATURE_UPDATES_CONSUMED_TOTAL: &str = "inferflow_feature_updates_consumed_total";
@@ -84,6 +108,8 @@ fn builder() -> PrometheusBuilder {
     let builder = with(builder, FEATURE_STORE_READ_SECONDS, FAST_LATENCY_BUCKETS);
     let builder = with(builder, FEATURE_INGEST_LAG_SECONDS, LATENCY_BUCKETS);
     let builder = with(builder, FEATURE_INVALIDATION_DELAY_SECONDS, LATENCY_BUCKETS);
+    let builder = with(builder, PROVIDER_LATENCY_SECONDS, LATENCY_BUCKETS);
+    let builder = with(builder, PROVIDER_WAIT_SECONDS, LATENCY_BUCKETS);
     with(builder, BATCH_SIZE_RECORDS, BATCH_SIZE_BUCKETS)
 }
 
@@ -204,5 +230,38 @@ fn describe() {
         FEATURE_INVALIDATION_DELAY_SECONDS,
         Unit::Seconds,
         "From a feature write's acknowledgement to its invalidation applied on this instance."
+    );
+    describe_counter!(
+        PROVIDER_CALLS_TOTAL,
+        "Calls to a model provider (one per batch call)."
+    );
+    describe_counter!(PROVIDER_INPUTS_TOTAL, "Inputs sent in provider calls.");
+    describe_counter!(
+        PROVIDER_ERRORS_TOTAL,
+        "Provider outcomes that were errors, by kind."
+    );
+    describe_histogram!(
+        PROVIDER_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Duration of one provider call, retries included."
+    );
+    describe_counter!(PROVIDER_TOKENS_TOTAL, "Tokens providers reported, by type.");
+    describe_gauge!(
+        PROVIDER_BREAKER_STATE,
+        "Circuit breaker state: 0 closed, 1 half-open probe, 2 open."
+    );
+    describe_counter!(
+        PROVIDER_BREAKER_OPENED_TOTAL,
+        "Times a provider's circuit breaker opened."
+    );
+    describe_histogram!(
+        PROVIDER_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time waiting for a provider's rate limit or circuit breaker."
+    );
+    describe_counter!(CACHE_LOOKUPS_TOTAL, "Result cache lookups by outcome.");
+    describe_counter!(
+        MODEL_LIFECYCLE_TOTAL,
+        "Models unloaded for idleness and loaded again."
     );
 }

@@ -8,8 +8,13 @@ use futures::future::BoxFuture;
 use inferflow::executor::{ExecRequest, ExecResult, Executor};
 use inferflow::model::{ErrorKind, Target};
 use inferflow::providers::cache::{ResultCache, ResultCacheConfig};
-use inferflow::providers::manager::{ManagerError, ModelExecutor, ModelManager, ModelSpec};
-use inferflow::providers::{Provider, ProviderError, ProviderInput, ProviderOutput, TokenUsage};
+use inferflow::providers::manager::{
+    ManagerError, ModelExecutor, ModelManager, ModelSpec, ProviderPolicy,
+};
+use inferflow::providers::{
+    BreakerConfig, BreakerState, Provider, ProviderError, ProviderInput, ProviderOutput,
+    RateLimitConfig, TokenUsage,
+};
 use serde_json::{Value, json};
 
 /// Answers `{"model": <remote model>, "echo": <data>}` with 1 prompt + 2 completion tokens, or
@@ -72,6 +77,7 @@ fn spec(name: &str, version: &str, remote: &str, cache: bool) -> ModelSpec {
         provider: "fake".into(),
         remote_model: remote.into(),
         cache,
+        unload_after_idle: None,
     }
 }
 
@@ -474,4 +480,144 @@ async fn reloading_an_id_drops_its_cached_answers() {
     assert!(!out.cached);
     assert_eq!(out.output["model"], "new");
     assert_eq!(fake.calls().len(), 2);
+}
+
+/// A manager whose provider `guarded` is the fake behind `policy`, with model `g@1` on it.
+fn guarded(policy: ProviderPolicy) -> (Arc<Fake>, Arc<ModelManager>, ModelExecutor) {
+    let (fake, manager, executor) = setup(false);
+    manager
+        .register_provider_with_policy("guarded", fake.clone(), policy)
+        .unwrap();
+    manager
+        .load_model(ModelSpec {
+            cache: false,
+            ..ModelSpec::new("g", "1", "guarded", "remote-g")
+        })
+        .unwrap();
+    (fake, manager, executor)
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_makes_requests_wait_and_holds_the_consumer_until_a_probe_succeeds() {
+    let (fake, manager, executor) = guarded(ProviderPolicy {
+        breaker: Some(BreakerConfig {
+            failure_threshold: std::num::NonZeroU32::new(2).unwrap(),
+            open_ms: std::num::NonZeroU64::new(1_000).unwrap(),
+            ..BreakerConfig::default()
+        }),
+        ..ProviderPolicy::default()
+    });
+    let executor = Arc::new(executor);
+    assert_eq!(executor.hold(), None);
+    for _ in 0..2 {
+        let out = run(&executor, "g", vec![req(json!("fail:timeout"), None)]).await;
+        assert_eq!(
+            out[0].as_ref().unwrap_err().kind,
+            ErrorKind::ProviderTimeout
+        );
+    }
+    assert_eq!(manager.breaker_state("guarded"), Some(BreakerState::Open));
+    let reason = executor
+        .hold()
+        .expect("the consumer is held while the breaker is open");
+    assert!(
+        reason.contains("breaker open for provider `guarded`"),
+        "{reason}"
+    );
+
+    // A batch arriving now waits in admit (not in execute, so not against its timeout) and
+    // is not failed.
+    let started = tokio::time::Instant::now();
+    let waiting = {
+        let executor = executor.clone();
+        tokio::spawn(async move {
+            let target = Target::Model("g".into());
+            executor.admit(&target, 1).await;
+            let admitted = started.elapsed();
+            let out = executor
+                .execute(&target, vec![req(json!("ok"), None)])
+                .await;
+            (admitted, out)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(!waiting.is_finished());
+    assert_eq!(fake.calls().len(), 2, "no call during the cool-down");
+    assert!(executor.hold().is_some());
+
+    let (admitted, out) = waiting.await.unwrap();
+    assert_eq!(admitted, Duration::from_secs(1));
+    assert_eq!(out[0].as_ref().unwrap().output["echo"], "ok");
+    assert_eq!(fake.calls().len(), 3, "the probe");
+    assert_eq!(manager.breaker_state("guarded"), Some(BreakerState::Closed));
+    assert_eq!(executor.hold(), None);
+
+    // Errors that retrying cannot fix say nothing about the provider's health.
+    for _ in 0..3 {
+        run(&executor, "g", vec![req(json!("fail:input"), None)]).await;
+    }
+    assert_eq!(manager.breaker_state("guarded"), Some(BreakerState::Closed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rate_limit_spaces_calls_and_admit_waits_for_a_whole_batch() {
+    let (fake, _manager, executor) = guarded(ProviderPolicy {
+        rate_limit: RateLimitConfig {
+            requests_per_minute: std::num::NonZeroU32::new(60),
+            burst_requests: std::num::NonZeroU32::new(1),
+            ..RateLimitConfig::default()
+        },
+        ..ProviderPolicy::default()
+    });
+    let started = tokio::time::Instant::now();
+    let mut at = Vec::new();
+    for i in 0..3 {
+        let out = run(&executor, "g", vec![req(json!(i), None)]).await;
+        assert!(out[0].is_ok(), "waiting never fails a request");
+        at.push(started.elapsed());
+    }
+    let secs = |s| Duration::from_secs(s);
+    assert_eq!(at, vec![secs(0), secs(1), secs(2)]);
+
+    // admit takes the whole batch's capacity up front (three calls: the fake makes one per
+    // input, the default), so execute then runs without waiting.
+    let target = Target::Model("g".into());
+    let before_admit = tokio::time::Instant::now();
+    executor.admit(&target, 3).await;
+    assert_eq!(before_admit.elapsed(), secs(3));
+    let before_execute = tokio::time::Instant::now();
+    let requests = (0..3).map(|i| req(json!(i), None)).collect();
+    let out = executor.execute(&target, requests).await;
+    assert_eq!(before_execute.elapsed(), Duration::ZERO);
+    assert!(out.iter().all(Result::is_ok));
+    assert_eq!(fake.calls().len(), 4);
+}
+
+#[tokio::test]
+async fn admit_and_hold_are_free_without_policies() {
+    let (_fake, manager, executor) = setup(false);
+    manager.load_model(spec("m", "1", "r", false)).unwrap();
+    for target in ["m", "echo", "nope"] {
+        executor.admit(&Target::Model(target.into()), 10).await;
+    }
+    executor
+        .admit(&Target::Pipeline("identity".into()), 10)
+        .await;
+    assert_eq!(executor.hold(), None);
+    assert_eq!(manager.breaker_state("fake"), None);
+    let bad = ProviderPolicy {
+        breaker: Some(BreakerConfig {
+            failure_ratio: Some(2.0),
+            ..BreakerConfig::default()
+        }),
+        ..ProviderPolicy::default()
+    };
+    let fake: Arc<dyn Provider> = Arc::new(Fake::default());
+    let error = manager
+        .register_provider_with_policy("bad", fake, bad)
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("breaker.failure_ratio"),
+        "{error}"
+    );
 }

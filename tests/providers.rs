@@ -799,3 +799,112 @@ fn a_missing_key_variable_fails_the_build_and_names_it() {
         }
     );
 }
+
+/// The circuit breaker in front of a real HTTP provider, through the model manager: 500s open
+/// it, nothing reaches the server during the cool-down while callers wait (and `hold` tells the
+/// consumer), a failed probe opens it again for longer, and a successful one closes it.
+/// Real time (sockets), with a short cool-down; only lower bounds on time are asserted.
+#[tokio::test]
+async fn breaker_opens_on_500s_waits_out_the_cool_down_and_closes_after_a_probe() {
+    use inferflow::executor::{ExecRequest, Executor};
+    use inferflow::model::Target;
+    use inferflow::providers::manager::{ModelExecutor, ModelManager, ModelSpec, ProviderPolicy};
+    use inferflow::providers::{BreakerConfig, BreakerState};
+
+    // Three failed calls, a failed probe, then normal answers.
+    let fake = Fake::start(vec![Step::Fail(500, None); 4]).await;
+    let mut config = config(fake.base_url());
+    // One attempt per call, so the server's count is the breaker's count.
+    config.retry.max_attempts = NonZeroU32::new(1).unwrap();
+    let manager = Arc::new(ModelManager::new());
+    manager
+        .register_provider_with_policy(
+            "openai",
+            Arc::new(provider(config)),
+            ProviderPolicy {
+                breaker: Some(BreakerConfig {
+                    failure_threshold: NonZeroU32::new(3).unwrap(),
+                    open_ms: NonZeroU64::new(300).unwrap(),
+                    max_open_ms: NonZeroU64::new(2_000).unwrap(),
+                    ..BreakerConfig::default()
+                }),
+                ..ProviderPolicy::default()
+            },
+        )
+        .unwrap();
+    manager
+        .load_model(ModelSpec {
+            cache: false,
+            ..ModelSpec::new("assistant", "1", "openai", "chat")
+        })
+        .unwrap();
+    let executor = Arc::new(ModelExecutor::new(manager.clone()));
+    let target = Target::Model("assistant".into());
+    let request = |text: &str| ExecRequest {
+        request_id: "r".into(),
+        data: json!(text),
+        parameters: None,
+        entity: None,
+        tenant: None,
+    };
+
+    for _ in 0..3 {
+        let out = executor.execute(&target, vec![request("hi")]).await;
+        assert_eq!(out[0].as_ref().unwrap_err().kind, ErrorKind::ProviderError);
+    }
+    assert_eq!(fake.attempts(), 3);
+    assert_eq!(manager.breaker_state("openai"), Some(BreakerState::Open));
+    let reason = executor.hold().expect("held while open");
+    assert!(reason.contains("provider `openai`"), "{reason}");
+
+    // A request now waits (it is not failed) and nothing reaches the server meanwhile.
+    let opened = Instant::now();
+    let waiting = {
+        let executor = executor.clone();
+        let target = target.clone();
+        let request = request("after the cool-down");
+        tokio::spawn(async move {
+            executor.admit(&target, 1).await;
+            executor.execute(&target, vec![request]).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(!waiting.is_finished());
+    assert_eq!(fake.attempts(), 3, "no call while the breaker is open");
+    // The probe (the fourth 500) fails: open again, for 600 ms this time.
+    let out = waiting.await.unwrap();
+    assert!(opened.elapsed() >= Duration::from_millis(300));
+    assert_eq!(out[0].as_ref().unwrap_err().kind, ErrorKind::ProviderError);
+    assert_eq!(fake.attempts(), 4, "exactly one probe");
+    assert_eq!(manager.breaker_state("openai"), Some(BreakerState::Open));
+    assert!(executor.hold().is_some());
+
+    // Several requests wait for the next probe; it succeeds and they all go through.
+    let reopened = Instant::now();
+    let batch: Vec<_> = (0..3)
+        .map(|i| {
+            let executor = executor.clone();
+            let target = target.clone();
+            let request = request(&format!("later {i}"));
+            tokio::spawn(async move {
+                executor.admit(&target, 1).await;
+                executor.execute(&target, vec![request]).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fake.attempts(), 4, "still open: the cool-down doubled");
+    for handle in batch {
+        let out = handle.await.unwrap();
+        assert!(
+            out[0].as_ref().unwrap().output["content"]
+                .as_str()
+                .unwrap()
+                .starts_with("echo: later")
+        );
+    }
+    assert!(reopened.elapsed() >= Duration::from_millis(600));
+    assert_eq!(fake.attempts(), 7);
+    assert_eq!(manager.breaker_state("openai"), Some(BreakerState::Closed));
+    assert_eq!(executor.hold(), None);
+}

@@ -272,6 +272,18 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Counts a lookup in the cache's own counters and in the exported metric.
+fn count(counter: &AtomicU64, status: CacheStatus) {
+    bump(counter);
+    let outcome = match status {
+        CacheStatus::Hit => "hit",
+        CacheStatus::Miss => "miss",
+        CacheStatus::Coalesced => "coalesced",
+        CacheStatus::Bypassed => "bypassed",
+    };
+    metrics::counter!(crate::metrics::CACHE_LOOKUPS_TOTAL, "outcome" => outcome).increment(1);
+}
+
 /// The inference result cache. Cheap to clone; clones share entries and counters.
 #[derive(Clone)]
 pub struct ResultCache {
@@ -342,11 +354,11 @@ impl ResultCache {
         Fut: Future<Output = Result<ProviderOutput, ProviderError>>,
     {
         if !policy.enabled {
-            bump(&self.counters.bypassed);
+            count(&self.counters.bypassed, CacheStatus::Bypassed);
             return (compute().await, CacheStatus::Bypassed);
         }
         if let Some(cached) = self.cache.get(&key).await {
-            bump(&self.counters.hits);
+            count(&self.counters.hits, CacheStatus::Hit);
             return (Ok(cached.output.clone()), CacheStatus::Hit);
         }
         let mut computed = false;
@@ -359,11 +371,11 @@ impl ResultCache {
         };
         let outcome = self.cache.entry(key).or_try_insert_with(init).await;
         let status = if computed {
-            bump(&self.counters.misses);
+            count(&self.counters.misses, CacheStatus::Miss);
             CacheStatus::Miss
         } else {
             // Another caller computed it (or inserted it between our lookup and now).
-            bump(&self.counters.coalesced);
+            count(&self.counters.coalesced, CacheStatus::Coalesced);
             CacheStatus::Coalesced
         };
         let result = match outcome {

@@ -622,6 +622,11 @@ impl Provider for HuggingFaceProvider {
             }
         })
     }
+
+    /// Every task packs up to `max_batch_inputs` inputs into one request.
+    fn api_calls(&self, _model: &str, inputs: usize) -> usize {
+        inputs.div_ceil(self.max_batch_inputs)
+    }
 }
 
 /// The text of an input: `data` as a string, or its `text` field.

@@ -31,24 +31,49 @@
 //! **one** [`Provider::infer_batch`] call. [`ModelExecutor`] puts this behind the
 //! [`Executor`] trait, with the [`Builtins`] (`identity`, `echo`) as the fallback.
 //!
+//! # Resilience
+//!
+//! A provider registered with a [`ProviderPolicy`] gets a [`CircuitBreaker`] and a
+//! [`RateLimiter`], shared by every model it answers. Each provider call first waits for the
+//! breaker (closed, or this call is the half-open probe) and for rate-limit capacity, then runs,
+//! then tells the breaker whether it failed (every outcome a retryable error) and corrects the
+//! token estimate by the reported usage. Nothing fails because of them: calls wait.
+//! [`ModelManager::admit`] does that waiting for a whole batch ahead of time (the processor
+//! calls it through [`Executor::admit`] before its execute timeout starts), and
+//! [`ModelManager::hold`] tells the consumer to stop fetching while a breaker is open.
+//!
+//! # Idle unload
+//!
+//! A model with [`ModelSpec::unload_after_idle`] is unloaded by [`ModelManager::unload_idle`]
+//! (run periodically by [`ModelManager::spawn_idle_sweeper`]) once it has not been used for
+//! that long: its provider frees it ([`Provider::unload_model`]; a local model drops its
+//! weights). It stays registered, and the next request loads it again
+//! ([`Provider::load_model`]) before calling it, transparently; [`ModelManager::admit`] does
+//! that load ahead of the execute timeout too.
+//!
 //! # Statistics
 //!
 //! Every loaded model keeps counters ([`ModelStats`]) in atomics: requests, errors, cache hits,
-//! provider calls and the inputs sent in them, provider latency and tokens. They start at zero
-//! when the model is loaded and go away when it is unloaded.
+//! provider calls and the inputs sent in them, provider latency and tokens, idle unloads and
+//! reloads. They start at zero when the model is loaded and go away when it is unloaded. The
+//! same events are exported as metrics (`inferflow_provider_*`, see [`crate::metrics`]).
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, join_all};
+use serde::{Deserialize, Serialize};
 
+use super::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use super::cache::{CacheKey, CachePolicy, ResultCache};
-use super::{Provider, ProviderError, ProviderInput, ProviderOutput};
+use super::ratelimit::{RateLimitConfig, RateLimiter};
+use super::{BuildError, Provider, ProviderError, ProviderInput, ProviderOutput, estimate_tokens};
 use crate::executor::{Builtins, ExecOutput, ExecRequest, ExecResult, Executor};
+use crate::metrics as m;
 use crate::model::{ErrorBody, ErrorKind, StepRecord, Target};
 
 /// A model to load: `name@version`, answered by `provider` as `remote_model`.
@@ -65,9 +90,29 @@ pub struct ModelSpec {
     /// Whether answers may be served from, and stored in, the result cache. Turn it off for
     /// models whose answers should not be reused (high-temperature chat).
     pub cache: bool,
+    /// Unload the model after this long without a request (see the
+    /// [module documentation](self)); `None` keeps it loaded.
+    pub unload_after_idle: Option<Duration>,
 }
 
 impl ModelSpec {
+    /// `name@version` on `provider` as `remote_model`, with the cache on and no idle unload.
+    pub fn new(
+        name: impl Into<String>,
+        version: impl Into<String>,
+        provider: impl Into<String>,
+        remote_model: impl Into<String>,
+    ) -> Self {
+        ModelSpec {
+            name: name.into(),
+            version: version.into(),
+            provider: provider.into(),
+            remote_model: remote_model.into(),
+            cache: true,
+            unload_after_idle: None,
+        }
+    }
+
     /// The model's id, `name@version`.
     pub fn id(&self) -> String {
         format!("{}@{}", self.name, self.version)
@@ -140,6 +185,10 @@ pub struct ModelStats {
     pub completion_tokens: u64,
     /// Total tokens the provider reported.
     pub total_tokens: u64,
+    /// Times the model was unloaded for idleness.
+    pub idle_unloads: u64,
+    /// Times it was loaded again after an idle unload.
+    pub reloads: u64,
 }
 
 impl ModelStats {
@@ -163,6 +212,8 @@ struct Counters {
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
     total_tokens: AtomicU64,
+    idle_unloads: AtomicU64,
+    reloads: AtomicU64,
 }
 
 fn add(counter: &AtomicU64, n: u64) {
@@ -183,7 +234,147 @@ impl Counters {
             prompt_tokens: get(&self.prompt_tokens),
             completion_tokens: get(&self.completion_tokens),
             total_tokens: get(&self.total_tokens),
+            idle_unloads: get(&self.idle_unloads),
+            reloads: get(&self.reloads),
         }
+    }
+}
+
+/// Resilience settings of one provider: a circuit breaker and rate limits. Both are off by
+/// default.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProviderPolicy {
+    /// The circuit breaker, when set.
+    pub breaker: Option<BreakerConfig>,
+    /// Requests and tokens per minute (no limit when empty).
+    pub rate_limit: RateLimitConfig,
+}
+
+impl ProviderPolicy {
+    /// Every problem, each naming its key.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(breaker) = &self.breaker {
+            breaker.validate("breaker", &mut problems);
+        }
+        self.rate_limit.validate("rate_limit", &mut problems);
+        problems
+    }
+}
+
+/// A registered provider with its breaker and rate limiter.
+struct Guarded {
+    provider: Arc<dyn Provider>,
+    guard: Arc<Guard>,
+}
+
+/// The breaker and limiter of one provider, shared by its models.
+struct Guard {
+    name: String,
+    breaker: Option<Arc<CircuitBreaker>>,
+    limiter: Option<RateLimiter>,
+    /// Estimated tokens per input over recent calls (a moving average), for admitting a batch
+    /// before its inputs are looked at.
+    tokens_per_input: AtomicU64,
+}
+
+impl Guard {
+    fn new(name: String, policy: ProviderPolicy) -> Self {
+        let breaker = policy.breaker.map(|c| Arc::new(CircuitBreaker::new(c)));
+        let limiter =
+            (!policy.rate_limit.is_unlimited()).then(|| RateLimiter::new(policy.rate_limit));
+        if breaker.is_some() {
+            metrics::gauge!(m::PROVIDER_BREAKER_STATE, "provider" => name.clone()).set(0.0);
+        }
+        Guard {
+            name,
+            breaker,
+            limiter,
+            tokens_per_input: AtomicU64::new(0),
+        }
+    }
+
+    fn learn_tokens_per_input(&self, estimated: u64, inputs: usize) {
+        if inputs == 0 {
+            return;
+        }
+        let sample = estimated / inputs as u64;
+        let old = self.tokens_per_input.load(AtomicOrdering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            (old * 7 + sample).div_ceil(8)
+        };
+        self.tokens_per_input.store(new, AtomicOrdering::Relaxed);
+    }
+
+    fn record_wait(&self, wait: Duration, what: &'static str, stage: &'static str) {
+        metrics::histogram!(
+            m::PROVIDER_WAIT_SECONDS,
+            "provider" => self.name.clone(),
+            "wait" => what,
+            "stage" => stage
+        )
+        .record(wait.as_secs_f64());
+    }
+}
+
+/// Load state of a model with idle unload.
+struct Lifecycle {
+    /// False after an idle unload, until the next load.
+    loaded: AtomicBool,
+    /// When it was last used, in nanoseconds after `epoch`.
+    last_used_ns: AtomicU64,
+    epoch: tokio::time::Instant,
+    /// Batches running now; the sweeper leaves a busy model alone.
+    in_flight: AtomicUsize,
+    /// Held while loading or unloading.
+    transition: tokio::sync::Mutex<()>,
+}
+
+impl Lifecycle {
+    fn new() -> Self {
+        Lifecycle {
+            loaded: AtomicBool::new(true),
+            last_used_ns: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            transition: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn touch(&self) {
+        let ns = self.epoch.elapsed().as_nanos();
+        self.last_used_ns.store(
+            u64::try_from(ns).unwrap_or(u64::MAX),
+            AtomicOrdering::Relaxed,
+        );
+    }
+
+    fn idle_for(&self) -> Duration {
+        let now = self.epoch.elapsed();
+        now.saturating_sub(Duration::from_nanos(
+            self.last_used_ns.load(AtomicOrdering::Relaxed),
+        ))
+    }
+}
+
+/// Counts a batch in flight while alive.
+struct InFlight<'a>(&'a Lifecycle);
+
+impl<'a> InFlight<'a> {
+    fn new(life: &'a Lifecycle) -> Self {
+        life.in_flight.fetch_add(1, AtomicOrdering::AcqRel);
+        life.touch();
+        InFlight(life)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, AtomicOrdering::AcqRel);
     }
 }
 
@@ -193,6 +384,8 @@ pub struct ResolvedModel {
     spec: ModelSpec,
     id: String,
     provider: Arc<dyn Provider>,
+    guard: Arc<Guard>,
+    life: Arc<Lifecycle>,
     counters: Arc<Counters>,
 }
 
@@ -216,19 +409,69 @@ impl ResolvedModel {
         &self.spec
     }
 
-    /// Calls the provider once with `inputs`, recording the call in the model's statistics.
-    /// Always returns one outcome per input.
+    /// True while the model is loaded (false after an idle unload, until it is used again).
+    pub fn is_loaded(&self) -> bool {
+        self.life.loaded.load(AtomicOrdering::Acquire)
+    }
+
+    /// Loads the model again if it was unloaded for idleness.
+    async fn ensure_loaded(&self) -> Result<(), ProviderError> {
+        if self.is_loaded() {
+            return Ok(());
+        }
+        let _transition = self.life.transition.lock().await;
+        if self.is_loaded() {
+            return Ok(());
+        }
+        self.provider.load_model(&self.spec.remote_model).await?;
+        self.life.loaded.store(true, AtomicOrdering::Release);
+        add(&self.counters.reloads, 1);
+        metrics::counter!(m::MODEL_LIFECYCLE_TOTAL, "model" => self.id.clone(), "event" => "reload")
+            .increment(1);
+        tracing::info!(model = %self.id, "model loaded again after an idle unload");
+        Ok(())
+    }
+
+    /// Calls the provider once with `inputs`, after the breaker and the rate limiter let it,
+    /// recording the call in the model's statistics, the breaker and the metrics. Always
+    /// returns one outcome per input.
     async fn call(&self, inputs: Vec<ProviderInput>) -> Vec<Result<ProviderOutput, ProviderError>> {
         let n = inputs.len();
+        let guard = &self.guard;
+        let estimated: u64 = inputs.iter().map(estimate_tokens).sum();
+        guard.learn_tokens_per_input(estimated, n);
+        let permit = match &guard.breaker {
+            Some(breaker) => {
+                let waiting = Instant::now();
+                let permit = breaker.acquire().await;
+                guard.record_wait(waiting.elapsed(), "breaker", "call");
+                if permit.is_probe() {
+                    metrics::gauge!(m::PROVIDER_BREAKER_STATE, "provider" => guard.name.clone())
+                        .set(BreakerState::HalfOpen.gauge());
+                }
+                Some(permit)
+            }
+            None => None,
+        };
+        if let Some(limiter) = &guard.limiter {
+            let calls = self.provider.api_calls(&self.spec.remote_model, n) as u64;
+            let waited = limiter.acquire(calls, estimated).await;
+            guard.record_wait(waited, "rate_limit", "call");
+        }
         let started = Instant::now();
         let mut outcomes = self
             .provider
             .infer_batch(&self.spec.remote_model, inputs)
             .await;
+        let elapsed = started.elapsed();
         let c = &self.counters;
         add(&c.provider_calls, 1);
         add(&c.provider_inputs, n as u64);
-        add(&c.total_latency_us, started.elapsed().as_micros() as u64);
+        add(&c.total_latency_us, elapsed.as_micros() as u64);
+        let labels = [("provider", guard.name.clone()), ("model", self.id.clone())];
+        metrics::counter!(m::PROVIDER_CALLS_TOTAL, &labels).increment(1);
+        metrics::counter!(m::PROVIDER_INPUTS_TOTAL, &labels).increment(n as u64);
+        metrics::histogram!(m::PROVIDER_LATENCY_SECONDS, &labels).record(elapsed.as_secs_f64());
         if outcomes.len() != n {
             let error = ProviderError::InvalidResponse {
                 message: format!(
@@ -238,6 +481,7 @@ impl ResolvedModel {
             };
             outcomes = vec![Err(error); n];
         }
+        let mut reported: Option<TokenCounts> = None;
         for outcome in &outcomes {
             match outcome {
                 Ok(output) => {
@@ -245,13 +489,72 @@ impl ResolvedModel {
                         add(&c.prompt_tokens, usage.prompt_tokens);
                         add(&c.completion_tokens, usage.completion_tokens);
                         add(&c.total_tokens, usage.total_tokens);
+                        let sum = reported.get_or_insert_with(TokenCounts::default);
+                        sum.prompt += usage.prompt_tokens;
+                        sum.completion += usage.completion_tokens;
+                        sum.total += usage.total_tokens;
                     }
                 }
-                Err(_) => add(&c.provider_errors, 1),
+                Err(error) => {
+                    add(&c.provider_errors, 1);
+                    metrics::counter!(
+                        m::PROVIDER_ERRORS_TOTAL,
+                        "provider" => guard.name.clone(),
+                        "model" => self.id.clone(),
+                        "kind" => error.label()
+                    )
+                    .increment(1);
+                }
             }
+        }
+        if let Some(sum) = reported {
+            metrics::counter!(
+                m::PROVIDER_TOKENS_TOTAL,
+                "provider" => guard.name.clone(),
+                "model" => self.id.clone(),
+                "type" => "prompt"
+            )
+            .increment(sum.prompt);
+            metrics::counter!(
+                m::PROVIDER_TOKENS_TOTAL,
+                "provider" => guard.name.clone(),
+                "model" => self.id.clone(),
+                "type" => "completion"
+            )
+            .increment(sum.completion);
+            if let Some(limiter) = &guard.limiter {
+                limiter.correct_tokens(estimated, sum.total);
+            }
+        }
+        if let Some(permit) = permit {
+            // A call fails, for the breaker, when the provider answered none of its inputs:
+            // every outcome is an error that retrying could fix (5xx, timeouts, resets, 429),
+            // after the provider's own retries.
+            let failed = !outcomes.is_empty()
+                && outcomes
+                    .iter()
+                    .all(|o| o.as_ref().is_err_and(ProviderError::retryable));
+            let was_probe = permit.is_probe();
+            let state = permit.record(failed);
+            if state == BreakerState::Open && (was_probe || failed) {
+                metrics::counter!(m::PROVIDER_BREAKER_OPENED_TOTAL, "provider" => guard.name.clone())
+                    .increment(1);
+                tracing::warn!(provider = %guard.name, "circuit breaker open");
+            } else if state == BreakerState::Closed && was_probe {
+                tracing::info!(provider = %guard.name, "circuit breaker closed after a probe");
+            }
+            metrics::gauge!(m::PROVIDER_BREAKER_STATE, "provider" => guard.name.clone())
+                .set(state.gauge());
         }
         outcomes
     }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct TokenCounts {
+    prompt: u64,
+    completion: u64,
+    total: u64,
 }
 
 /// The versions of one model name.
@@ -262,7 +565,7 @@ struct Family {
 
 #[derive(Default)]
 struct Registry {
-    providers: BTreeMap<String, Arc<dyn Provider>>,
+    providers: BTreeMap<String, Guarded>,
     models: BTreeMap<String, Family>,
     defaults: HashMap<String, String>,
     /// Every id ever loaded, so reloading one clears the cache of the old answers.
@@ -338,10 +641,147 @@ impl ModelManager {
         self.registry.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers `provider` as `name`, replacing any provider of that name for models loaded
-    /// from now on (loaded models keep the provider they were loaded with).
+    /// Registers `provider` as `name`, with no circuit breaker and no rate limit, replacing
+    /// any provider of that name for models loaded from now on (loaded models keep the
+    /// provider they were loaded with).
     pub fn register_provider(&self, name: impl Into<String>, provider: Arc<dyn Provider>) {
-        self.write().providers.insert(name.into(), provider);
+        let name = name.into();
+        let guard = Arc::new(Guard::new(name.clone(), ProviderPolicy::default()));
+        self.write()
+            .providers
+            .insert(name, Guarded { provider, guard });
+    }
+
+    /// Registers `provider` as `name` behind the circuit breaker and rate limits of `policy`
+    /// (see [`register_provider`](Self::register_provider)). Fails when the policy has values
+    /// out of range.
+    pub fn register_provider_with_policy(
+        &self,
+        name: impl Into<String>,
+        provider: Arc<dyn Provider>,
+        policy: ProviderPolicy,
+    ) -> Result<(), BuildError> {
+        let problems = policy.problems();
+        if !problems.is_empty() {
+            return Err(BuildError::InvalidConfig { problems });
+        }
+        let name = name.into();
+        let guard = Arc::new(Guard::new(name.clone(), policy));
+        self.write()
+            .providers
+            .insert(name, Guarded { provider, guard });
+        Ok(())
+    }
+
+    /// The state of `provider`'s circuit breaker, when it has one.
+    pub fn breaker_state(&self, provider: &str) -> Option<BreakerState> {
+        let registry = self.read();
+        let breaker = registry.providers.get(provider)?.guard.breaker.clone()?;
+        drop(registry);
+        Some(breaker.state())
+    }
+
+    /// A reason to stop fetching requests now: a provider's circuit breaker is open (and not
+    /// yet due for its probe). Cheap: a read lock and two atomic loads per provider.
+    pub fn hold(&self) -> Option<String> {
+        let registry = self.read();
+        registry.providers.values().find_map(|g| {
+            let left = g.guard.breaker.as_ref()?.is_open()?;
+            Some(format!(
+                "circuit breaker open for provider `{}` (probe in {} ms)",
+                g.guard.name,
+                left.as_millis()
+            ))
+        })
+    }
+
+    /// Waits until `requests` requests for model `id` may be executed: loads the model if it
+    /// was unloaded for idleness, waits while its provider's breaker is open, and reserves
+    /// rate-limit capacity for the batch (which its calls then draw on). Returns at once for
+    /// unknown models; never fails.
+    pub async fn admit(&self, id: &str, requests: usize) {
+        let Ok(model) = self.resolve(id) else { return };
+        if requests == 0 {
+            return;
+        }
+        {
+            let _in_flight = InFlight::new(&model.life);
+            // A failed load is reported by the batch itself.
+            let _ = model.ensure_loaded().await;
+        }
+        let guard = &model.guard;
+        if let Some(breaker) = &guard.breaker {
+            let waiting = Instant::now();
+            breaker.wait_closed().await;
+            guard.record_wait(waiting.elapsed(), "breaker", "admit");
+        }
+        if let Some(limiter) = &guard.limiter {
+            let remote = &model.spec.remote_model;
+            // Through the cache every miss is its own call.
+            let calls = if self.cache.is_some() && model.spec.cache {
+                requests * model.provider.api_calls(remote, 1)
+            } else {
+                model.provider.api_calls(remote, requests)
+            };
+            let tokens = guard.tokens_per_input.load(AtomicOrdering::Relaxed) * requests as u64;
+            let waited = limiter.admit(calls as u64, tokens).await;
+            guard.record_wait(waited, "rate_limit", "admit");
+        }
+    }
+
+    /// Unloads every model with `unload_after_idle` that has been idle that long and is not
+    /// running; returns their ids. [`spawn_idle_sweeper`](Self::spawn_idle_sweeper) runs it
+    /// periodically.
+    pub fn unload_idle(&self) -> Vec<String> {
+        let candidates: Vec<ResolvedModel> = {
+            let registry = self.read();
+            registry
+                .models
+                .values()
+                .flat_map(|f| f.versions.values())
+                .filter(|m| {
+                    m.spec
+                        .unload_after_idle
+                        .is_some_and(|idle| m.is_loaded() && m.life.idle_for() >= idle)
+                })
+                .cloned()
+                .collect()
+        };
+        let mut unloaded = Vec::new();
+        for model in candidates {
+            // A model being loaded or unloaded right now is left for the next sweep.
+            let Ok(_transition) = model.life.transition.try_lock() else {
+                continue;
+            };
+            if model.life.in_flight.load(AtomicOrdering::Acquire) > 0 || !model.is_loaded() {
+                continue;
+            }
+            model.life.loaded.store(false, AtomicOrdering::Release);
+            model.provider.unload_model(&model.spec.remote_model);
+            add(&model.counters.idle_unloads, 1);
+            metrics::counter!(m::MODEL_LIFECYCLE_TOTAL, "model" => model.id.clone(), "event" => "unload")
+                .increment(1);
+            tracing::info!(model = %model.id, "model unloaded after being idle");
+            unloaded.push(model.id.clone());
+        }
+        unloaded
+    }
+
+    /// Runs [`unload_idle`](Self::unload_idle) every `every` on the current Tokio runtime,
+    /// until the manager is dropped or the task is aborted.
+    pub fn spawn_idle_sweeper(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let manager: Weak<ModelManager> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(manager) = manager.upgrade() else {
+                    return;
+                };
+                manager.unload_idle();
+            }
+        })
     }
 
     /// The registered provider names, sorted.
@@ -349,7 +789,10 @@ impl ModelManager {
         self.read().providers.keys().cloned().collect()
     }
 
-    fn check_spec(&self, spec: &ModelSpec) -> Result<Arc<dyn Provider>, ManagerError> {
+    fn check_spec(
+        &self,
+        spec: &ModelSpec,
+    ) -> Result<(Arc<dyn Provider>, Arc<Guard>), ManagerError> {
         if !valid_part(&spec.name) || !valid_part(&spec.version) {
             return Err(ManagerError::InvalidId { id: spec.id() });
         }
@@ -364,7 +807,7 @@ impl ModelManager {
         registry
             .providers
             .get(&spec.provider)
-            .cloned()
+            .map(|g| (Arc::clone(&g.provider), Arc::clone(&g.guard)))
             .ok_or_else(|| {
                 let known: Vec<&str> = registry.providers.keys().map(String::as_str).collect();
                 ManagerError::UnknownProvider {
@@ -378,7 +821,11 @@ impl ModelManager {
             })
     }
 
-    fn insert(&self, spec: ModelSpec, provider: Arc<dyn Provider>) -> Result<(), ManagerError> {
+    fn insert(
+        &self,
+        spec: ModelSpec,
+        (provider, guard): (Arc<dyn Provider>, Arc<Guard>),
+    ) -> Result<(), ManagerError> {
         let id = spec.id();
         let reloaded = {
             let mut registry = self.write();
@@ -392,6 +839,12 @@ impl ModelManager {
                     spec,
                     id: id.clone(),
                     provider,
+                    guard,
+                    life: {
+                        let life = Lifecycle::new();
+                        life.touch();
+                        Arc::new(life)
+                    },
                     counters: Arc::default(),
                 },
             );
@@ -413,14 +866,21 @@ impl ModelManager {
         self.insert(spec, provider)
     }
 
-    /// Loads `spec` after calling its provider once with `sample`; fails, loading nothing, when
-    /// that call fails. The warm-up call is not counted in the statistics.
+    /// Loads `spec` after asking its provider to load the model ([`Provider::load_model`]: a
+    /// local model is read, optimised and run once) and calling it once with `sample`; fails,
+    /// loading nothing, when either fails. The warm-up call is not counted in the statistics.
     pub async fn load_model_with_warmup(
         &self,
         spec: ModelSpec,
         sample: ProviderInput,
     ) -> Result<(), ManagerError> {
-        let provider = self.check_spec(&spec)?;
+        let (provider, guard) = self.check_spec(&spec)?;
+        if let Err(error) = provider.load_model(&spec.remote_model).await {
+            return Err(ManagerError::WarmUp {
+                id: spec.id(),
+                error,
+            });
+        }
         let outcome = provider
             .infer_batch(&spec.remote_model, vec![sample])
             .await
@@ -437,11 +897,13 @@ impl ModelManager {
                 error,
             });
         }
-        self.insert(spec, provider)
+        self.insert(spec, (provider, guard))
     }
 
     /// Unloads `name@version` (the version is required), returning what it was loaded with.
-    /// Its statistics go with it; a default version naming it stays set.
+    /// Its statistics go with it; a default version naming it stays set. The provider is asked
+    /// to free the model ([`Provider::unload_model`]) unless another loaded id uses the same
+    /// provider and remote model.
     pub fn unload_model(&self, id: &str) -> Result<ModelSpec, ManagerError> {
         let mut registry = self.write();
         let removed = id.split_once('@').and_then(|(name, version)| {
@@ -450,12 +912,27 @@ impl ModelManager {
             if family.versions.is_empty() {
                 registry.models.remove(name);
             }
-            Some(model.spec)
+            Some(model)
         });
-        removed.ok_or_else(|| ManagerError::NotLoaded {
-            id: id.to_owned(),
-            known: registry.known_ids(&[]),
-        })
+        let Some(model) = removed else {
+            return Err(ManagerError::NotLoaded {
+                id: id.to_owned(),
+                known: registry.known_ids(&[]),
+            });
+        };
+        let shared = registry
+            .models
+            .values()
+            .flat_map(|f| f.versions.values())
+            .any(|m| {
+                Arc::ptr_eq(&m.provider, &model.provider)
+                    && m.spec.remote_model == model.spec.remote_model
+            });
+        drop(registry);
+        if !shared {
+            model.provider.unload_model(&model.spec.remote_model);
+        }
+        Ok(model.spec)
     }
 
     /// Makes `version` what a bare `name` resolves to. It may be set before that version is
@@ -556,6 +1033,12 @@ impl ModelManager {
         requests: Vec<ExecRequest>,
     ) -> Vec<ExecResult> {
         let n = requests.len();
+        let _in_flight = InFlight::new(&model.life);
+        if let Err(error) = model.ensure_loaded().await {
+            add(&model.counters.requests, n as u64);
+            add(&model.counters.errors, n as u64);
+            return vec![Err(error.into()); n];
+        }
         let outcomes: Vec<(Result<ProviderOutput, ProviderError>, bool, u64)> =
             match (&self.cache, model.spec.cache) {
                 (Some(cache), true) => {
@@ -708,6 +1191,18 @@ impl Executor for ModelExecutor {
                 Err(error) => vec![Err(error); requests.len()],
             }
         })
+    }
+
+    fn admit<'a>(&'a self, target: &'a Target, requests: usize) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Target::Model(id) = target {
+                self.manager.admit(id, requests).await;
+            }
+        })
+    }
+
+    fn hold(&self) -> Option<String> {
+        self.manager.hold()
     }
 }
 

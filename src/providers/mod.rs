@@ -2,10 +2,12 @@
 //!
 //! A provider takes the inputs of one batch for one model and returns one outcome per input, in
 //! order. Remote providers (`openai`, `huggingface`) own their HTTP client, concurrency limit and
-//! retries ([`retry`]); failures are outcomes carrying a [`ProviderError`], which maps to the
-//! wire's [`ErrorKind`]. Nothing here knows about Kafka, and the model registry, rate limits,
-//! circuit breaking and the result cache ([`cache`]) sit in front of this trait, not inside it.
-//! The model registry is [`manager::ModelManager`]: versioned models, usage stats, an executor.
+//! retries ([`retry`]); the [`local`] provider runs ONNX models (tract) and the VADER sentiment
+//! analyser ([`vader`]) in-process. Failures are outcomes carrying a [`ProviderError`], which
+//! maps to the wire's [`ErrorKind`]. Nothing here knows about Kafka, and the model registry,
+//! rate limits ([`ratelimit`]), circuit breaking ([`breaker`]) and the result cache ([`cache`])
+//! sit in front of this trait, not inside it. The model registry is
+//! [`manager::ModelManager`]: versioned models, usage stats, idle unload, an executor.
 //!
 //! A custom provider only needs [`Provider::infer_batch`]:
 //!
@@ -37,11 +39,15 @@
 //! }
 //! ```
 
+pub mod breaker;
 pub mod cache;
 pub mod huggingface;
+pub mod local;
 pub mod manager;
 pub mod openai;
+pub mod ratelimit;
 pub mod retry;
+pub mod vader;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,7 +58,10 @@ use serde_json::{Map, Value};
 
 use crate::model::{ErrorBody, ErrorKind};
 
+pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+pub use local::{LocalConfig, LocalModelConfig, LocalModelKind, LocalProvider};
 pub use openai::{OpenAiConfig, OpenAiModelConfig, OpenAiProvider, OpenAiTask};
+pub use ratelimit::{RateLimitConfig, RateLimiter};
 pub use retry::{RetryBudget, RetryConfig, RetryPolicy, RetryStats};
 
 /// Answers model calls. Implementations return exactly one outcome per input, in the order
@@ -65,6 +74,30 @@ pub trait Provider: Send + Sync + 'static {
         model: &str,
         inputs: Vec<ProviderInput>,
     ) -> BoxFuture<'_, Vec<Result<ProviderOutput, ProviderError>>>;
+
+    /// How many requests to the provider's API one [`infer_batch`](Self::infer_batch) of
+    /// `inputs` inputs makes, for the requests-per-minute limit. The default, one per input,
+    /// suits providers that call once per input; providers that pack inputs (embeddings)
+    /// should say how many calls they pack them into.
+    fn api_calls(&self, model: &str, inputs: usize) -> usize {
+        let _ = model;
+        inputs
+    }
+
+    /// Makes `model` ready to answer (reads and optimises a local model, for instance), so
+    /// the first request does not pay for it. The default does nothing: remote models need no
+    /// loading.
+    fn load_model(&self, model: &str) -> BoxFuture<'_, Result<(), ProviderError>> {
+        let _ = model;
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Frees what [`load_model`](Self::load_model) took; the next call loads the model again.
+    /// Returns true when something was freed. The default frees nothing.
+    fn unload_model(&self, model: &str) -> bool {
+        let _ = model;
+        false
+    }
 }
 
 impl<P: Provider + ?Sized> Provider for Arc<P> {
@@ -75,6 +108,39 @@ impl<P: Provider + ?Sized> Provider for Arc<P> {
     ) -> BoxFuture<'_, Vec<Result<ProviderOutput, ProviderError>>> {
         (**self).infer_batch(model, inputs)
     }
+
+    fn api_calls(&self, model: &str, inputs: usize) -> usize {
+        (**self).api_calls(model, inputs)
+    }
+
+    fn load_model(&self, model: &str) -> BoxFuture<'_, Result<(), ProviderError>> {
+        (**self).load_model(model)
+    }
+
+    fn unload_model(&self, model: &str) -> bool {
+        (**self).unload_model(model)
+    }
+}
+
+/// Tokens an input will probably cost, before the call: a quarter of the characters of every
+/// string in its `data` (about four characters a token for English text), plus a small
+/// per-message overhead, plus the `max_tokens` parameter when the request sets one. The rate
+/// limiter charges this before the call and corrects it by the usage the provider reports.
+pub fn estimate_tokens(input: &ProviderInput) -> u64 {
+    fn chars(value: &Value) -> u64 {
+        match value {
+            Value::String(s) => s.chars().count() as u64,
+            Value::Array(items) => items.iter().map(chars).sum(),
+            Value::Object(map) => map.values().map(chars).sum(),
+            _ => 0,
+        }
+    }
+    let completion = input
+        .parameters
+        .get("max_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    chars(&input.data).div_ceil(4) + 4 + completion
 }
 
 /// One input to a model call.
@@ -217,6 +283,12 @@ pub enum ProviderError {
         /// What is wrong with the response.
         message: String,
     },
+    /// A local model could not be loaded or failed while running. Not retried.
+    #[error("local model failed: {message}")]
+    LocalModel {
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl ProviderError {
@@ -250,7 +322,26 @@ impl ProviderError {
             | ProviderError::Rejected { .. }
             | ProviderError::Unavailable { .. }
             | ProviderError::Connection { .. }
-            | ProviderError::InvalidResponse { .. } => ErrorKind::ProviderError,
+            | ProviderError::InvalidResponse { .. }
+            | ProviderError::LocalModel { .. } => ErrorKind::ProviderError,
+        }
+    }
+
+    /// A short, stable name of the variant, for metric labels: `invalid_input`,
+    /// `unknown_model`, `unauthorized`, `rejected`, `rate_limited`, `unavailable`, `timeout`,
+    /// `connection`, `invalid_response` or `local_model`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ProviderError::InvalidInput { .. } => "invalid_input",
+            ProviderError::UnknownModel { .. } => "unknown_model",
+            ProviderError::Unauthorized { .. } => "unauthorized",
+            ProviderError::Rejected { .. } => "rejected",
+            ProviderError::RateLimited { .. } => "rate_limited",
+            ProviderError::Unavailable { .. } => "unavailable",
+            ProviderError::Timeout { .. } => "timeout",
+            ProviderError::Connection { .. } => "connection",
+            ProviderError::InvalidResponse { .. } => "invalid_response",
+            ProviderError::LocalModel { .. } => "local_model",
         }
     }
 

@@ -618,6 +618,14 @@ impl Provider for OpenAiProvider {
             }
         })
     }
+
+    /// Chat makes one request per input; embeddings pack up to `max_embedding_inputs`.
+    fn api_calls(&self, model: &str, inputs: usize) -> usize {
+        match self.models.get(model).map(|m| m.task) {
+            Some(OpenAiTask::Embeddings) => inputs.div_ceil(self.max_embedding_inputs),
+            _ => inputs,
+        }
+    }
 }
 
 /// The chat settings of one call: the model's, overridden by the request's parameters.
