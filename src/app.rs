@@ -1,5 +1,5 @@
-//! Builds the running service from configuration (processor, HTTP server) and runs it until
-//! SIGINT or SIGTERM.
+//! Builds the running service from configuration (models, processor, feature ingestion, HTTP
+//! server) and runs it until SIGINT or SIGTERM.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,8 +10,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::executor::Builtins;
 use crate::feature_store::{FeatureStore, coherence};
+use crate::providers::manager::ModelExecutor;
 
 use crate::config::Config;
 use crate::http::{AppState, Readiness, router};
@@ -48,7 +48,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding http.listen = {}", config.http.listen))?;
     let stop = CancellationToken::new();
-    let processor = crate::processor::start(&config, Arc::new(Builtins), stop.clone()).await?;
+    let models = crate::providers::build::build_manager(&config)
+        .await
+        .context("starting the models of [providers] and [models]")?;
+    let executor = Arc::new(ModelExecutor::new(models));
+    let processor = crate::processor::start(&config, executor, stop.clone()).await?;
     let margin = processor.shutdown_timeout() + Duration::from_secs(15);
     let ingestion = if config.ingest.enabled {
         Some(start_features(&config, &stop).await?)

@@ -17,6 +17,7 @@
 //! rejected one at a time, and the semantic checks run on whatever parsed. The result is a
 //! [`ConfigErrors`] listing every problem, each with its key path and where the value came from.
 
+mod models;
 mod secret;
 mod sections;
 
@@ -31,6 +32,7 @@ use figment::providers::{Env, Format, Toml};
 use figment::value::Value;
 use serde_path_to_error::Segment;
 
+pub use models::{ModelSection, ModelsConfig, ProviderSection, ProvidersConfig};
 pub use secret::{REDACTED, Secret};
 pub use sections::{
     BatchConfig, Config, Consistency, ExecutorConfig, FeatureStoreBackend, FeatureStoreConfig,
@@ -52,6 +54,9 @@ const SECTIONS: &[&str] = &[
     "executor",
     "feature_store",
     "ingest",
+    "providers",
+    "models",
+    "result_cache",
     "http",
     "log",
 ];
@@ -185,6 +190,10 @@ impl Config {
         let executor = section::<ExecutorConfig>(fig, "executor", problems);
         let feature_store = section::<FeatureStoreConfig>(fig, "feature_store", problems);
         let ingest = section::<IngestConfig>(fig, "ingest", problems);
+        let providers = section::<ProvidersConfig>(fig, "providers", problems);
+        let models = section::<ModelsConfig>(fig, "models", problems);
+        let result_cache =
+            section::<crate::providers::cache::ResultCacheConfig>(fig, "result_cache", problems);
         let http = section::<HttpConfig>(fig, "http", problems);
         let log = section::<LogConfig>(fig, "log", problems);
         let config = Config {
@@ -194,10 +203,14 @@ impl Config {
             executor: executor?,
             feature_store: feature_store?,
             ingest: ingest?,
+            providers: providers?,
+            models: models?,
+            result_cache: result_cache?,
             http: http?,
             log: log?,
         };
         config.validate_across_sections(problems);
+        models::check_models_against_providers(&config.models, &config.providers, problems);
         Some(config)
     }
 

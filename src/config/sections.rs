@@ -591,6 +591,12 @@ pub struct Config {
     pub feature_store: FeatureStoreConfig,
     /// `[ingest]`
     pub ingest: IngestConfig,
+    /// `[providers.NAME]`
+    pub providers: super::ProvidersConfig,
+    /// `[models."name@version"]`
+    pub models: super::ModelsConfig,
+    /// `[result_cache]`
+    pub result_cache: crate::providers::cache::ResultCacheConfig,
     /// `[http]`
     pub http: HttpConfig,
     /// `[log]`

@@ -40,6 +40,7 @@
 //! ```
 
 pub mod breaker;
+pub mod build;
 pub mod cache;
 pub mod huggingface;
 pub mod local;

@@ -13,6 +13,7 @@ mod utils;
 mod feature_ingest;
 mod feature_store;
 mod http;
+mod models;
 mod process;
 mod processor;
 mod smoke;

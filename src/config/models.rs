@@ -1,0 +1,342 @@
+//! `[providers.*]`, `[models.*]` and `[result_cache]`: the model providers, the models they
+//! serve, and the inference result cache, as configuration. `crate::providers::build` turns them
+//! into a running `ModelManager`.
+//!
+//! ```toml
+//! [providers.local.local]               # provider `local`, of kind local
+//! max_concurrency = 2
+//! [providers.local.local.models.iris]
+//! kind = "onnx"
+//! path = "models/iris"
+//!
+//! [providers.gpt.openai]                # provider `gpt`, an OpenAI-compatible server
+//! base_url = "http://127.0.0.1:8000/v1"
+//! api_key_env = "OPENAI_API_KEY"
+//! [providers.gpt.openai.models.chat]
+//! task = "chat"
+//! [providers.gpt.breaker]               # optional, any provider
+//! failure_threshold = 5
+//! [providers.gpt.rate_limit]            # optional, any provider
+//! requests_per_minute = 600
+//!
+//! [models."iris@1"]                     # requests name `iris@1`, or `iris` (its only version)
+//! provider = "local"
+//! remote_model = "iris"                 # the provider's name for it; default: the model name
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::Problems;
+use super::sections::Section;
+use crate::providers::breaker::BreakerConfig;
+use crate::providers::cache::ResultCacheConfig;
+use crate::providers::huggingface::HuggingFaceConfig;
+use crate::providers::local::LocalConfig;
+use crate::providers::openai::OpenAiConfig;
+use crate::providers::ratelimit::RateLimitConfig;
+
+/// One `[providers.NAME]` table: exactly one of `openai`, `huggingface` or `local`, plus the
+/// optional `breaker` and `rate_limit`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSection {
+    /// An OpenAI-compatible HTTP API (OpenAI, vLLM, TGI, Ollama, llama.cpp).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openai: Option<OpenAiConfig>,
+    /// The Hugging Face Inference API or a text-embeddings-inference server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huggingface: Option<HuggingFaceConfig>,
+    /// Models run in process (ONNX, VADER).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalConfig>,
+    /// Circuit breaker; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<BreakerConfig>,
+    /// Rate limits; none when absent.
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
+}
+
+/// `[providers]`: providers by name.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ProvidersConfig(pub BTreeMap<String, ProviderSection>);
+
+/// One `[models."name@version"]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// The provider (a key of `[providers]`) that answers it.
+    pub provider: String,
+    /// The provider's name for the model; default: the model's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_model: Option<String>,
+    /// Serve repeated requests from the result cache (turn off for high-temperature chat).
+    #[serde(default = "yes")]
+    pub cache: bool,
+    /// Unload after this many seconds without a request (reloaded on the next one); 0 keeps
+    /// it loaded.
+    #[serde(default)]
+    pub unload_after_idle_secs: u64,
+    /// The version `name` alone refers to. A name with one configured version defaults to it.
+    #[serde(default)]
+    pub default: bool,
+    /// A sample `data` to call the model with once at start-up (warm-up): the model is then
+    /// loaded, and known to answer, before the first request. Without it a model loads on its
+    /// first request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<serde_json::Value>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `[models]`: models by `name@version`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ModelsConfig(pub BTreeMap<String, ModelSection>);
+
+impl ModelsConfig {
+    /// Splits `name@version`.
+    pub fn split_id(id: &str) -> Option<(&str, &str)> {
+        let (name, version) = id.split_once('@')?;
+        let ok = |s: &str| !s.is_empty() && !s.contains('@') && !s.chars().any(char::is_whitespace);
+        (ok(name) && ok(version)).then_some((name, version))
+    }
+
+    /// The default version of each model name: the one marked `default`, or the only one.
+    pub fn default_versions(&self) -> BTreeMap<String, String> {
+        let mut by_name: BTreeMap<&str, Vec<(&str, bool)>> = BTreeMap::new();
+        for (id, model) in &self.0 {
+            if let Some((name, version)) = Self::split_id(id) {
+                by_name
+                    .entry(name)
+                    .or_default()
+                    .push((version, model.default));
+            }
+        }
+        by_name
+            .into_iter()
+            .filter_map(|(name, versions)| {
+                let chosen = match versions.iter().find(|(_, d)| *d) {
+                    Some((v, _)) => Some(*v),
+                    None if versions.len() == 1 => Some(versions[0].0),
+                    None => None,
+                };
+                chosen.map(|v| (name.to_owned(), v.to_owned()))
+            })
+            .collect()
+    }
+}
+
+impl Section for ProvidersConfig {
+    fn validate(&self, p: &mut Problems) {
+        for (name, provider) in &self.0 {
+            let key = format!("providers.{name}");
+            let kinds = [
+                provider.openai.is_some(),
+                provider.huggingface.is_some(),
+                provider.local.is_some(),
+            ];
+            match kinds.iter().filter(|k| **k).count() {
+                1 => {}
+                0 => p.push(
+                    key.clone(),
+                    "names no kind: add one of the tables openai, huggingface or local",
+                ),
+                _ => p.push(
+                    key.clone(),
+                    "names more than one kind: keep one of openai, huggingface or local",
+                ),
+            }
+            let mut problems = Vec::new();
+            if let Some(breaker) = &provider.breaker {
+                breaker.validate("breaker", &mut problems);
+            }
+            provider.rate_limit.validate("rate_limit", &mut problems);
+            for problem in problems {
+                // The provider modules phrase problems as `key.sub: what`; keep the key path.
+                match problem.split_once(' ') {
+                    Some((path, rest)) if path.contains('.') || path.ends_with(':') => p.push(
+                        format!("{key}.{}", path.trim_end_matches(':')),
+                        rest.to_owned(),
+                    ),
+                    _ => p.push(key.clone(), problem),
+                }
+            }
+        }
+    }
+}
+
+impl Section for ModelsConfig {
+    fn validate(&self, p: &mut Problems) {
+        let mut defaults: BTreeMap<&str, usize> = BTreeMap::new();
+        for (id, model) in &self.0 {
+            let key = format!("models.\"{id}\"");
+            match Self::split_id(id) {
+                None => p.push(
+                    key.clone(),
+                    "a model id is `name@version` (for example `sentiment@1`), without spaces",
+                ),
+                Some((name, _)) => {
+                    if model.default {
+                        *defaults.entry(name).or_default() += 1;
+                    }
+                }
+            }
+            if model.provider.trim().is_empty() {
+                p.push(format!("{key}.provider"), "must name a provider");
+            }
+        }
+        for (name, count) in defaults {
+            if count > 1 {
+                p.push(
+                    "models",
+                    format!("model `{name}` has {count} versions marked default; keep one"),
+                );
+            }
+        }
+    }
+}
+
+impl Section for ResultCacheConfig {
+    fn validate(&self, p: &mut Problems) {
+        for problem in self.problems() {
+            // `cache.max_entries must be ...` → key `result_cache.max_entries`.
+            let (path, rest) = problem.split_once(' ').unwrap_or((problem.as_str(), ""));
+            let path = path.trim_start_matches("cache.");
+            p.push(format!("result_cache.{path}"), rest.to_owned());
+        }
+    }
+}
+
+/// Cross-checks of `[models]` against `[providers]`: every model names a configured provider,
+/// and a local provider's model exists in its table.
+pub(super) fn check_models_against_providers(
+    models: &ModelsConfig,
+    providers: &ProvidersConfig,
+    p: &mut Problems,
+) {
+    let names: BTreeSet<&str> = providers.0.keys().map(String::as_str).collect();
+    for (id, model) in &models.0 {
+        let key = format!("models.\"{id}\".provider");
+        let Some(provider) = providers.0.get(&model.provider) else {
+            p.push(
+                key,
+                format!(
+                    "`{}` is not a configured provider (configured: {})",
+                    model.provider,
+                    if names.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        names.iter().copied().collect::<Vec<_>>().join(", ")
+                    }
+                ),
+            );
+            continue;
+        };
+        let remote = model
+            .remote_model
+            .clone()
+            .or_else(|| ModelsConfig::split_id(id).map(|(n, _)| n.to_owned()))
+            .unwrap_or_default();
+        if let Some(local) = &provider.local {
+            if !local.models.contains_key(&remote) {
+                p.push(
+                    format!("models.\"{id}\".remote_model"),
+                    format!(
+                        "`{remote}` is not a model of local provider `{}` (it has: {})",
+                        model.provider,
+                        local.models.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    #[test]
+    fn providers_and_models_parse_and_defaults_are_derived() {
+        let config = Config::from_toml_str(
+            r#"
+            [providers.local.local.models.iris]
+            kind = "onnx"
+            path = "models/iris"
+            [providers.gpt.openai]
+            base_url = "http://127.0.0.1:9/v1"
+            [providers.gpt.openai.models.chat]
+            task = "chat"
+            [providers.gpt.breaker]
+            failure_threshold = 3
+            [providers.gpt.rate_limit]
+            requests_per_minute = 60
+            [models."iris@1"]
+            provider = "local"
+            [models."chat@1"]
+            provider = "gpt"
+            cache = false
+            [models."chat@2"]
+            provider = "gpt"
+            remote_model = "chat"
+            default = true
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(config.providers.0.len(), 2);
+        assert!(config.providers.0["gpt"].breaker.is_some());
+        assert!(!config.models.0["chat@1"].cache);
+        let defaults = config.models.default_versions();
+        assert_eq!(defaults["iris"], "1");
+        assert_eq!(defaults["chat"], "2");
+    }
+
+    #[test]
+    fn mistakes_are_reported_with_their_keys() {
+        let errors = Config::from_toml_str(
+            r#"
+            [providers.none]
+            [providers.both.openai]
+            [providers.both.local]
+            [providers.local.local.models.iris]
+            kind = "onnx"
+            path = "models/iris"
+            [models.noversion]
+            provider = "local"
+            [models."ghost@1"]
+            provider = "missing"
+            [models."tulip@1"]
+            provider = "local"
+            [models."x@1"]
+            provider = "local"
+            remote_model = "iris"
+            default = true
+            [models."x@2"]
+            provider = "local"
+            remote_model = "iris"
+            default = true
+            "#,
+        )
+        .expect_err("invalid");
+        let text = errors.to_string();
+        for needle in [
+            "providers.none",
+            "names no kind",
+            "providers.both",
+            "more than one kind",
+            "models.\"noversion\"",
+            "models.\"ghost@1\".provider",
+            "`missing` is not a configured provider",
+            "models.\"tulip@1\".remote_model",
+            "2 versions marked default",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+    }
+}
