@@ -9,8 +9,9 @@
 //!   environment variables), strict parsing and one validation pass reporting every problem.
 //! - [`kafka`]: building librdkafka clients from configuration.
 //! - [`feature_store`]: the feature store (CQL backend, schema, TTL cache).
-//! - [`providers`]: model providers (the `Provider` trait, OpenAI-compatible HTTP) and their
-//!   retry policy.
+//! - [`providers`]: model providers (the `Provider` trait; OpenAI-compatible and Hugging Face
+//!   HTTP; local ONNX and VADER models), their retry policy, circuit breaker and rate limits,
+//!   the result cache and the model manager.
 //! - [`telemetry`]: logging set-up; [`metrics`]: metric names and the Prometheus exporter.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`app`]: wires the service and runs it.
 
