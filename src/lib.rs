@@ -8,9 +8,11 @@
 //! - [`config`]: layered configuration (embedded defaults, a user file, `INFERFLOW__*`
 //!   environment variables), strict parsing and one validation pass reporting every problem.
 //! - [`kafka`]: building librdkafka clients from configuration.
-//! - [`feature_store`]: the feature store (CQL and embedded backends, schema, TTL cache).
-//! - [`providers`]: model providers (the `Provider` trait, OpenAI-compatible HTTP) and their
-//!   retry policy.
+//! - [`feature_store`]: the feature store (CQL and embedded backends, schema, TTL cache,
+//!   ingestion from Kafka, cross-instance invalidation, freshness).
+//! - [`providers`]: model providers (the `Provider` trait; OpenAI-compatible and Hugging Face
+//!   HTTP; local ONNX and VADER models), their retry policy, circuit breaker and rate limits,
+//!   the result cache, the model manager, and building all of it from configuration.
 //! - [`telemetry`]: logging set-up; [`metrics`]: metric names and the Prometheus exporter.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`app`]: wires the service and runs it.
 

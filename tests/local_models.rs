@@ -284,3 +284,31 @@ async fn idle_models_are_unloaded_and_reloaded_transparently() {
     assert!(provider.is_loaded("vader"));
     sweeper.abort();
 }
+
+#[tokio::test]
+async fn a_model_registered_without_warm_up_is_loaded_by_admit_before_its_batch() {
+    let provider = Arc::new(local());
+    let manager = Arc::new(ModelManager::new());
+    manager.register_provider("local", provider.clone());
+    manager
+        .load_model(ModelSpec::new("iris", "1", "local", "iris"))
+        .unwrap();
+    assert!(!provider.is_loaded("iris"));
+    let executor = ModelExecutor::new(manager.clone());
+    let target = Target::Model("iris".into());
+    executor.admit(&target, 1).await;
+    assert!(
+        provider.is_loaded("iris"),
+        "loaded ahead of the execute timeout"
+    );
+    let out = executor
+        .execute(
+            &target,
+            vec![request(json!({"features": [5.9, 3.0, 5.1, 1.8]}))],
+        )
+        .await;
+    assert_eq!(out[0].as_ref().unwrap().output["label"], "virginica");
+    assert_eq!(provider.loads("iris"), 1);
+    let stats = manager.stats("iris@1").unwrap();
+    assert_eq!((stats.reloads, stats.idle_unloads), (0, 0));
+}

@@ -621,3 +621,75 @@ async fn admit_and_hold_are_free_without_policies() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn provider_calls_errors_tokens_latency_breaker_and_cache_are_exported_as_metrics() {
+    use inferflow::metrics as m;
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    // The test runs on one thread (current-thread runtime), where this recorder applies.
+    let _recorder = metrics::set_default_local_recorder(&recorder);
+
+    let (_fake, _manager, executor) = guarded(ProviderPolicy {
+        breaker: Some(BreakerConfig {
+            failure_threshold: std::num::NonZeroU32::new(1).unwrap(),
+            ..BreakerConfig::default()
+        }),
+        ..ProviderPolicy::default()
+    });
+    run(
+        &executor,
+        "g",
+        vec![req(json!("a"), None), req(json!("b"), None)],
+    )
+    .await;
+    run(&executor, "g", vec![req(json!("fail:timeout"), None)]).await;
+    let cached = ModelExecutor::new(Arc::new({
+        let cached =
+            ModelManager::with_cache(ResultCache::new(ResultCacheConfig::default()).unwrap());
+        cached.register_provider("fake", Arc::new(Fake::default()));
+        cached.load_model(spec("c", "1", "r", true)).unwrap();
+        cached
+    }));
+    run(&cached, "c", vec![req(json!("x"), None)]).await;
+    run(&cached, "c", vec![req(json!("x"), None)]).await;
+
+    let text = handle.render();
+    let line = |name: &str, labels: &[&str]| -> f64 {
+        let found = text
+            .lines()
+            .find(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
+            .unwrap_or_else(|| panic!("no {name} {labels:?} in\n{text}"));
+        found.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let g = ["provider=\"guarded\"", "model=\"g@1\""];
+    assert_eq!(line(m::PROVIDER_CALLS_TOTAL, &g), 2.0);
+    assert_eq!(line(m::PROVIDER_INPUTS_TOTAL, &g), 3.0);
+    let with = |extra: &'static str| [g[0], g[1], extra];
+    assert_eq!(
+        line(m::PROVIDER_ERRORS_TOTAL, &with("kind=\"timeout\"")),
+        1.0
+    );
+    assert_eq!(
+        line(m::PROVIDER_TOKENS_TOTAL, &with("type=\"prompt\"")),
+        2.0
+    );
+    assert_eq!(
+        line(m::PROVIDER_TOKENS_TOTAL, &with("type=\"completion\"")),
+        4.0
+    );
+    assert_eq!(
+        line(&format!("{}_count", m::PROVIDER_LATENCY_SECONDS), &g),
+        2.0
+    );
+    assert_eq!(
+        line(m::PROVIDER_BREAKER_STATE, &["provider=\"guarded\""]),
+        2.0
+    );
+    assert_eq!(
+        line(m::PROVIDER_BREAKER_OPENED_TOTAL, &["provider=\"guarded\""]),
+        1.0
+    );
+    assert_eq!(line(m::CACHE_LOOKUPS_TOTAL, &["outcome=\"miss\""]), 1.0);
+    assert_eq!(line(m::CACHE_LOOKUPS_TOTAL, &["outcome=\"hit\""]), 1.0);
+}

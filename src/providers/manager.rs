@@ -334,9 +334,9 @@ struct Lifecycle {
 }
 
 impl Lifecycle {
-    fn new() -> Self {
+    fn new(loaded: bool) -> Self {
         Lifecycle {
-            loaded: AtomicBool::new(true),
+            loaded: AtomicBool::new(loaded),
             last_used_ns: AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
             in_flight: AtomicUsize::new(0),
@@ -409,12 +409,14 @@ impl ResolvedModel {
         &self.spec
     }
 
-    /// True while the model is loaded (false after an idle unload, until it is used again).
+    /// True once the provider has loaded the model: after a warm-up load or the first use, and
+    /// until an idle unload.
     pub fn is_loaded(&self) -> bool {
         self.life.loaded.load(AtomicOrdering::Acquire)
     }
 
-    /// Loads the model again if it was unloaded for idleness.
+    /// Asks the provider to load the model when it has not yet (a model registered without
+    /// warm-up) or was unloaded for idleness. A no-op for remote providers.
     async fn ensure_loaded(&self) -> Result<(), ProviderError> {
         if self.is_loaded() {
             return Ok(());
@@ -425,10 +427,12 @@ impl ResolvedModel {
         }
         self.provider.load_model(&self.spec.remote_model).await?;
         self.life.loaded.store(true, AtomicOrdering::Release);
-        add(&self.counters.reloads, 1);
-        metrics::counter!(m::MODEL_LIFECYCLE_TOTAL, "model" => self.id.clone(), "event" => "reload")
-            .increment(1);
-        tracing::info!(model = %self.id, "model loaded again after an idle unload");
+        if self.counters.idle_unloads.load(AtomicOrdering::Relaxed) > 0 {
+            add(&self.counters.reloads, 1);
+            metrics::counter!(m::MODEL_LIFECYCLE_TOTAL, "model" => self.id.clone(), "event" => "reload")
+                .increment(1);
+            tracing::info!(model = %self.id, "model loaded again after an idle unload");
+        }
         Ok(())
     }
 
@@ -821,10 +825,12 @@ impl ModelManager {
             })
     }
 
+    /// Registers the model; `loaded` says whether its provider has loaded it already.
     fn insert(
         &self,
         spec: ModelSpec,
         (provider, guard): (Arc<dyn Provider>, Arc<Guard>),
+        loaded: bool,
     ) -> Result<(), ManagerError> {
         let id = spec.id();
         let reloaded = {
@@ -841,7 +847,7 @@ impl ModelManager {
                     provider,
                     guard,
                     life: {
-                        let life = Lifecycle::new();
+                        let life = Lifecycle::new(loaded);
                         life.touch();
                         Arc::new(life)
                     },
@@ -860,10 +866,12 @@ impl ModelManager {
     }
 
     /// Loads `spec`. Fails when the id is invalid or already loaded, or the provider is not
-    /// registered.
+    /// registered. The provider loads the model ([`Provider::load_model`]) on its first use,
+    /// in [`admit`](Self::admit) or else in the first batch; use
+    /// [`load_model_with_warmup`](Self::load_model_with_warmup) to load it now.
     pub fn load_model(&self, spec: ModelSpec) -> Result<(), ManagerError> {
         let provider = self.check_spec(&spec)?;
-        self.insert(spec, provider)
+        self.insert(spec, provider, false)
     }
 
     /// Loads `spec` after asking its provider to load the model ([`Provider::load_model`]: a
@@ -897,7 +905,7 @@ impl ModelManager {
                 error,
             });
         }
-        self.insert(spec, (provider, guard))
+        self.insert(spec, (provider, guard), true)
     }
 
     /// Unloads `name@version` (the version is required), returning what it was loaded with.

@@ -505,6 +505,24 @@ mod tests {
     }
 
     #[test]
+    fn token_estimates_count_every_string_and_max_tokens() {
+        use serde_json::json;
+        // 16 characters: 4 tokens, plus the overhead of 4.
+        assert_eq!(
+            estimate_tokens(&ProviderInput::new(json!("abcdefghijklmnop"))),
+            8
+        );
+        let nested = json!({"messages": [{"role": "user", "content": "hello"}], "n": 3});
+        // "user" + "hello" = 9 characters: 3 tokens; numbers do not count.
+        assert_eq!(estimate_tokens(&ProviderInput::new(nested)), 7);
+        let with_max = ProviderInput::with_parameters(
+            json!("hi"),
+            json!({"max_tokens": 100}).as_object().cloned(),
+        );
+        assert_eq!(estimate_tokens(&with_max), 105);
+    }
+
+    #[test]
     fn sanitize_redacts_before_truncating() {
         let key = "sk-0123456789";
         assert_eq!(

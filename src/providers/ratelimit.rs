@@ -19,9 +19,11 @@
 //! [`RateLimiter::admit`] takes the reservation for a whole batch before the executor's
 //! timeout starts (the processor calls it through `Executor::admit`), and what it took is
 //! kept as *prepaid* credit that the batch's calls ([`RateLimiter::acquire`]) draw from first;
-//! a call only waits for what the credit does not cover. Credit left over (a batch answered
-//! from the cache) pays for later calls, and is capped at the burst. Time is `tokio::time`,
-//! so tests can pause the clock.
+//! a call only waits for what the credit does not cover. `admit` does not see the inputs, so
+//! the model manager asks it for the batch's size times the provider's recent average tokens
+//! per input. Credit left over (a batch answered from the cache) pays for later calls, and is
+//! capped at the larger of the burst and the batch. Time is `tokio::time`, so tests can pause
+//! the clock.
 
 use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::{Mutex, PoisonError};
