@@ -235,3 +235,32 @@ async fn slow_model_and_deep_backlog_keep_memory_bounded_and_the_group_stable() 
         "SIGTERM under load must still exit 0, got {status}"
     );
 }
+
+/// With feature ingestion turned off, SIGTERM still ends the process promptly with exit 0 (the
+/// shutdown waits for ingestion only when it runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_without_feature_ingestion_exits_0_promptly() {
+    utils::init_tracing();
+    utils::require_kafka().await;
+    let topics = Topics::create("noingest", 2).await;
+    let group = unique_name("noingest");
+    produce(&topics.requests, &requests("n", 10, 0, 0)).await;
+    let mut child = spawn(&topics, &group, &[("INGEST__ENABLED", "false".into())]);
+    let outputs = collect(
+        &[&topics.results],
+        10,
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(outputs.len(), 10);
+    let asked = Instant::now();
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(60));
+    assert!(status.success(), "SIGTERM must exit 0, got {status}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "shutdown took {:?}; it must not wait out the shutdown margin",
+        asked.elapsed()
+    );
+}
