@@ -68,10 +68,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     tracing::info!(topic = %config.topics.requests, group = %config.kafka.group_id, "processing requests");
     let mut processor_join = std::pin::pin!(processor.join());
+    let ingestion_stop = stop.clone();
     let mut ingestion_join = std::pin::pin!(async move {
         match ingestion {
             Some(handle) => handle.join().await,
-            None => std::future::pending().await,
+            // Nothing to join: done once everything is told to stop, so a shutdown does not
+            // wait for it (it never ends first: `stop` is cancelled only after a branch won).
+            None => {
+                ingestion_stop.cancelled().await;
+                Ok(())
+            }
         }
     });
     let outcome = tokio::select! {
