@@ -23,9 +23,11 @@
 //!    a fresh consumer group and writes to a fresh results topic. The driver counts distinct
 //!    results; the rate is taken from the 10 % mark to the last result (start-up and group
 //!    join excluded), and CPU seconds per 1,000 requests over the same window from
-//!    `/proc/PID/stat` (utime + stime) of the candidate and of the broker.
-//! 2. **Latency** at fixed offered loads, `E2E_LOADS` percent of the median passthrough
-//!    throughput of phase 1: requests paced by the driver (1 s warm-up, then
+//!    `/proc/PID/stat` (utime + stime) of the candidate and of the broker. Each round ends
+//!    with the passthrough's **capacity**: its throughput while the driver produces
+//!    `E2E_MESSAGES` requests as fast as it can.
+//! 2. **Latency** at fixed offered loads, `E2E_LOADS` percent of the median capacity of
+//!    phase 1: requests paced by the driver (1 s warm-up, then
 //!    `E2E_LATENCY_SECS` measured); latency = time the driver consumed the result − time it
 //!    produced the request, both on this machine's monotonic clock. Results missing after the
 //!    drain count as infinitely late.
@@ -946,7 +948,7 @@ fn live_run(
 }
 
 /// The passthrough's throughput while the generator produces at the same time, as fast as it
-/// can: the most a live stream can carry here, and the 100 % of the latency loads.
+/// can (a live stream has its production on the same cores): the 100 % of the latency loads.
 fn capacity_run(s: &Settings, admin: &Admin, tag: &str) -> f64 {
     let outcome = live_run(
         s,
@@ -1247,7 +1249,7 @@ fn run(s: &Settings, admin: &Admin) {
     report.line("");
     report.line("### End-to-end latency at fixed offered loads (medians, ms)");
     report.line("");
-    report.line(format!("Loads are percentages of the passthrough's median throughput while the load generator produces at the same time, as fast as it can ({max_rate:.0} requests/s; all runs: {capacity:.0?}): the most a live stream carries here. From a backlog (above) the passthrough only consumes, so that figure would overload every candidate at 50 %."));
+    report.line(format!("Loads are percentages of the passthrough's median throughput while the load generator produces at the same time, as fast as it can ({max_rate:.0} requests/s; all runs: {capacity:.0?}): a live stream has its production on the same cores."));
     report.line("");
     report.line("| load | candidate | p50 | p99 | p99.9 | p99 added over passthrough | CPU s / 1k req, processor | CPU s / 1k req, broker |");
     report.line("|---|---|---|---|---|---|---|---|");
