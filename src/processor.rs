@@ -39,7 +39,7 @@ use crate::config::{Config, KeyOrdering};
 use crate::decode::{DecodeRules, Decoded, decode};
 use crate::executor::{ExecRequest, ExecResult, Executor};
 use crate::kafka::sink::{DeliverError, OutRecord, Sink};
-use crate::kafka::source::{self, BatchHandler, SourceCore, SourceSpec, source_ref};
+use crate::kafka::source::{self, BatchHandler, SourceCore, SourceSpec, lock, source_ref};
 use crate::metrics as m;
 use crate::model::{ErrorBody, ErrorKind, InferenceResult, SourceRef, Status, Target};
 
@@ -581,8 +581,4 @@ pub async fn start(
         consumed_metric: m::REQUESTS_CONSUMED_TOTAL,
     };
     source::start(&config.kafka, spec, core, shared, stop)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

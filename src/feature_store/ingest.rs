@@ -40,7 +40,7 @@ use super::{FeatureStore, FeatureStoreError, FeatureUpdate};
 use crate::batching::{Batch, BatchLimits};
 use crate::config::Config;
 use crate::kafka::sink::{DeliverError, Sink};
-use crate::kafka::source::{self, BatchHandler, SourceCore, SourceHandle, SourceSpec};
+use crate::kafka::source::{self, BatchHandler, SourceCore, SourceHandle, SourceSpec, lock};
 use crate::metrics as m;
 use crate::model::{ErrorBody, ErrorKind};
 
@@ -323,10 +323,6 @@ enum WriteOutcome {
     Written,
     Invalid(ErrorBody),
     Stopped,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Starts feature ingestion from `topics.features` into `store` (whatever `ingest.enabled`

@@ -72,6 +72,10 @@ const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
 /// How often the consumer thread stores the positions that advanced.
 const STORE_EVERY: Duration = Duration::from_millis(50);
 
+/// How often the consumer thread asks the handler for a hold and updates its gauges (not once
+/// per record: a hold check may take a lock and build a string).
+const HOLD_CHECK_EVERY: Duration = Duration::from_millis(100);
+
 /// What a source does with its batches.
 pub trait BatchHandler: Send + Sync + 'static {
     /// Takes a closed batch and starts its work without blocking (the consumer thread calls
@@ -438,7 +442,9 @@ impl<H: BatchHandler> ConsumerContext for SourceContext<H> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks `m`, using the data even if another thread panicked while holding it (every user of
+/// these locks leaves the data consistent between statements).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -455,36 +461,43 @@ fn consume<H: BatchHandler>(
     let mut held: Option<String> = None;
     let mut paused_count = 0usize;
     let mut last_store = Instant::now();
+    let mut last_hold_check: Option<Instant> = None;
     while !stop.is_cancelled() && !core.fatal.is_cancelled() {
         // Backpressure: pause every assigned partition at the budget, resume at half of it.
         // A hold from the handler pauses them too, for as long as it lasts.
         let in_flight = core.in_flight();
-        metrics::gauge!(m::IN_FLIGHT_RECORDS, "source" => core.name).set(in_flight as f64);
         backpressure = if backpressure {
             in_flight > resume_below
         } else {
             in_flight >= spec.max_in_flight
         };
-        let hold = context.handler.hold();
-        // Logged when a hold starts or ends, not each time its reason's wording changes.
-        if hold.is_some() != held.is_some() {
-            match &hold {
-                Some(reason) => {
-                    tracing::warn!(source = core.name, reason = %reason, "pausing consumption")
+        let check_hold = last_hold_check.is_none_or(|t| t.elapsed() >= HOLD_CHECK_EVERY);
+        if check_hold {
+            last_hold_check = Some(Instant::now());
+            let hold = context.handler.hold();
+            // Logged when a hold starts or ends, not each time its reason's wording changes.
+            if hold.is_some() != held.is_some() {
+                match &hold {
+                    Some(reason) => {
+                        tracing::warn!(source = core.name, reason = %reason, "pausing consumption")
+                    }
+                    None => tracing::info!(source = core.name, "resuming consumption"),
                 }
-                None => tracing::info!(source = core.name, "resuming consumption"),
+                held = hold;
             }
-            held = hold;
         }
         let want_paused = backpressure || held.is_some();
         if want_paused != context.paused.load(Ordering::Acquire) {
             paused_count = set_paused(&consumer, want_paused);
         }
-        metrics::gauge!(m::PAUSED_PARTITIONS, "source" => core.name).set(if want_paused {
-            paused_count as f64
-        } else {
-            0.0
-        });
+        if check_hold {
+            metrics::gauge!(m::IN_FLIGHT_RECORDS, "source" => core.name).set(in_flight as f64);
+            metrics::gauge!(m::PAUSED_PARTITIONS, "source" => core.name).set(if want_paused {
+                paused_count as f64
+            } else {
+                0.0
+            });
+        }
 
         let wait = lock(&context.batcher)
             .deadline()
