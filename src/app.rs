@@ -2,8 +2,9 @@
 //! server) and runs it until SIGINT or SIGTERM.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -11,9 +12,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::feature_store::{FeatureStore, coherence};
-use crate::providers::manager::ModelExecutor;
+use crate::metrics::RELOADS_TOTAL;
+use crate::pipeline::{PipelineDef, PipelineExecutor, PipelineManager, StepDef, StepType};
 
-use crate::config::Config;
+use crate::config::{Config, Sources};
 use crate::http::{AppState, Readiness, router};
 
 /// Serves HTTP on an already bound listener until `shutdown` completes.
@@ -41,8 +43,9 @@ pub async fn serve(
 
 /// Runs the processor and the HTTP server until SIGINT or SIGTERM, then shuts down in order:
 /// the processor drains, delivers and commits within `executor.shutdown_timeout_ms`, then the
-/// HTTP server stops.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// HTTP server stops. Pipelines and models reload from `sources` on SIGHUP (and on file
+/// changes when `pipelines.watch` is set).
+pub async fn run(config: Config, sources: Sources) -> anyhow::Result<()> {
     let metrics = crate::metrics::install().context("installing the Prometheus recorder")?;
     let listener = TcpListener::bind(&config.http.listen)
         .await
@@ -51,14 +54,43 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let models = crate::providers::build::build_manager(&config)
         .await
         .context("starting the models of [providers] and [models]")?;
-    let executor = Arc::new(ModelExecutor::new(models));
-    let processor = crate::processor::start(&config, executor, stop.clone()).await?;
-    let margin = processor.shutdown_timeout() + Duration::from_secs(15);
-    let ingestion = if config.ingest.enabled {
-        Some(start_features(&config, &stop).await?)
+    let defs = config.pipelines.load().map_err(|errs| {
+        anyhow::anyhow!("loading pipelines from {}: {errs}", config.pipelines.dir)
+    })?;
+    // The store is opened when ingestion or a pipeline needs it, so a deployment without
+    // features runs without a database.
+    let store = if config.ingest.enabled || defs.iter().any(uses_features) {
+        Some(Arc::new(FeatureStore::open(&config.feature_store).await.context(
+            "opening the feature store (needed by [ingest] and by pipelines with a features step)",
+        )?))
     } else {
         None
     };
+    let mut pipelines = PipelineManager::new(models);
+    if let Some(store) = &store {
+        pipelines = pipelines.with_feature_store(Arc::clone(store));
+        tokio::spawn(Arc::clone(store).maintain(stop.clone()));
+    }
+    let pipelines = Arc::new(pipelines);
+    let ids: Vec<String> = defs.iter().map(|d| d.id.clone()).collect();
+    pipelines
+        .replace_all(None, defs)
+        .map_err(|errs| anyhow::anyhow!("pipelines in {}: {errs}", config.pipelines.dir))?;
+    tracing::info!(pipelines = ?ids, dir = %config.pipelines.dir, "pipelines loaded");
+    let executor: Arc<dyn crate::executor::Executor> =
+        Arc::new(PipelineExecutor::new(Arc::clone(&pipelines)));
+    let processor = crate::processor::start(&config, Arc::clone(&executor), stop.clone()).await?;
+    let margin = processor.shutdown_timeout() + Duration::from_secs(15);
+    let ingestion = match (&store, config.ingest.enabled) {
+        (Some(store), true) => Some(start_features(&config, Arc::clone(store), &stop)?),
+        _ => None,
+    };
+    tokio::spawn(reloader(
+        config.clone(),
+        sources,
+        Arc::clone(&pipelines),
+        stop.clone(),
+    ));
     let http_stop = CancellationToken::new();
     let http = {
         let http_stop = http_stop.clone();
@@ -111,18 +143,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     outcome
 }
 
-/// Opens the feature store and starts feature ingestion, the cache's maintenance and the
-/// invalidation listener; all stop with `stop`.
-async fn start_features(
+/// True when a pipeline has a `features` step (at any depth).
+fn uses_features(def: &PipelineDef) -> bool {
+    fn step(s: &StepDef) -> bool {
+        s.step_type == StepType::Features || s.step.as_deref().is_some_and(step)
+    }
+    def.steps.iter().any(step)
+}
+
+/// Starts feature ingestion, and the invalidation listener; both stop with `stop`.
+fn start_features(
     config: &Config,
+    store: Arc<FeatureStore>,
     stop: &CancellationToken,
 ) -> anyhow::Result<crate::kafka::source::SourceHandle> {
-    let store = Arc::new(
-        FeatureStore::open(&config.feature_store)
-            .await
-            .context("opening the feature store (set ingest.enabled = false to run without it)")?,
-    );
-    tokio::spawn(Arc::clone(&store).maintain(stop.clone()));
     if !config.topics.feature_invalidations.is_empty() {
         let (kafka, topic, store, stop) = (
             config.kafka.clone(),
@@ -142,6 +176,152 @@ async fn start_features(
     let handle = crate::feature_store::ingest::start(config, store, stop.clone())?;
     tracing::info!(topic = %config.topics.features, group = %config.ingest.group_id, "ingesting feature updates");
     Ok(handle)
+}
+
+/// What the reload watch compares: the configuration file and the pipeline files, with their
+/// modification times and sizes.
+fn fingerprint(sources: &Sources, dir: &str) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    let stat = |p: &Path| {
+        let meta = std::fs::metadata(p).ok();
+        (
+            p.to_owned(),
+            meta.as_ref().and_then(|m| m.modified().ok()),
+            meta.map(|m| m.len()).unwrap_or(0),
+        )
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.extend(sources.file.iter().cloned());
+    files.sort();
+    files.iter().map(|p| stat(p)).collect()
+}
+
+/// Reloads pipelines and models on SIGHUP and, with `pipelines.watch`, when a file changes.
+/// A configuration with problems is refused (each problem logged) and the running one stays.
+async fn reloader(
+    mut current: Config,
+    sources: Sources,
+    pipelines: Arc<PipelineManager>,
+    stop: CancellationToken,
+) {
+    #[cfg(unix)]
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(err) => {
+            tracing::error!(error = %err, "cannot listen for SIGHUP; reload on SIGHUP is off");
+            None
+        }
+    };
+    let mut last = fingerprint(&sources, &current.pipelines.dir);
+    let mut ticks = tokio::time::interval(current.pipelines.watch_interval());
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        let cause = tokio::select! {
+            () = stop.cancelled() => return,
+            () = hangup => "SIGHUP",
+            _ = ticks.tick(), if current.pipelines.watch => {
+                let now = fingerprint(&sources, &current.pipelines.dir);
+                if now == last {
+                    continue;
+                }
+                last = now;
+                "a changed file"
+            }
+        };
+        tracing::info!(cause, "reloading pipelines and models");
+        match reload(&sources, &current, &pipelines).await {
+            Ok(next) => {
+                metrics::counter!(RELOADS_TOTAL, "outcome" => "applied").increment(1);
+                tracing::info!(pipelines = ?pipelines.pipeline_ids(), "reloaded");
+                current = next;
+                last = fingerprint(&sources, &current.pipelines.dir);
+            }
+            Err(err) => {
+                metrics::counter!(RELOADS_TOTAL, "outcome" => "rejected").increment(1);
+                tracing::error!(
+                    problems = format!("{err:#}"),
+                    "reload refused; the running pipelines and models stay"
+                );
+            }
+        }
+    }
+}
+
+/// Loads the configuration again and installs its pipelines and, when `[providers]`,
+/// `[models]` or `[result_cache]` changed, a new model manager. Other sections take effect
+/// only after a restart (logged).
+async fn reload(
+    sources: &Sources,
+    current: &Config,
+    pipelines: &PipelineManager,
+) -> anyhow::Result<Config> {
+    let next = Config::load(sources).map_err(|errs| anyhow::anyhow!("{errs}"))?;
+    let defs = next
+        .pipelines
+        .load()
+        .map_err(|errs| anyhow::anyhow!("{errs}"))?;
+    let same = |a: &dyn erased::Ser, b: &dyn erased::Ser| a.toml() == b.toml();
+    let models_changed = !same(&current.providers, &next.providers)
+        || !same(&current.models, &next.models)
+        || !same(&current.result_cache, &next.result_cache);
+    let restart_only: Vec<&str> = [
+        ("kafka", same(&current.kafka, &next.kafka)),
+        ("topics", same(&current.topics, &next.topics)),
+        ("batch", same(&current.batch, &next.batch)),
+        ("executor", same(&current.executor, &next.executor)),
+        (
+            "feature_store",
+            same(&current.feature_store, &next.feature_store),
+        ),
+        ("ingest", same(&current.ingest, &next.ingest)),
+        ("http", same(&current.http, &next.http)),
+        ("log", same(&current.log, &next.log)),
+    ]
+    .into_iter()
+    .filter(|(_, same)| !same)
+    .map(|(name, _)| name)
+    .collect();
+    if !restart_only.is_empty() {
+        tracing::warn!(sections = ?restart_only, "changed sections take effect after a restart");
+    }
+    let models = if models_changed {
+        Some(
+            crate::providers::build::build_manager(&next)
+                .await
+                .context("starting the new models")?,
+        )
+    } else {
+        None
+    };
+    pipelines
+        .replace_all(models, defs)
+        .map_err(|errs| anyhow::anyhow!("{errs}"))?;
+    Ok(next)
+}
+
+/// Comparing configuration sections by their serialised form.
+mod erased {
+    /// A section that can be printed as TOML.
+    pub(super) trait Ser {
+        fn toml(&self) -> String;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn toml(&self) -> String {
+            toml::to_string(self).unwrap_or_default()
+        }
+    }
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

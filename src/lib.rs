@@ -13,6 +13,8 @@
 //! - [`providers`]: model providers (the `Provider` trait; OpenAI-compatible and Hugging Face
 //!   HTTP; local ONNX and VADER models), their retry policy, circuit breaker and rate limits,
 //!   the result cache, the model manager, and building all of it from configuration.
+//! - [`pipeline`]: config-driven pipelines (preprocess, features, model, postprocess, chaining,
+//!   map), their validation, hot reload, and the executor the processor and HTTP API drive.
 //! - [`telemetry`]: logging set-up; [`metrics`]: metric names and the Prometheus exporter.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`app`]: wires the service and runs it.
 
@@ -27,6 +29,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod model;
+pub mod pipeline;
 pub mod processor;
 pub mod providers;
 pub mod telemetry;

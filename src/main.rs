@@ -56,8 +56,8 @@ enum Command {
     /// Read and write the feature store (the configured backend) as JSON: put, get, vector,
     /// group create, group get. A missing feature or group exits with code 3.
     Features(cli::features::FeaturesArgs),
-    /// Load and validate the configuration; print the effective configuration (secrets
-    /// redacted), or every problem found and exit with code 2.
+    /// Load and validate the configuration and the pipelines in `pipelines.dir`; print the
+    /// effective configuration (secrets redacted), or every problem found and exit with code 2.
     CheckConfig {
         /// TOML file layered over the built-in defaults; INFERFLOW__SECTION__KEY environment
         /// variables override both.
@@ -73,6 +73,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => {
+            let sources = Sources::standard(config.clone());
             let config = match load_config(config) {
                 Ok(config) => config,
                 Err(code) => return code,
@@ -85,7 +86,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(inferflow::app::run(config)) {
+            match runtime.block_on(inferflow::app::run(config, sources)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     tracing::error!(error = format!("{err:#}"), "inferflow stopped on an error");
@@ -128,6 +129,28 @@ fn main() -> ExitCode {
         },
         Command::CheckConfig { config } => match load_config(config) {
             Ok(config) => {
+                // Pipelines are checked against the configured models (not loaded) and
+                // reported the same way as configuration problems.
+                let problems = match config.pipelines.load() {
+                    Ok(defs) => {
+                        let problems = inferflow::pipeline::check_against_config(&config, &defs);
+                        if problems.is_empty() {
+                            let ids: Vec<&str> = defs.iter().map(|d| d.id.as_str()).collect();
+                            eprintln!(
+                                "{} pipeline(s) in {}: {}",
+                                ids.len(),
+                                config.pipelines.dir,
+                                ids.join(", ")
+                            );
+                        }
+                        problems
+                    }
+                    Err(errs) => errs.0,
+                };
+                if !problems.is_empty() {
+                    eprint!("{}", inferflow::config::ConfigErrors(problems));
+                    return ExitCode::from(EXIT_CONFIG);
+                }
                 print!("{}", config.to_redacted_toml());
                 ExitCode::SUCCESS
             }

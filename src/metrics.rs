@@ -55,6 +55,19 @@ pub const PROVIDER_BREAKER_OPENED_TOTAL: &str = "inferflow_provider_breaker_open
 pub const PROVIDER_WAIT_SECONDS: &str = "inferflow_provider_wait_seconds";
 /// Result cache lookups (counter; label `outcome`: hit, miss, coalesced, bypassed).
 pub const CACHE_LOOKUPS_TOTAL: &str = "inferflow_cache_lookups_total";
+/// Pipeline requests by outcome (counter; labels `pipeline`, `outcome`: ok, error).
+pub const PIPELINE_REQUESTS_TOTAL: &str = "inferflow_pipeline_requests_total";
+/// Time one batch took through a pipeline (histogram, seconds; label `pipeline`).
+pub const PIPELINE_DURATION_SECONDS: &str = "inferflow_pipeline_duration_seconds";
+/// Time one batch took in one step, retries included (histogram, seconds; labels `pipeline`,
+/// `step`).
+pub const PIPELINE_STEP_DURATION_SECONDS: &str = "inferflow_pipeline_step_duration_seconds";
+/// Requests a step failed for, before `on_error` (counter; labels `pipeline`, `step`, `kind`).
+pub const PIPELINE_STEP_ERRORS_TOTAL: &str = "inferflow_pipeline_step_errors_total";
+/// Requests sent to a model by a pipeline's model steps (counter; labels `pipeline`, `model`).
+pub const PIPELINE_MODEL_REQUESTS_TOTAL: &str = "inferflow_pipeline_model_requests_total";
+/// Configuration reloads by outcome (counter; label `outcome`: applied, rejected).
+pub const RELOADS_TOTAL: &str = "inferflow_reloads_total";
 /// Models loaded again after an idle unload, and models unloaded for idleness (counter;
 /// labels `model`, `event`: unload, reload).
 pub const MODEL_LIFECYCLE_TOTAL: &str = "inferflow_model_lifecycle_total";
@@ -110,6 +123,12 @@ fn builder() -> PrometheusBuilder {
     let builder = with(builder, FEATURE_INVALIDATION_DELAY_SECONDS, LATENCY_BUCKETS);
     let builder = with(builder, PROVIDER_LATENCY_SECONDS, LATENCY_BUCKETS);
     let builder = with(builder, PROVIDER_WAIT_SECONDS, LATENCY_BUCKETS);
+    let builder = with(builder, PIPELINE_DURATION_SECONDS, FAST_LATENCY_BUCKETS);
+    let builder = with(
+        builder,
+        PIPELINE_STEP_DURATION_SECONDS,
+        FAST_LATENCY_BUCKETS,
+    );
     with(builder, BATCH_SIZE_RECORDS, BATCH_SIZE_BUCKETS)
 }
 
@@ -129,6 +148,29 @@ pub fn local() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        PIPELINE_REQUESTS_TOTAL,
+        "Pipeline requests by pipeline and outcome."
+    );
+    describe_histogram!(
+        PIPELINE_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time one batch took through a pipeline."
+    );
+    describe_histogram!(
+        PIPELINE_STEP_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time one batch took in one pipeline step, retries included."
+    );
+    describe_counter!(
+        PIPELINE_STEP_ERRORS_TOTAL,
+        "Requests a pipeline step failed for, by error kind, before on_error."
+    );
+    describe_counter!(
+        PIPELINE_MODEL_REQUESTS_TOTAL,
+        "Requests sent to models by pipeline model steps."
+    );
+    describe_counter!(RELOADS_TOTAL, "Configuration reloads by outcome.");
     describe_gauge!(
         UPTIME_SECONDS,
         Unit::Seconds,

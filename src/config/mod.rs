@@ -37,7 +37,8 @@ pub use secret::{REDACTED, Secret};
 pub use sections::{
     BatchConfig, Config, Consistency, ExecutorConfig, FeatureStoreBackend, FeatureStoreConfig,
     HttpConfig, IngestConfig, KafkaConfig, KeyOrdering, LogConfig, LogFormat, OffsetReset,
-    RESERVED_KAFKA_PROPERTIES, SaslMechanism, SecurityProtocol, TopicsConfig, check_topic_name,
+    PipelinesConfig, RESERVED_KAFKA_PROPERTIES, SaslMechanism, SecurityProtocol, TopicsConfig,
+    check_topic_name,
 };
 
 /// The defaults, embedded at build time.
@@ -57,6 +58,7 @@ const SECTIONS: &[&str] = &[
     "providers",
     "models",
     "result_cache",
+    "pipelines",
     "http",
     "log",
 ];
@@ -194,6 +196,7 @@ impl Config {
         let models = section::<ModelsConfig>(fig, "models", problems);
         let result_cache =
             section::<crate::providers::cache::ResultCacheConfig>(fig, "result_cache", problems);
+        let pipelines = section::<PipelinesConfig>(fig, "pipelines", problems);
         let http = section::<HttpConfig>(fig, "http", problems);
         let log = section::<LogConfig>(fig, "log", problems);
         let config = Config {
@@ -206,6 +209,7 @@ impl Config {
             providers: providers?,
             models: models?,
             result_cache: result_cache?,
+            pipelines: pipelines?,
             http: http?,
             log: log?,
         };

@@ -525,6 +525,42 @@ pub struct IngestConfig {
     pub retry_max_backoff_ms: NonZeroU64,
 }
 
+/// `[pipelines]`: where pipeline files live and whether to watch them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PipelinesConfig {
+    /// Directory of `*.toml` pipeline files (relative to the working directory). Empty (the
+    /// default) or a missing directory: no pipeline files, only the built-in `identity`.
+    pub dir: String,
+    /// Also reload when a pipeline file or the configuration file changes (polled), besides
+    /// on SIGHUP.
+    pub watch: bool,
+    /// How often the watch looks, milliseconds.
+    pub watch_interval_ms: u64,
+}
+
+impl PipelinesConfig {
+    /// The watch interval.
+    pub fn watch_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.watch_interval_ms)
+    }
+
+    /// Loads the definitions in [`dir`](Self::dir).
+    pub fn load(&self) -> Result<Vec<crate::pipeline::PipelineDef>, super::ConfigErrors> {
+        if self.dir.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        crate::pipeline::load_dir(std::path::Path::new(&self.dir)).map_err(super::ConfigErrors)
+    }
+}
+
+impl Section for PipelinesConfig {
+    fn validate(&self, p: &mut Problems) {
+        if self.watch_interval_ms < 100 {
+            p.push("pipelines.watch_interval_ms", "must be at least 100");
+        }
+    }
+}
+
 /// `[http]`: the HTTP server.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HttpConfig {
@@ -597,6 +633,8 @@ pub struct Config {
     pub models: super::ModelsConfig,
     /// `[result_cache]`
     pub result_cache: crate::providers::cache::ResultCacheConfig,
+    /// `[pipelines]`
+    pub pipelines: PipelinesConfig,
     /// `[http]`
     pub http: HttpConfig,
     /// `[log]`

@@ -1,0 +1,710 @@
+//! Running compiled pipelines over a batch of requests.
+//!
+//! A batch goes through the steps together: a model step makes one batched call for every
+//! request still alive, a features step one batched read. Each step computes its outcomes
+//! first and applies them after, so a timeout (which drops the step's future) or a failure
+//! never leaves a request half-changed. Per request, a failed step either fails the request,
+//! is skipped, or substitutes a default (`on_error`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use serde_json::{Map, Value};
+
+use super::Snapshot;
+use super::def::{FeatureSource, MAX_DEPTH, OnError, Pipeline, Step, StepKind};
+use super::path::JsonPath;
+use super::transform::TransformContext;
+use crate::executor::{ExecRequest, Executor};
+use crate::feature_store::FeatureVector;
+use crate::metrics::{PIPELINE_MODEL_REQUESTS_TOTAL, PIPELINE_STEP_ERRORS_TOTAL};
+use crate::model::{Entity, ErrorBody, ErrorKind, StepRecord, Target};
+use crate::providers::manager::ModelExecutor;
+
+/// One request on its way through a pipeline.
+#[derive(Debug, Clone)]
+pub(crate) struct Item {
+    pub(crate) request_id: String,
+    /// The pipeline's input, before any step.
+    pub(crate) input: Value,
+    /// The value flowing through the steps.
+    pub(crate) data: Value,
+    pub(crate) parameters: Option<Map<String, Value>>,
+    pub(crate) entity: Option<Entity>,
+    pub(crate) tenant: Option<String>,
+    /// Features looked up so far, by name.
+    pub(crate) features: Map<String, Value>,
+    pub(crate) steps: Vec<StepRecord>,
+    /// Version of the last model that answered.
+    pub(crate) model_version: Option<String>,
+    /// Whether every model step so far answered from the result cache (false before any).
+    pub(crate) cached: Option<bool>,
+    pub(crate) error: Option<ErrorBody>,
+}
+
+impl Item {
+    pub(crate) fn from_request(r: ExecRequest) -> Self {
+        Item {
+            request_id: r.request_id,
+            input: r.data.clone(),
+            data: r.data,
+            parameters: r.parameters,
+            entity: r.entity,
+            tenant: r.tenant,
+            features: Map::new(),
+            steps: Vec::new(),
+            model_version: None,
+            cached: None,
+            error: None,
+        }
+    }
+
+    fn context<'a>(&'a self, pipeline: &'a str) -> TransformContext<'a> {
+        TransformContext {
+            pipeline,
+            request_id: &self.request_id,
+            input: &self.input,
+            features: &self.features,
+            parameters: self.parameters.as_ref(),
+            entity: self.entity.as_ref(),
+        }
+    }
+
+    /// A child running a chained pipeline or a map element on `data`.
+    fn child(&self, data: Value) -> Item {
+        Item {
+            request_id: self.request_id.clone(),
+            input: data.clone(),
+            data,
+            parameters: self.parameters.clone(),
+            entity: self.entity.clone(),
+            tenant: self.tenant.clone(),
+            features: self.features.clone(),
+            steps: Vec::new(),
+            model_version: None,
+            cached: None,
+            error: None,
+        }
+    }
+}
+
+/// What a step changes in one request when it succeeds.
+#[derive(Debug, Default, Clone)]
+struct Delta {
+    data: Option<Value>,
+    features: Option<Map<String, Value>>,
+    cached: Option<bool>,
+    model_version: Option<String>,
+    /// Steps of a chained pipeline, recorded under this step's name.
+    sub_steps: Vec<StepRecord>,
+}
+
+/// Why a step failed for one request.
+#[derive(Debug, Clone)]
+struct StepError {
+    body: ErrorBody,
+    retryable: bool,
+}
+
+impl StepError {
+    fn fatal(kind: ErrorKind, message: impl Into<String>) -> Self {
+        StepError {
+            body: ErrorBody::new(kind, message),
+            retryable: false,
+        }
+    }
+
+    fn from_body(body: ErrorBody) -> Self {
+        let retryable = matches!(
+            body.kind,
+            ErrorKind::ProviderError
+                | ErrorKind::ProviderTimeout
+                | ErrorKind::RateLimited
+                | ErrorKind::FeatureStoreError
+        );
+        StepError { body, retryable }
+    }
+}
+
+type Outcome = Result<Delta, StepError>;
+
+/// Feature vectors a features step reads at once.
+const FEATURE_READ_CONCURRENCY: usize = 32;
+
+/// Runs pipelines against one snapshot of models, features and pipelines.
+pub(crate) struct Engine<'s> {
+    pub(crate) snapshot: &'s Snapshot,
+}
+
+impl<'s> Engine<'s> {
+    /// Runs `pipeline` over `items`, in place.
+    pub(crate) fn run<'a>(
+        &'a self,
+        pipeline: &'a Pipeline,
+        items: &'a mut [Item],
+        depth: usize,
+        record_outputs: bool,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let record = record_outputs || pipeline.def.record_outputs;
+            for step in &pipeline.steps {
+                let live: Vec<usize> = (0..items.len())
+                    .filter(|&i| items[i].error.is_none())
+                    .collect();
+                if live.is_empty() {
+                    break;
+                }
+                self.run_step(&pipeline.id, step, items, &live, depth, record)
+                    .await;
+            }
+        })
+    }
+
+    /// Runs one step for the requests at `live`, with its retries and timeout, and applies the
+    /// outcomes (or `on_error`).
+    fn run_step<'a>(
+        &'a self,
+        pipeline: &'a str,
+        step: &'a Step,
+        items: &'a mut [Item],
+        live: &'a [usize],
+        depth: usize,
+        record: bool,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(self.run_step_inner(pipeline, step, items, live, depth, record))
+    }
+
+    async fn run_step_inner(
+        &self,
+        pipeline: &str,
+        step: &Step,
+        items: &mut [Item],
+        live: &[usize],
+        depth: usize,
+        record: bool,
+    ) {
+        let started = Instant::now();
+        let mut outcomes: Vec<Option<Outcome>> = (0..items.len()).map(|_| None).collect();
+        let mut pending = live.to_vec();
+        let mut attempt = 0;
+        loop {
+            let results = self.attempt(pipeline, step, items, &pending, depth).await;
+            let mut retry = Vec::new();
+            for (&i, result) in pending.iter().zip(results) {
+                match result {
+                    Err(e) if e.retryable && attempt < step.retries => retry.push(i),
+                    other => outcomes[i] = Some(other),
+                }
+            }
+            if retry.is_empty() {
+                break;
+            }
+            attempt += 1;
+            pending = retry;
+        }
+        let elapsed = started.elapsed();
+        step.latency.record(elapsed.as_secs_f64());
+        let latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        for &i in live {
+            let item = &mut items[i];
+            let mut cached = false;
+            match outcomes[i].take() {
+                Some(Ok(delta)) => {
+                    if let Some(data) = delta.data {
+                        item.data = data;
+                    }
+                    if let Some(features) = delta.features {
+                        item.features.extend(features);
+                    }
+                    if let Some(c) = delta.cached {
+                        cached = c;
+                        item.cached = Some(item.cached.unwrap_or(true) && c);
+                    }
+                    if delta.model_version.is_some() {
+                        item.model_version = delta.model_version;
+                    }
+                    for mut sub in delta.sub_steps {
+                        sub.name = format!("{}/{}", step.name, sub.name);
+                        item.steps.push(sub);
+                    }
+                }
+                Some(Err(e)) => {
+                    metrics::counter!(
+                        PIPELINE_STEP_ERRORS_TOTAL,
+                        "pipeline" => pipeline.to_owned(),
+                        "step" => step.name.clone(),
+                        "kind" => e.body.kind.as_str()
+                    )
+                    .increment(1);
+                    match &step.on_error {
+                        OnError::Fail => {
+                            item.error = Some(ErrorBody::new(
+                                e.body.kind,
+                                format!("step `{}`: {}", step.name, e.body.message),
+                            ));
+                        }
+                        OnError::Skip => {}
+                        OnError::Default(value) => item.data = value.clone(),
+                    }
+                }
+                // Every live request gets an outcome; nothing to apply otherwise.
+                None => {}
+            }
+            item.steps.push(StepRecord {
+                name: step.name.clone(),
+                latency_us,
+                cached,
+                output: (record || step.record_output).then(|| item.data.clone()),
+            });
+        }
+    }
+
+    /// One attempt of `step` for the requests at `idx`: one outcome each, in order.
+    async fn attempt(
+        &self,
+        pipeline: &str,
+        step: &Step,
+        items: &[Item],
+        idx: &[usize],
+        depth: usize,
+    ) -> Vec<Outcome> {
+        let work = self.execute(pipeline, step, items, idx, depth);
+        match step.timeout {
+            None => work.await,
+            Some(limit) => match tokio::time::timeout(limit, work).await {
+                Ok(outcomes) => outcomes,
+                Err(_) => {
+                    let kind = match step.kind {
+                        StepKind::Model { .. } => ErrorKind::ProviderTimeout,
+                        StepKind::Features { .. } => ErrorKind::FeatureStoreError,
+                        _ => ErrorKind::StepFailed,
+                    };
+                    let e = StepError {
+                        body: ErrorBody::new(
+                            kind,
+                            format!("timed out after {} ms", limit.as_millis()),
+                        ),
+                        retryable: true,
+                    };
+                    vec![Err(e); idx.len()]
+                }
+            },
+        }
+    }
+
+    fn execute<'a>(
+        &'a self,
+        pipeline: &'a str,
+        step: &'a Step,
+        items: &'a [Item],
+        idx: &'a [usize],
+        depth: usize,
+    ) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(async move {
+            match &step.kind {
+                StepKind::Transforms(transforms) => idx
+                    .iter()
+                    .map(|&i| {
+                        let item = &items[i];
+                        let ctx = item.context(pipeline);
+                        let mut data = item.data.clone();
+                        for t in transforms {
+                            data = t
+                                .apply(data, &ctx)
+                                .map_err(|m| StepError::fatal(ErrorKind::StepFailed, m))?;
+                        }
+                        Ok(Delta {
+                            data: Some(data),
+                            ..Delta::default()
+                        })
+                    })
+                    .collect(),
+                StepKind::Model { model, input, into } => {
+                    self.model(pipeline, model, input.as_ref(), into.as_ref(), items, idx)
+                        .await
+                }
+                StepKind::Features {
+                    source,
+                    entity_id,
+                    into,
+                } => {
+                    self.features(
+                        pipeline,
+                        source,
+                        entity_id.as_ref(),
+                        into.as_ref(),
+                        items,
+                        idx,
+                    )
+                    .await
+                }
+                StepKind::Pipeline { id } => self.chain(id, items, idx, depth).await,
+                StepKind::Map {
+                    over,
+                    step: sub,
+                    concurrency,
+                    into,
+                } => {
+                    self.map(
+                        pipeline,
+                        over,
+                        sub,
+                        *concurrency,
+                        into.as_ref(),
+                        items,
+                        idx,
+                        depth,
+                    )
+                    .await
+                }
+            }
+        })
+    }
+
+    async fn model(
+        &self,
+        pipeline: &str,
+        model: &str,
+        input: Option<&JsonPath>,
+        into: Option<&JsonPath>,
+        items: &[Item],
+        idx: &[usize],
+    ) -> Vec<Outcome> {
+        let mut requests = Vec::with_capacity(idx.len());
+        let mut slots: Vec<Option<Outcome>> = Vec::with_capacity(idx.len());
+        for &i in idx {
+            let item = &items[i];
+            let data = match input {
+                None => Some(item.data.clone()),
+                Some(path) => item.context(pipeline).lookup(&item.data, path),
+            };
+            match data {
+                Some(data) => {
+                    requests.push(ExecRequest {
+                        request_id: item.request_id.clone(),
+                        data,
+                        parameters: item.parameters.clone(),
+                        entity: item.entity.clone(),
+                        tenant: item.tenant.clone(),
+                    });
+                    slots.push(None);
+                }
+                None => slots.push(Some(Err(StepError::fatal(
+                    ErrorKind::StepFailed,
+                    format!(
+                        "no model input at `{}`",
+                        input.map(ToString::to_string).unwrap_or_default()
+                    ),
+                )))),
+            }
+        }
+        metrics::counter!(
+            PIPELINE_MODEL_REQUESTS_TOTAL,
+            "pipeline" => pipeline.to_owned(),
+            "model" => model.to_owned()
+        )
+        .increment(requests.len() as u64);
+        let executor = ModelExecutor::new(Arc::clone(&self.snapshot.models));
+        let mut answers = if requests.is_empty() {
+            Vec::new()
+        } else {
+            executor
+                .execute(&Target::Model(model.to_owned()), requests)
+                .await
+        }
+        .into_iter();
+        slots
+            .into_iter()
+            .zip(idx)
+            .map(|(slot, &i)| {
+                if let Some(done) = slot {
+                    return done;
+                }
+                match answers.next() {
+                    Some(Ok(out)) => {
+                        let data = place(&items[i].data, into, out.output)?;
+                        Ok(Delta {
+                            data: Some(data),
+                            cached: Some(out.cached),
+                            model_version: out.model_version,
+                            ..Delta::default()
+                        })
+                    }
+                    Some(Err(body)) => Err(StepError::from_body(body)),
+                    None => Err(StepError::fatal(
+                        ErrorKind::Internal,
+                        "the model returned fewer outcomes than requests",
+                    )),
+                }
+            })
+            .collect()
+    }
+
+    async fn features(
+        &self,
+        pipeline: &str,
+        source: &FeatureSource,
+        entity_id: Option<&JsonPath>,
+        into: Option<&JsonPath>,
+        items: &[Item],
+        idx: &[usize],
+    ) -> Vec<Outcome> {
+        let fail_all = |kind: ErrorKind, message: String| -> Vec<Outcome> {
+            let e = StepError::from_body(ErrorBody::new(kind, message));
+            vec![Err(e); idx.len()]
+        };
+        let Some(store) = &self.snapshot.features else {
+            return fail_all(
+                ErrorKind::FeatureStoreError,
+                "no feature store is attached".into(),
+            );
+        };
+        let (entity_type, names) = match source {
+            FeatureSource::Names { entity_type, names } => (entity_type.clone(), names.clone()),
+            FeatureSource::Group { name, version } => {
+                match store.get_feature_group(name, *version).await {
+                    Ok(Some(group)) => (group.entity_type, group.features),
+                    Ok(None) => {
+                        return vec![
+                            Err(StepError::fatal(
+                                ErrorKind::FeatureStoreError,
+                                format!("no feature group `{name}`")
+                            ));
+                            idx.len()
+                        ];
+                    }
+                    Err(err) => return fail_all(ErrorKind::FeatureStoreError, err.to_string()),
+                }
+            }
+        };
+        // The entity id of each request, or why there is none.
+        let ids: Vec<Result<String, StepError>> = idx
+            .iter()
+            .map(|&i| {
+                let item = &items[i];
+                let id = match entity_id {
+                    Some(path) => item
+                        .context(pipeline)
+                        .lookup(&item.data, path)
+                        .and_then(|v| match v {
+                            Value::String(s) => Some(s),
+                            Value::Number(n) => Some(n.to_string()),
+                            _ => None,
+                        }),
+                    None => item.entity.as_ref().map(|e| e.id.clone()),
+                };
+                id.ok_or_else(|| {
+                    StepError::fatal(
+                        ErrorKind::InvalidRequest,
+                        match entity_id {
+                            Some(path) => format!("no entity id (a string or number) at `{path}`"),
+                            None => "the request has no `entity`".to_owned(),
+                        },
+                    )
+                })
+            })
+            .collect();
+        let wanted: Vec<String> = ids
+            .iter()
+            .filter_map(|r| r.as_ref().ok().cloned())
+            .collect();
+        // Owned futures (not `get_feature_vectors`, whose borrowing closure the compiler
+        // cannot prove `Send` inside this recursive, boxed future).
+        let names = Arc::new(names);
+        let entity_type = Arc::new(entity_type);
+        let reads = wanted.into_iter().map(|id| {
+            let (store, names, entity_type) = (
+                Arc::clone(store),
+                Arc::clone(&names),
+                Arc::clone(&entity_type),
+            );
+            async move { store.get_feature_vector(&entity_type, &id, &names).await }
+        });
+        let mut vectors = futures::stream::iter(reads)
+            .buffered(FEATURE_READ_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter();
+        ids.into_iter()
+            .zip(idx)
+            .map(|(id, &i)| {
+                id?;
+                let vector: FeatureVector = match vectors.next() {
+                    Some(Ok(v)) => v,
+                    Some(Err(err)) => {
+                        return Err(StepError::from_body(ErrorBody::new(
+                            ErrorKind::FeatureStoreError,
+                            err.to_string(),
+                        )));
+                    }
+                    None => {
+                        return Err(StepError::fatal(
+                            ErrorKind::Internal,
+                            "the feature store returned fewer vectors than entities",
+                        ));
+                    }
+                };
+                let mut features = Map::new();
+                for (name, value) in vector.features {
+                    features.insert(name, Value::Object(value.values));
+                }
+                for name in vector.missing {
+                    features.insert(name, Value::Null);
+                }
+                let data = match into {
+                    Some(path) => Some(place(
+                        &items[i].data,
+                        Some(path),
+                        Value::Object(features.clone()),
+                    )?),
+                    None => None,
+                };
+                Ok(Delta {
+                    data,
+                    features: Some(features),
+                    ..Delta::default()
+                })
+            })
+            .collect()
+    }
+
+    async fn chain(&self, id: &str, items: &[Item], idx: &[usize], depth: usize) -> Vec<Outcome> {
+        let Some(pipeline) = self.snapshot.pipelines.get(id) else {
+            let e = StepError::fatal(ErrorKind::UnknownPipeline, format!("no pipeline `{id}`"));
+            return vec![Err(e); idx.len()];
+        };
+        if depth + 1 >= MAX_DEPTH {
+            let e = StepError::fatal(
+                ErrorKind::StepFailed,
+                format!("pipelines nest deeper than {MAX_DEPTH}"),
+            );
+            return vec![Err(e); idx.len()];
+        }
+        let mut children: Vec<Item> = idx
+            .iter()
+            .map(|&i| items[i].child(items[i].data.clone()))
+            .collect();
+        self.run(pipeline, &mut children, depth + 1, false).await;
+        children
+            .into_iter()
+            .map(|child| match child.error {
+                Some(body) => Err(StepError {
+                    body,
+                    retryable: false,
+                }),
+                None => Ok(Delta {
+                    data: Some(child.data),
+                    features: Some(child.features),
+                    cached: child.cached,
+                    model_version: child.model_version,
+                    sub_steps: child.steps,
+                }),
+            })
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn map(
+        &self,
+        pipeline: &str,
+        over: &JsonPath,
+        sub: &Step,
+        concurrency: usize,
+        into: Option<&JsonPath>,
+        items: &[Item],
+        idx: &[usize],
+        depth: usize,
+    ) -> Vec<Outcome> {
+        // Every element of every request, flattened, remembering whose it is.
+        let mut owners = Vec::new();
+        let mut elements = Vec::new();
+        let mut early: Vec<Option<Outcome>> = Vec::with_capacity(idx.len());
+        for (slot, &i) in idx.iter().enumerate() {
+            match over.get(&items[i].data) {
+                Some(Value::Array(values)) => {
+                    for v in values {
+                        owners.push(slot);
+                        elements.push(items[i].child(v.clone()));
+                    }
+                    early.push(None);
+                }
+                other => early.push(Some(Err(StepError::fatal(
+                    ErrorKind::StepFailed,
+                    format!(
+                        "expected an array at `{over}`, found {}",
+                        other.map(super::path::describe).unwrap_or("nothing")
+                    ),
+                )))),
+            }
+        }
+        // Bounded concurrency: at most `concurrency` elements are in the sub-step at once.
+        for start in (0..elements.len()).step_by(concurrency.max(1)) {
+            let end = (start + concurrency).min(elements.len());
+            let chunk = &mut elements[start..end];
+            let live: Vec<usize> = (0..chunk.len()).collect();
+            self.run_step(pipeline, sub, chunk, &live, depth + 1, false)
+                .await;
+        }
+        let mut outputs: Vec<Vec<Value>> = vec![Vec::new(); idx.len()];
+        let mut errors: Vec<Option<ErrorBody>> = vec![None; idx.len()];
+        let mut cached: Vec<Option<bool>> = vec![None; idx.len()];
+        let mut versions: Vec<Option<String>> = vec![None; idx.len()];
+        for (n, (owner, element)) in owners.into_iter().zip(elements).enumerate() {
+            if let Some(err) = element.error {
+                if errors[owner].is_none() {
+                    errors[owner] = Some(ErrorBody::new(
+                        err.kind,
+                        format!("element {n}: {}", err.message),
+                    ));
+                }
+                continue;
+            }
+            if let Some(c) = element.cached {
+                cached[owner] = Some(cached[owner].unwrap_or(true) && c);
+            }
+            if element.model_version.is_some() {
+                versions[owner] = element.model_version;
+            }
+            outputs[owner].push(element.data);
+        }
+        early
+            .into_iter()
+            .enumerate()
+            .map(|(slot, done)| {
+                if let Some(done) = done {
+                    return done;
+                }
+                if let Some(body) = errors[slot].take() {
+                    return Err(StepError {
+                        body,
+                        retryable: false,
+                    });
+                }
+                let array = Value::Array(std::mem::take(&mut outputs[slot]));
+                let target = into.unwrap_or(over);
+                Ok(Delta {
+                    data: Some(place(&items[idx[slot]].data, Some(target), array)?),
+                    cached: cached[slot],
+                    model_version: versions[slot].take(),
+                    ..Delta::default()
+                })
+            })
+            .collect()
+    }
+}
+
+/// `data` with `new` at `into`, or `new` itself when `into` is absent or the root.
+fn place(data: &Value, into: Option<&JsonPath>, new: Value) -> Result<Value, StepError> {
+    match into {
+        None => Ok(new),
+        Some(p) if p.is_root() => Ok(new),
+        Some(p) => {
+            let mut out = data.clone();
+            p.set(&mut out, new)
+                .map_err(|m| StepError::fatal(ErrorKind::StepFailed, m))?;
+            Ok(out)
+        }
+    }
+}
