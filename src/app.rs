@@ -16,29 +16,69 @@ use crate::metrics::RELOADS_TOTAL;
 use crate::pipeline::{PipelineDef, PipelineExecutor, PipelineManager, StepDef, StepType};
 
 use crate::config::{Config, Sources};
+use crate::http::api::Api;
 use crate::http::{AppState, Readiness, router};
 
-/// Serves HTTP on an already bound listener until `shutdown` completes.
+/// Serves HTTP on an already bound listener until `shutdown` completes: `/metrics`,
+/// `/healthz` and `/readyz` only.
 pub async fn serve(
     config: &Config,
     listener: TcpListener,
     metrics: PrometheusHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let readiness = Readiness::new(&config.kafka, &config.feature_store)
+    serve_with(config, listener, metrics, None, None, shutdown).await
+}
+
+/// [`serve`], plus the inference and feature API when `api` is given; readiness checks
+/// `store` when given.
+pub async fn serve_with(
+    config: &Config,
+    listener: TcpListener,
+    metrics: PrometheusHandle,
+    api: Option<Arc<Api>>,
+    store: Option<Arc<FeatureStore>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let mut readiness = Readiness::new(&config.kafka, &config.feature_store)
         .context("creating the Kafka client for readiness checks")?;
+    if let Some(store) = store {
+        readiness = readiness.with_store(store);
+    }
+    let serving_api = api.is_some();
     let state = AppState {
         metrics,
         readiness: Arc::new(readiness),
         started: Instant::now(),
+        api,
     };
-    tracing::info!(listen = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+    tracing::info!(listen = %listener.local_addr()?, api = serving_api, "serving /metrics, /healthz, /readyz and the /v1 API");
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
         .context("HTTP server")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The API over the service's executor and store.
+pub fn api(
+    config: &Config,
+    executor: Arc<dyn crate::executor::Executor>,
+    features: Option<Arc<FeatureStore>>,
+) -> Api {
+    Api {
+        executor,
+        features,
+        rules: crate::decode::DecodeRules {
+            max_request_bytes: config.executor.max_request_bytes.get(),
+            reply_to_allowed: config.topics.reply_to_allowed.iter().cloned().collect(),
+        },
+        execute_timeout: Duration::from_millis(config.executor.execute_timeout_ms.get()),
+        permits: Arc::new(tokio::sync::Semaphore::new(
+            config.http.max_in_flight_requests.get(),
+        )),
+    }
 }
 
 /// Runs the processor and the HTTP server until SIGINT or SIGTERM, then shuts down in order:
@@ -92,11 +132,13 @@ pub async fn run(config: Config, sources: Sources) -> anyhow::Result<()> {
         stop.clone(),
     ));
     let http_stop = CancellationToken::new();
+    let api = Arc::new(api(&config, Arc::clone(&executor), store.clone()));
     let http = {
         let http_stop = http_stop.clone();
         let config = config.clone();
+        let store = store.clone();
         tokio::spawn(async move {
-            serve(&config, listener, metrics, async move {
+            serve_with(&config, listener, metrics, Some(api), store, async move {
                 http_stop.cancelled().await
             })
             .await

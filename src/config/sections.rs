@@ -566,6 +566,8 @@ impl Section for PipelinesConfig {
 pub struct HttpConfig {
     /// Listen address, `ip:port`.
     pub listen: String,
+    /// Inference requests over HTTP running at once; more are answered 429 at once.
+    pub max_in_flight_requests: NonZeroUsize,
 }
 
 impl Section for HttpConfig {

@@ -14,6 +14,7 @@ mod feature_ingest;
 mod feature_store;
 mod http;
 mod models;
+mod pipelines;
 mod process;
 mod processor;
 mod smoke;

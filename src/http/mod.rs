@@ -1,7 +1,10 @@
-//! The HTTP server: `/metrics` (Prometheus), `/healthz` (the process is alive) and `/readyz`
-//! (Kafka and the feature store both answer a real request).
+//! The HTTP server: `/metrics` (Prometheus), `/healthz` (the process is alive), `/readyz`
+//! (Kafka and the feature store both answer a real request), and, when the service runs, the
+//! inference and feature API of [`api`] (`/v1/...`).
 //!
 //! The router is built by [`router`] so tests can serve it on a port-0 listener.
+
+pub mod api;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +33,9 @@ pub struct Readiness {
     /// A client without a group, used only for metadata requests.
     kafka: Arc<BaseConsumer>,
     feature_store: FeatureStoreConfig,
+    /// The open feature store, when the service has one: checked through its own backend
+    /// (CQL or the embedded file) instead of a separate CQL connection.
+    store: Option<Arc<crate::feature_store::FeatureStore>>,
     /// Connected on the first successful check and kept; a failed connect is retried next time.
     session: OnceCell<Session>,
 }
@@ -55,8 +61,15 @@ impl Readiness {
         Ok(Readiness {
             kafka: Arc::new(consumer),
             feature_store: feature_store.clone(),
+            store: None,
             session: OnceCell::new(),
         })
+    }
+
+    /// Checks `store` (a real read through its backend) instead of connecting to CQL.
+    pub fn with_store(mut self, store: Arc<crate::feature_store::FeatureStore>) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// Checks both dependencies concurrently.
@@ -86,6 +99,15 @@ impl Readiness {
     }
 
     async fn check_feature_store(&self) -> Result<(), String> {
+        if let Some(store) = &self.store {
+            // Any read through the backend; a group of this name never exists.
+            let read = store.get_feature_group("inferflow-readiness-probe", Some(1));
+            return match tokio::time::timeout(CHECK_TIMEOUT * 2, read).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(err)) => Err(format!("read failed: {err}")),
+                Err(_) => Err("no answer in time".to_owned()),
+            };
+        }
         let attempt = async {
             let session = self
                 .session
@@ -113,15 +135,22 @@ pub struct AppState {
     pub readiness: Arc<Readiness>,
     /// When the server started.
     pub started: Instant,
+    /// The inference and feature API, when the service runs one.
+    pub api: Option<Arc<api::Api>>,
 }
 
 /// The HTTP routes.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let api = state.api.clone();
+    let base = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(state)
+        .with_state(state);
+    match api {
+        Some(api) => base.merge(api::routes(api)),
+        None => base,
+    }
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
