@@ -125,10 +125,13 @@ pub async fn run(config: Config, sources: Sources) -> anyhow::Result<()> {
         (Some(store), true) => Some(start_features(&config, Arc::clone(store), &stop)?),
         _ => None,
     };
+    // Listening for SIGHUP starts here, before the HTTP server answers, so a SIGHUP sent
+    // once the service is up reloads instead of ending the process.
     tokio::spawn(reloader(
         config.clone(),
         sources,
         Arc::clone(&pipelines),
+        hangups(),
         stop.clone(),
     ));
     let http_stop = CancellationToken::new();
@@ -239,22 +242,36 @@ fn fingerprint(sources: &Sources, dir: &str) -> Vec<(PathBuf, Option<SystemTime>
     files.iter().map(|p| stat(p)).collect()
 }
 
+#[cfg(unix)]
+type Hangups = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hangups = ();
+
+/// Starts listening for SIGHUP (from this call on, SIGHUP no longer ends the process).
+fn hangups() -> Option<Hangups> {
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGHUP; reload on SIGHUP is off");
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    None
+}
+
 /// Reloads pipelines and models on SIGHUP and, with `pipelines.watch`, when a file changes.
 /// A configuration with problems is refused (each problem logged) and the running one stays.
 async fn reloader(
     mut current: Config,
     sources: Sources,
     pipelines: Arc<PipelineManager>,
+    mut hup: Option<Hangups>,
     stop: CancellationToken,
 ) {
-    #[cfg(unix)]
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(err) => {
-            tracing::error!(error = %err, "cannot listen for SIGHUP; reload on SIGHUP is off");
-            None
-        }
-    };
     let mut last = fingerprint(&sources, &current.pipelines.dir);
     let mut ticks = tokio::time::interval(current.pipelines.watch_interval());
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -269,7 +286,10 @@ async fn reloader(
             }
         };
         #[cfg(not(unix))]
-        let hangup = std::future::pending::<()>();
+        let hangup = {
+            let _ = &mut hup;
+            std::future::pending::<()>()
+        };
         let cause = tokio::select! {
             () = stop.cancelled() => return,
             () = hangup => "SIGHUP",

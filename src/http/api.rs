@@ -92,12 +92,12 @@ pub fn routes(api: Arc<Api>) -> Router {
 }
 
 /// Reads the body, refusing more than `limit` bytes with a `payload_too_large` error.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ErrorBody> {
     axum::body::to_bytes(body, limit).await.map_err(|_| {
-        error_response(ErrorBody::new(
+        ErrorBody::new(
             ErrorKind::PayloadTooLarge,
             format!("the request body is larger than the {limit} bytes allowed (executor.max_request_bytes)"),
-        ))
+        )
     })
 }
 
@@ -106,7 +106,7 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
 async fn predict(State(api): State<Arc<Api>>, body: Body) -> Response {
     let bytes = match read_body(body, api.rules.max_request_bytes).await {
         Ok(b) => b,
-        Err(response) => return response,
+        Err(error) => return error_response(error),
     };
     run(&api, with_request_id(&bytes, None)).await
 }
@@ -137,7 +137,7 @@ async fn execute_pipeline(
 ) -> Response {
     let bytes = match read_body(body, api.rules.max_request_bytes).await {
         Ok(b) => b,
-        Err(response) => return response,
+        Err(error) => return error_response(error),
     };
     let parsed: ExecuteBody = match serde_json::from_slice(&bytes) {
         Ok(b) => b,
@@ -291,12 +291,12 @@ async fn execute_one(api: &Api, target: &Target, request: ExecRequest) -> ExecRe
     }
 }
 
-fn store(api: &Api) -> Result<&Arc<FeatureStore>, Response> {
+fn store(api: &Api) -> Result<&Arc<FeatureStore>, ErrorBody> {
     api.features.as_ref().ok_or_else(|| {
-        error_response(ErrorBody::new(
+        ErrorBody::new(
             ErrorKind::FeatureStoreError,
             "no feature store is open (enable [ingest] or use a pipeline with a features step)",
-        ))
+        )
     })
 }
 
@@ -314,11 +314,11 @@ fn store_error(err: crate::feature_store::FeatureStoreError) -> Response {
 async fn put_feature(State(api): State<Arc<Api>>, body: Body) -> Response {
     let store = match store(&api) {
         Ok(s) => Arc::clone(s),
-        Err(r) => return r,
+        Err(error) => return error_response(error),
     };
     let bytes = match read_body(body, api.rules.max_request_bytes).await {
         Ok(b) => b,
-        Err(response) => return response,
+        Err(error) => return error_response(error),
     };
     let now = crate::feature_store::model::unix_now_ms() as i64;
     let update = match crate::feature_store::ingest::decode_update(
@@ -358,7 +358,7 @@ async fn get_vector(
 ) -> Response {
     let store = match store(&api) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(error) => return error_response(error),
     };
     let names: Vec<String> = query
         .names
@@ -390,7 +390,7 @@ async fn get_feature(
 ) -> Response {
     let store = match store(&api) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(error) => return error_response(error),
     };
     match store.get_feature_vector(&entity_type, &entity_id, &[feature.as_str()]).await {
         Ok(mut vector) => match vector.features.remove(&feature) {
@@ -419,7 +419,7 @@ async fn get_group_vector(
 ) -> Response {
     let store = match store(&api) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(error) => return error_response(error),
     };
     let found = match store.get_feature_group(&group, query.version).await {
         Ok(Some(g)) => g,

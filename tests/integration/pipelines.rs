@@ -287,16 +287,30 @@ async fn a_reload_under_load_loses_and_fails_no_request() {
     let file = dir.path().join("stamped.toml");
     std::fs::write(&file, pipeline_file(1)).unwrap();
     let port = free_port();
+    let test_started = Instant::now();
     let mut child = spawn(&topics, &group, dir.path(), port);
+    // SIGHUP before the service listens for it would end the process; the HTTP server starts
+    // after the reload handler, so once /metrics answers, SIGHUP reloads.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "inferflow did not start serving HTTP"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
-    // 6,000 requests over about 6 s; each batch spends a little time in the slow echo model,
+    // 3,000 requests over about 6 s; each batch spends a little time in the slow echo model,
     // so reloads land while batches are in flight.
-    const N: usize = 6000;
+    const N: usize = 3000;
     let producer = {
         let topic = topics.requests.clone();
         tokio::spawn(async move {
             for chunk in 0..12 {
-                let records: Vec<Raw> = (chunk * 500..(chunk + 1) * 500)
+                let records: Vec<Raw> = (chunk * 250..(chunk + 1) * 250)
                     .map(|i| {
                         let v = json!({"request_id": format!("r{i}"), "pipeline": "stamped", "data": {"i": i}, "parameters": {"delay_ms": 1}});
                         (Some(format!("k{i}").into_bytes()), Some(v.to_string().into_bytes()))
@@ -338,6 +352,7 @@ async fn a_reload_under_load_loses_and_fails_no_request() {
     }
     assert!(applied_before >= 1, "two reloads were applied");
     producer.await.unwrap();
+    eprintln!("produced and reloaded after {:?}", test_started.elapsed());
 
     let out = collect_until(
         &[&topics.results, &topics.dlq],
@@ -352,8 +367,10 @@ async fn a_reload_under_load_loses_and_fails_no_request() {
         },
     )
     .await;
+    eprintln!("all answered after {:?}", test_started.elapsed());
     signal(&child, "-TERM");
     let status = child.wait().expect("wait");
+    eprintln!("stopped after {:?}", test_started.elapsed());
     assert!(status.success(), "inferflow exited with {status}");
 
     let mut versions: BTreeMap<u64, usize> = BTreeMap::new();
