@@ -121,6 +121,9 @@ pub struct StepDef {
     /// feature-store errors), up to 10.
     #[serde(default)]
     pub retries: u32,
+    /// Wait before the first retry, milliseconds; doubled before each next one, up to 5 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_backoff_ms: Option<u64>,
     /// What happens to a request the step could not process.
     #[serde(default)]
     pub on_error: OnError,
@@ -170,6 +173,11 @@ pub struct StepDef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub into: Option<String>,
 }
+
+/// Default wait before a step's first retry, milliseconds.
+const DEFAULT_RETRY_BACKOFF_MS: u64 = 50;
+/// Longest wait between a step's retries.
+pub(crate) const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Default `map` concurrency.
 const DEFAULT_MAP_CONCURRENCY: usize = 16;
@@ -305,6 +313,7 @@ pub(crate) struct Step {
     pub(crate) kind: StepKind,
     pub(crate) timeout: Option<Duration>,
     pub(crate) retries: u32,
+    pub(crate) retry_backoff: Duration,
     pub(crate) on_error: OnError,
     pub(crate) record_output: bool,
     /// `inferflow_pipeline_step_duration_seconds{pipeline, step}`, resolved once.
@@ -765,6 +774,9 @@ impl Compiler<'_, '_> {
             kind,
             timeout: def.timeout_ms.map(Duration::from_millis),
             retries: def.retries,
+            retry_backoff: Duration::from_millis(
+                def.retry_backoff_ms.unwrap_or(DEFAULT_RETRY_BACKOFF_MS),
+            ),
             on_error: def.on_error.clone(),
             record_output: def.record_output,
         })

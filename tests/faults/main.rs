@@ -13,5 +13,6 @@ mod utils;
 mod harness;
 
 mod broker_outage;
+mod pipeline_store_outage;
 mod servers;
 mod store_outage;

@@ -392,3 +392,128 @@ async fn a_reload_under_load_loses_and_fails_no_request() {
         "{versions:?}"
     );
 }
+
+/// A pipeline that reads a feature group from the CQL store for the request's entity, builds a
+/// prompt from it with a template and sends it to a model: over Kafka, with the store's
+/// real backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_features_step_reads_the_store_for_the_requests_entity() {
+    use inferflow::feature_store::{FeatureGroup, FeatureStore, FeatureUpdate};
+
+    utils::init_tracing();
+    let topics = Topics::create("pipefeat", 2).await;
+    let group = unique_name("pipefeat");
+    let keyspace = unique_name("pipefeat");
+    let config: Config = config(
+        &topics,
+        &group,
+        &format!(
+            "[feature_store]\ncontact_points = [\"{}\"]\nkeyspace = \"{keyspace}\"\n",
+            utils::cql_contact()
+        ),
+    );
+    let store = Arc::new(
+        FeatureStore::open(&config.feature_store)
+            .await
+            .expect("store opens"),
+    );
+    for (user, segment) in [("u1", "gold"), ("u2", "silver")] {
+        let values = json!({"segment": segment}).as_object().cloned().unwrap();
+        store
+            .set_feature(&FeatureUpdate::new("user", user, "profile", values, 1))
+            .await
+            .unwrap();
+    }
+    let profile_group: FeatureGroup = serde_json::from_value(json!({
+        "name": "prompting", "version": 1, "entity_type": "user", "features": ["profile"]
+    }))
+    .unwrap();
+    store.create_feature_group(&profile_group).await.unwrap();
+
+    let pipelines = Arc::new(
+        PipelineManager::new(Arc::new(inferflow::providers::manager::ModelManager::new()))
+            .with_feature_store(Arc::clone(&store)),
+    );
+    pipelines
+        .create_pipeline(
+            inferflow::pipeline::def::parse(
+                r#"
+id = "personal"
+[[steps]]
+type = "features"
+group = "prompting"
+retries = 1
+[[steps]]
+type = "preprocess"
+transforms = [{ op = "template", template = "Answer a {{ features.profile.segment }} customer: {{ data.question }}" }]
+[[steps]]
+type = "model"
+model = "echo"
+"#,
+                "personal",
+                "test",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let processor = Running::start(
+        &config,
+        Arc::new(PipelineExecutor::new(Arc::clone(&pipelines))),
+    )
+    .await;
+    let requests = [
+        json!({"request_id": "f1", "pipeline": "personal", "entity": {"type": "user", "id": "u1"}, "data": {"question": "where is my order?"}}),
+        json!({"request_id": "f2", "pipeline": "personal", "entity": {"type": "user", "id": "u2"}, "data": {"question": "hi"}}),
+        json!({"request_id": "f3", "pipeline": "personal", "entity": {"type": "user", "id": "nobody"}, "data": {"question": "hi"}}),
+        json!({"request_id": "f4", "pipeline": "personal", "data": {"question": "no entity"}}),
+    ];
+    let raw: Vec<Raw> = requests
+        .iter()
+        .map(|r| (None, Some(r.to_string().into_bytes())))
+        .collect();
+    produce(&topics.requests, &raw).await;
+    let out = collect(
+        &[&topics.results],
+        4,
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+    )
+    .await;
+    let by_id: HashMap<String, Value> = out
+        .iter()
+        .map(|c| {
+            let doc: Value = serde_json::from_slice(c.value.as_deref().unwrap()).unwrap();
+            (doc["request_id"].as_str().unwrap().to_owned(), doc)
+        })
+        .collect();
+    assert_eq!(
+        by_id["f1"]["output"], "Answer a gold customer: where is my order?",
+        "{}",
+        by_id["f1"]
+    );
+    assert_eq!(by_id["f1"]["steps"][0]["name"], "features:prompting");
+    assert_eq!(by_id["f2"]["output"], "Answer a silver customer: hi");
+    // No features for this entity: the template cannot be filled, and says so.
+    assert_eq!(
+        by_id["f3"]["error"]["kind"], "step_failed",
+        "{}",
+        by_id["f3"]
+    );
+    assert_eq!(
+        by_id["f4"]["error"]["kind"], "invalid_request",
+        "{}",
+        by_id["f4"]
+    );
+    assert!(
+        by_id["f4"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no `entity`")
+    );
+    processor.stop().await;
+    utils::cql_session()
+        .await
+        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), &[])
+        .await
+        .unwrap();
+}
