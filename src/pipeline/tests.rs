@@ -78,7 +78,7 @@ async fn on_error_fail_skip_and_default() {
     assert_eq!(out.output, json!({"d": 1, "after": true}));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn retries_and_timeouts_apply_per_step() {
     let m = manager();
     let calls = Arc::new(AtomicUsize::new(0));
