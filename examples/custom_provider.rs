@@ -10,6 +10,10 @@
 //! It loads two versions of a model backed by it, picks the default version, sends a batch
 //! through the [`ModelExecutor`] (the same [`Executor`] the stream processor drives), shows a
 //! cache hit and a failed input, and prints the per-model usage statistics.
+//!
+//! Output: a `model ID:` line per batch with one `ID: OUTPUT (version V, cached BOOL)` or
+//! `ID: error KIND: message` line per request, `[shout]` lines for each provider call, and a
+//! `usage ID: {JSON}` line per model.
 
 use std::sync::Arc;
 
@@ -139,16 +143,18 @@ async fn main() -> anyhow::Result<()> {
     run(&executor, "loud", vec![request("e", json!("hello kafka"))]).await;
     run(&executor, "quiet", vec![request("f", json!("anyone?"))]).await;
 
-    println!("usage:");
+    // One JSON line per model; everything but `mean_latency_us` is the same on every run.
     for (id, s) in manager.all_stats() {
         println!(
-            "  {id}: {} requests, {} errors, {} cache hits, {} provider calls, mean {} µs, {} tokens",
-            s.requests,
-            s.errors,
-            s.cache_hits,
-            s.provider_calls,
-            s.mean_latency_us(),
-            s.total_tokens
+            "usage {id}: {}",
+            json!({
+                "requests": s.requests,
+                "errors": s.errors,
+                "cache_hits": s.cache_hits,
+                "provider_calls": s.provider_calls,
+                "total_tokens": s.total_tokens,
+                "mean_latency_us": s.mean_latency_us(),
+            })
         );
     }
     Ok(())

@@ -1,22 +1,28 @@
-//! Sentiment analysis with the local VADER model, and iris classification with the local ONNX
-//! model, through the same `ModelExecutor` the stream processor drives. No network, no Kafka,
-//! no Python:
+//! Predictions from real local models through the library, with no Kafka, no network and no
+//! Python: a [`ModelManager`] with the local provider, two models loaded from `models/`, and
+//! [`ModelManager::infer`] on a few inputs.
 //!
 //! ```text
-//! cargo run --example sentiment
-//! cargo run --example sentiment -- "The delivery was late but the support was great."
+//! cargo run --example basic_inference
+//! cargo run --example basic_inference -- "The delivery was late but the support was great."
 //! ```
 //!
-//! Both models ship in `models/`: `models/vader/` (the VADER lexicon) and `models/iris/` (a
-//! logistic regression exported to ONNX). Each is loaded with a warm-up call, so the first
-//! request does not pay for reading and optimising it.
+//! - `sentiment@1` is the VADER sentiment analyser (rules over the lexicon in
+//!   `models/vader/`), answering `{"label", "compound", "scores"}`.
+//! - `iris@1` is a logistic regression exported to ONNX (`models/iris/`), answering
+//!   `{"label", "scores"}` for four flower measurements.
+//!
+//! Each model is loaded with a warm-up call, so the first request does not pay for reading and
+//! optimising it. A bad input fails on its own; the others in the batch are answered.
+//!
+//! Output: for each input, a line `input -> output` (or `-> error KIND: message`), then the
+//! per-model statistics.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use inferflow::executor::{ExecRequest, Executor};
-use inferflow::model::Target;
-use inferflow::providers::manager::{ModelExecutor, ModelManager, ModelSpec};
+use inferflow::executor::ExecRequest;
+use inferflow::providers::manager::{ModelManager, ModelSpec};
 use inferflow::providers::{
     LocalConfig, LocalModelConfig, LocalModelKind, LocalProvider, ProviderInput,
 };
@@ -32,29 +38,28 @@ fn request(i: usize, data: Value) -> ExecRequest {
     }
 }
 
-async fn run(executor: &ModelExecutor, model: &str, data: Vec<Value>) {
+/// Runs `inputs` through `model` as one batch and prints one line per input.
+async fn predict(manager: &ModelManager, model: &str, inputs: Vec<Value>) {
     println!("model {model}:");
-    let requests: Vec<ExecRequest> = data
+    let requests = inputs
         .iter()
         .cloned()
         .enumerate()
         .map(|(i, d)| request(i, d))
         .collect();
-    // What the processor does: admit the batch (rate limits, breaker, reload), then execute
-    // it. Here nothing limits, so admit returns at once.
-    let target = Target::Model(model.into());
-    executor.admit(&target, requests.len()).await;
-    let outcomes = executor.execute(&target, requests).await;
-    for (input, outcome) in data.iter().zip(outcomes) {
+    let outcomes = manager.infer(model, requests).await;
+    for (input, outcome) in inputs.iter().zip(outcomes) {
         match outcome {
-            Ok(out) => println!("  {input}\n    -> {}", out.output),
-            Err(error) => println!("  {input}\n    -> error {error}"),
+            Ok(out) => println!("  {input} -> {}", out.output),
+            Err(error) => println!("  {input} -> error {error}"),
         }
     }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The local provider knows models by a name of its own ("vader", "iris") and where their
+    // files are; the manager then serves them as `name@version`.
     let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models");
     let mut config = LocalConfig::default();
     config.models.insert(
@@ -71,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
             path: models.join("iris"),
         },
     );
-    let manager = Arc::new(ModelManager::new());
+    let manager = ModelManager::new();
     manager.register_provider("local", Arc::new(LocalProvider::new(config)?));
     manager
         .load_model_with_warmup(
@@ -85,7 +90,7 @@ async fn main() -> anyhow::Result<()> {
             ProviderInput::new(json!({"features": [5.1, 3.5, 1.4, 0.2]})),
         )
         .await?;
-    let executor = ModelExecutor::new(Arc::clone(&manager));
+    println!("loaded: {}", manager.model_ids().join(", "));
 
     let given: Vec<Value> = std::env::args().skip(1).map(Value::String).collect();
     let texts = if given.is_empty() {
@@ -99,9 +104,10 @@ async fn main() -> anyhow::Result<()> {
     } else {
         given
     };
-    run(&executor, "sentiment", texts).await;
-    run(
-        &executor,
+    predict(&manager, "sentiment@1", texts).await;
+    // A bare name resolves to the highest loaded version.
+    predict(
+        &manager,
         "iris",
         vec![
             json!({"features": [5.1, 3.5, 1.4, 0.2]}),
@@ -111,5 +117,13 @@ async fn main() -> anyhow::Result<()> {
         ],
     )
     .await;
+
+    println!("stats:");
+    for (id, s) in manager.all_stats() {
+        println!(
+            "  {id}: {} requests, {} errors, {} provider calls",
+            s.requests, s.errors, s.provider_calls
+        );
+    }
     Ok(())
 }
