@@ -7,6 +7,7 @@
 // Test helpers are `pub` for sibling modules only, and tests need no API docs.
 #![allow(unreachable_pub, missing_docs)]
 
+mod fake_openai;
 mod harness;
 mod utils;
 
@@ -16,4 +17,5 @@ mod http;
 mod models;
 mod process;
 mod processor;
+mod secure;
 mod smoke;
