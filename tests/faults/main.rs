@@ -12,6 +12,10 @@ mod utils;
 #[path = "../integration/harness.rs"]
 mod harness;
 
+#[path = "../integration/fake_openai.rs"]
+mod fake_openai;
+
 mod broker_outage;
+mod provider_outage;
 mod servers;
 mod store_outage;
