@@ -331,6 +331,16 @@ async fn sasl_ssl_scram_from_configuration_alone_and_no_secret_in_any_output() {
         "{metrics}"
     );
     assert_no_secret(&metrics, &secure.password, "/metrics");
+    let ready: Value = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .expect("GET /readyz")
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready["kafka"], "ok",
+        "/readyz reaches Kafka over SASL_SSL: {ready}"
+    );
     assert_no_secret(&metrics, API_KEY, "/metrics");
 
     let printed = inferflow(&["check-config", "--config", config])
@@ -438,4 +448,49 @@ async fn a_wrong_sasl_password_stops_at_once_with_a_clear_error_that_does_not_pr
     let message = format!("{err:#}");
     assert!(message.contains("SASL authentication error"), "{message}");
     assert_no_secret(&message, WRONG, "the error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_that_does_not_sign_the_broker_certificate_is_a_clear_tls_error() {
+    utils::init_tracing();
+    let mut secure = require_secure_kafka().await;
+    // The broker's own certificate is no CA: verification fails as with a foreign CA.
+    let broker_pem = Path::new(&secure.ca).with_file_name("broker.pem");
+    assert!(broker_pem.is_file(), "{} is missing", broker_pem.display());
+    secure.ca = broker_pem.to_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let base = unique_name("badca");
+    let password = secure.password.clone();
+    let config = write_config(
+        dir.path(),
+        &secure,
+        &password,
+        &base,
+        free_port(),
+        "http://127.0.0.1:1/v1",
+    );
+    let started = Instant::now();
+    let out = inferflow(&[
+        "request",
+        "--config",
+        config.to_str().unwrap(),
+        "--pipeline",
+        "identity",
+        "--data",
+        "1",
+    ])
+    .output()
+    .unwrap();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        all.contains("TLS with Kafka at") && all.contains("certificate verify failed"),
+        "{all}"
+    );
+    assert_no_secret(&all, &password, "the TLS error");
 }
