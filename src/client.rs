@@ -23,6 +23,7 @@ pub async fn request_and_wait(
     requests: &[InferenceRequest],
     timeout: Duration,
 ) -> anyhow::Result<Vec<InferenceResult>> {
+    crate::processor::preflight(config).await?;
     let mut topics: BTreeSet<String> = BTreeSet::from([config.topics.results.clone()]);
     topics.extend(requests.iter().filter_map(|r| r.reply_to.clone()));
 

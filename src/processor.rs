@@ -470,6 +470,18 @@ fn unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Stops at once, with the reason, when the cluster refuses this client's credentials or TLS
+/// (see [`crate::kafka::preflight`]); otherwise waits at most 10 s for a first answer.
+pub async fn preflight(config: &Config) -> anyhow::Result<()> {
+    let kafka = config.kafka.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::kafka::preflight::check(&kafka, Duration::from_secs(10))
+    })
+    .await
+    .context("the Kafka preflight task")??;
+    Ok(())
+}
+
 /// Creates the configured topics that do not exist yet (when `topics.create_missing` is on).
 pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
     if !config.topics.create_missing {
@@ -523,6 +535,7 @@ pub async fn start(
     executor: Arc<dyn Executor>,
     stop: CancellationToken,
 ) -> anyhow::Result<ProcessorHandle> {
+    preflight(config).await?;
     ensure_topics(config).await?;
     let producer: FutureProducer = crate::kafka::producer_config(&config.kafka)
         .set("linger.ms", "5")

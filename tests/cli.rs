@@ -360,3 +360,70 @@ fn features_commands_report_a_locked_or_misconfigured_store() {
     assert_eq!((code, out), (Some(1), serde_json::Value::Null));
     assert!(err.contains("junk.redb"), "{err}");
 }
+
+#[test]
+fn secrets_never_appear_in_configuration_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // An unquoted password is a TOML syntax error; the parser's excerpt of the line is left out.
+    let syntax = dir.path().join("syntax.toml");
+    std::fs::write(&syntax, "[kafka]\nsasl_password = hunter2-unquoted\n").unwrap();
+    // A number where the password belongs: the type is named, the value is not.
+    let number = dir.path().join("number.toml");
+    std::fs::write(&number, "[kafka]\nsasl_password = 918273645\n").unwrap();
+    // API keys are never read from the file: the key is refused, and its value not quoted.
+    let api_key = dir.path().join("api_key.toml");
+    std::fs::write(
+        &api_key,
+        "[providers.x.openai]\napi_key = \"sk-file-key-3141592\"\n[providers.x.openai.models.m]\ntask = \"chat\"\n",
+    )
+    .unwrap();
+    for (file, secret, expect) in [
+        (&syntax, "hunter2", "line 2"),
+        (&number, "918273645", "expected a string"),
+        (
+            &api_key,
+            "sk-file-key-3141592",
+            "providers.x.openai.api_key",
+        ),
+    ] {
+        let out = inferflow(&["check-config", "--config", file.to_str().unwrap()], &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(expect), "{stderr}");
+        assert!(
+            !stderr.contains(secret) && !stdout.contains(secret),
+            "the secret leaked: {stderr}{stdout}"
+        );
+    }
+}
+
+#[test]
+fn a_password_from_the_environment_is_taken_as_the_exact_string() {
+    // Environment values are otherwise parsed as TOML values: `0042` would become the number 42
+    // (and be refused, or worse, change). A password is always the exact string.
+    for password in ["0042", "918273645", "true", "1e5"] {
+        let out = inferflow(
+            &["check-config"],
+            &[
+                ("INFERFLOW__KAFKA__SECURITY_PROTOCOL", "sasl_plaintext"),
+                ("INFERFLOW__KAFKA__SASL_MECHANISM", "PLAIN"),
+                ("INFERFLOW__KAFKA__SASL_USERNAME", "svc"),
+                ("INFERFLOW__KAFKA__SASL_PASSWORD", password),
+                ("INFERFLOW__FEATURE_STORE__USERNAME", "cql"),
+                ("INFERFLOW__FEATURE_STORE__PASSWORD", password),
+            ],
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{password}: {stderr}");
+        assert!(
+            stdout.contains("sasl_password = \"<redacted>\""),
+            "{stdout}"
+        );
+        // (`true` and `1e5` appear in any printed configuration; the digits do not.)
+        if password.len() > 3 && password.bytes().all(|b| b.is_ascii_digit()) {
+            assert!(!stdout.contains(password) && !stderr.contains(password));
+        }
+    }
+}

@@ -2,13 +2,18 @@
 //
 // scripts/stack compiles this once into .stack/probes/kafka and runs the class. By hand,
 // with the Java single-file source launcher and Kafka's own client jars on the classpath:
-//   java -cp ".stack/lib/kafka/*" scripts/probe/KafkaProbe.java 127.0.0.1:9092 <timeout_s>
+//   java -cp ".stack/lib/kafka/*" scripts/probe/KafkaProbe.java 127.0.0.1:9092 <timeout_s> [client.properties]
+//
+// The optional properties file holds client settings layered over the defaults below, e.g.
+// SASL_SSL with SCRAM for the secure broker (scripts/stack writes .stack/secure/probe.properties).
 //
 // Sends real requests through Kafka's AdminClient: DescribeCluster (must list at
 // least one broker) and a Metadata request (listTopics). Retries until both succeed
 // or the deadline passes. Exit 0 = ready (prints cluster id and broker count),
 // 1 = not ready by the deadline, 2 = bad usage.
 
+import java.io.FileInputStream;
+import java.io.InputStream;
 import java.util.Properties;
 import java.util.concurrent.TimeUnit;
 import org.apache.kafka.clients.admin.Admin;
@@ -18,8 +23,8 @@ import org.apache.kafka.clients.admin.ListTopicsOptions;
 
 public class KafkaProbe {
     public static void main(String[] args) throws Exception {
-        if (args.length != 2) {
-            System.err.println("usage: KafkaProbe <host:port> <timeout_s>");
+        if (args.length != 2 && args.length != 3) {
+            System.err.println("usage: KafkaProbe <host:port> <timeout_s> [client.properties]");
             System.exit(2);
         }
         String bootstrap = args[0];
@@ -34,6 +39,11 @@ public class KafkaProbe {
         props.put(AdminClientConfig.RECONNECT_BACKOFF_MAX_MS_CONFIG, "500");
         props.put(AdminClientConfig.RETRY_BACKOFF_MS_CONFIG, "100");
         props.put(AdminClientConfig.RETRY_BACKOFF_MAX_MS_CONFIG, "500");
+        if (args.length == 3) {
+            try (InputStream in = new FileInputStream(args[2])) {
+                props.load(in);
+            }
+        }
 
         String lastError = "no attempt made";
         try (Admin admin = Admin.create(props)) {

@@ -10,6 +10,10 @@
 //! 3. environment variables `INFERFLOW__<SECTION>__<KEY>` (`__` separates the levels), e.g.
 //!    `INFERFLOW__KAFKA__BOOTSTRAP_SERVERS=broker:9092`.
 //!
+//! Environment values are parsed like TOML values (`5` is a number, `true` a boolean), except
+//! the secrets in [`SECRET_KEYS`], which are always taken as the exact string: a password such
+//! as `0042` stays `0042`.
+//!
 //! # Errors
 //!
 //! Unknown keys, wrong types and invalid values are all errors. [`Config::load`] does not stop at
@@ -46,6 +50,51 @@ pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
 /// The prefix of environment overrides.
 pub const ENV_PREFIX: &str = "INFERFLOW__";
+
+/// Keys holding a [`Secret`], whose environment overrides are read as exact strings.
+pub const SECRET_KEYS: &[&str] = &["kafka.sasl_password", "feature_store.password"];
+
+/// The environment overrides of [`SECRET_KEYS`], as strings, never parsed as TOML values
+/// (figment's `Env` would turn `12345` into a number, `0042` into 42, `true` into a boolean).
+struct SecretEnv;
+
+impl SecretEnv {
+    fn var_name(key: &str) -> String {
+        format!(
+            "{ENV_PREFIX}{}",
+            key.replace('.', "__").to_ascii_uppercase()
+        )
+    }
+}
+
+impl figment::Provider for SecretEnv {
+    fn metadata(&self) -> figment::Metadata {
+        // The same name as the `Env` layer, so problems say where the value came from.
+        figment::Metadata::named(format!("`{ENV_PREFIX}` environment variable(s)"))
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        let mut dict = figment::value::Dict::new();
+        for key in SECRET_KEYS {
+            // Not UTF-8: left out here, so the variable is simply absent (and a required
+            // password is reported missing).
+            let (Ok(value), Some((section, name))) =
+                (std::env::var(Self::var_name(key)), key.split_once('.'))
+            else {
+                continue;
+            };
+            let table = dict
+                .entry(section.to_owned())
+                .or_insert_with(|| Value::from(figment::value::Dict::new()));
+            if let Value::Dict(_, table) = table {
+                table.insert(name.to_owned(), Value::from(value));
+            }
+        }
+        Ok(figment::Profile::Default.collect(dict))
+    }
+}
 
 /// The top-level tables, in the order they are printed.
 const SECTIONS: &[&str] = &[
@@ -133,7 +182,13 @@ pub fn figment(sources: &Sources) -> Figment {
         fig = fig.merge(Toml::file_exact(file));
     }
     if sources.env {
-        fig = fig.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        fig = fig
+            .merge(
+                Env::prefixed(ENV_PREFIX)
+                    .split("__")
+                    .filter(|key| !SECRET_KEYS.iter().any(|s| key.as_str() == *s)),
+            )
+            .merge(SecretEnv);
     }
     fig
 }
@@ -181,7 +236,10 @@ impl Config {
             }
             Err(err) => {
                 for e in err {
-                    problems.push(e.path.join("."), e.kind.to_string() + &origin(&e));
+                    problems.push(
+                        e.path.join("."),
+                        without_quoted_source(&e.kind.to_string()) + &origin(&e),
+                    );
                 }
                 return None;
             }
@@ -337,6 +395,36 @@ fn source_suffix(fig: &Figment, path: &str) -> String {
         .unwrap_or_default()
 }
 
+/// A TOML syntax error without the excerpt of the file the parser quotes (`2 | key = value`
+/// and the caret line under it), on one line. The excerpt could be an unquoted password; the
+/// line and column stay in the message.
+fn without_quoted_source(message: &str) -> String {
+    let is_excerpt = |line: &str| {
+        let t = line.trim_start();
+        t.trim_start_matches(|c: char| c.is_ascii_digit())
+            .trim_start()
+            .starts_with('|')
+    };
+    let kept: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !is_excerpt(line))
+        .collect();
+    if kept.len() == message.lines().filter(|l| !l.trim().is_empty()).count() {
+        return message.trim_end().to_owned();
+    }
+    match kept.split_first() {
+        Some((head, rest)) if !rest.is_empty() => format!(
+            "{head}: {} (the line is not shown: it may hold a secret)",
+            rest.join("; ")
+        ),
+        _ => format!(
+            "{} (the line is not shown: it may hold a secret)",
+            kept.join("; ")
+        ),
+    }
+}
+
 fn origin(e: &figment::Error) -> String {
     match e.metadata.as_ref().and_then(|md| md.source.as_ref()) {
         Some(src) => format!(" (in {src})"),
@@ -347,6 +435,16 @@ fn origin(e: &figment::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_toml_syntax_error_does_not_quote_the_line() {
+        let found = problems("[kafka]\nsasl_password = hunter2-unquoted\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        let message = found[0].to_string();
+        assert!(!message.contains("hunter2"), "the value leaked: {message}");
+        assert!(message.contains("line 2"), "{message}");
+        assert!(!message.contains('\n'), "one line: {message}");
+    }
 
     fn problems(toml: &str) -> Vec<ConfigError> {
         Config::from_toml_str(toml)
@@ -479,6 +577,27 @@ mod tests {
             let config = Config::load(&Sources::standard(Some("user.toml".into()))).unwrap();
             assert_eq!(config.kafka.group_id, "from-env");
             assert_eq!(config.kafka.client_id, "file");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours.
+    fn passwords_from_the_environment_are_exact_strings_and_override_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "user.toml",
+                "[kafka]\nsecurity_protocol = \"sasl_ssl\"\nsasl_mechanism = \"PLAIN\"\n\
+                 sasl_username = \"svc\"\nsasl_password = \"from-file\"\n\
+                 [feature_store]\nusername = \"cql\"\n",
+            )?;
+            jail.set_env("INFERFLOW__KAFKA__SASL_PASSWORD", "0042");
+            jail.set_env("INFERFLOW__FEATURE_STORE__PASSWORD", "true");
+            jail.set_env("INFERFLOW__KAFKA__CLIENT_ID", "still-parsed");
+            let config = Config::load(&Sources::standard(Some("user.toml".into()))).unwrap();
+            assert_eq!(config.kafka.sasl_password.unwrap().expose(), "0042");
+            assert_eq!(config.feature_store.password.unwrap().expose(), "true");
+            assert_eq!(config.kafka.client_id, "still-parsed");
             Ok(())
         });
     }

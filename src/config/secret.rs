@@ -54,7 +54,67 @@ impl Serialize for Secret {
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer).map(Secret::new)
+        deserializer.deserialize_any(SecretVisitor)
+    }
+}
+
+/// Takes a string; refuses anything else *without quoting it*, unlike serde's default
+/// messages ("invalid type: integer `12345`"), which would print an unquoted password.
+struct SecretVisitor;
+
+impl SecretVisitor {
+    fn refuse<E: serde::de::Error>(found: &str) -> E {
+        E::custom(format!(
+            "found {found}, expected a string (put the value in quotes; it is not shown here)"
+        ))
+    }
+}
+
+impl serde::de::Visitor<'_> for SecretVisitor {
+    type Value = Secret;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
+        Ok(Secret::new(v))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Secret, E> {
+        Ok(Secret::new(v))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Secret, E> {
+        Err(Self::refuse("a boolean"))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Secret, E> {
+        Err(Self::refuse("a number"))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Secret, E> {
+        Err(Self::refuse("a number"))
+    }
+
+    fn visit_i128<E: serde::de::Error>(self, _: i128) -> Result<Secret, E> {
+        Err(Self::refuse("a number"))
+    }
+
+    fn visit_u128<E: serde::de::Error>(self, _: u128) -> Result<Secret, E> {
+        Err(Self::refuse("a number"))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Secret, E> {
+        Err(Self::refuse("a number"))
+    }
+
+    fn visit_char<E: serde::de::Error>(self, v: char) -> Result<Secret, E> {
+        Ok(Secret::new(v.to_string()))
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, _: &[u8]) -> Result<Secret, E> {
+        Err(Self::refuse("bytes"))
     }
 }
 
@@ -72,5 +132,25 @@ mod tests {
             format!("\"{REDACTED}\"")
         );
         assert_eq!(secret.expose(), "hunter2");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_refused_without_being_quoted() {
+        for (doc, found) in [
+            (r#"{"s": 9876543210}"#, "a number"),
+            (r#"{"s": 98765.4321}"#, "a number"),
+            (r#"{"s": true}"#, "a boolean"),
+        ] {
+            #[derive(Debug, Deserialize)]
+            struct Doc {
+                #[allow(dead_code)]
+                s: Secret,
+            }
+            let err = serde_json::from_str::<Doc>(doc).unwrap_err().to_string();
+            assert!(err.contains(found), "{err}");
+            for digits in ["9876543210", "98765", "4321", "true"] {
+                assert!(!err.contains(digits), "the value leaked: {err}");
+            }
+        }
     }
 }

@@ -6,6 +6,7 @@
 //! inferflow never logs a `ClientConfig` anyway.
 
 pub mod offsets;
+pub mod preflight;
 pub mod sink;
 pub mod source;
 

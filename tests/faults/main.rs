@@ -12,7 +12,11 @@ mod utils;
 #[path = "../integration/harness.rs"]
 mod harness;
 
+#[path = "../integration/fake_openai.rs"]
+mod fake_openai;
+
 mod broker_outage;
 mod pipeline_store_outage;
+mod provider_outage;
 mod servers;
 mod store_outage;

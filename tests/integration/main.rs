@@ -7,6 +7,7 @@
 // Test helpers are `pub` for sibling modules only, and tests need no API docs.
 #![allow(unreachable_pub, missing_docs)]
 
+mod fake_openai;
 mod harness;
 mod utils;
 
@@ -17,4 +18,5 @@ mod models;
 mod pipelines;
 mod process;
 mod processor;
+mod secure;
 mod smoke;

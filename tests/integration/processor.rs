@@ -544,3 +544,76 @@ async fn a_poison_corpus_is_dead_lettered_or_answered_with_the_right_error_kind(
     );
     processor.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_to_outside_the_allow_list_is_refused_and_nothing_reaches_that_topic() {
+    utils::init_tracing();
+    let topics = Topics::create("replyto", 1).await;
+    // Both topics exist, so a refusal can only come from the allow-list, not from Kafka.
+    let allowed = format!("{}.allowed", topics.requests);
+    let forbidden = format!("{}.forbidden", topics.requests);
+    utils::create_topic(&allowed, 1).await;
+    utils::create_topic(&forbidden, 1).await;
+    let request = |id: &str, reply_to: &str| -> crate::harness::Raw {
+        (
+            Some(id.as_bytes().to_vec()),
+            Some(
+                format!(r#"{{"request_id":"{id}","model":"echo","data":"{id}","reply_to":"{reply_to}"}}"#)
+                    .into_bytes(),
+            ),
+        )
+    };
+    produce(
+        &topics.requests,
+        &[
+            request("to-allowed", &allowed),
+            request("to-forbidden", &forbidden),
+            // Not even an existing topic: refused the same way, before Kafka is asked.
+            request("to-unknown", "no.such.topic"),
+        ],
+    )
+    .await;
+
+    let group = unique_name("replyto");
+    let extra = format!("reply_to_allowed = [\"{allowed}\"]\n");
+    // The harness puts `extra` at the end of its [topics] table.
+    let cfg = config(&topics, &group, &extra);
+    let running = Running::start(&cfg, Arc::new(Builtins)).await;
+    let outputs = collect(
+        &[&topics.results, &topics.dlq, &allowed, &forbidden],
+        3,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    )
+    .await;
+    running.stop().await;
+
+    assert_eq!(outputs.len(), 3, "one output per request: {outputs:?}");
+    assert!(
+        outputs
+            .iter()
+            .all(|c| c.topic != forbidden && c.topic != topics.dlq),
+        "nothing goes to the forbidden topic or the DLQ: {outputs:?}"
+    );
+    let by_id: HashMap<String, (&Captured, InferenceResult)> = outputs
+        .iter()
+        .map(|c| (result_of(c).request_id, (c, result_of(c))))
+        .collect();
+
+    let (c, ok) = &by_id["to-allowed"];
+    assert_eq!(c.topic, allowed, "an allowed reply_to receives the result");
+    assert!(ok.error.is_none() && ok.output.is_some(), "{ok:?}");
+
+    for id in ["to-forbidden", "to-unknown"] {
+        let (c, refused) = &by_id[id];
+        assert_eq!(
+            c.topic, topics.results,
+            "{id}: refused on the default results topic"
+        );
+        assert_eq!(c.headers["inferflow-status"], "error");
+        assert_eq!(c.headers["inferflow-error-kind"], "reply_to_not_allowed");
+        let error = refused.error.as_ref().expect("an error result");
+        assert_eq!(error.kind.as_str(), "reply_to_not_allowed");
+        assert!(refused.output.is_none(), "{id}: no output is produced");
+    }
+}
