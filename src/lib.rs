@@ -13,6 +13,7 @@
 //! - [`providers`]: model providers (the `Provider` trait; OpenAI-compatible and Hugging Face
 //!   HTTP; local ONNX and VADER models), their retry policy, circuit breaker and rate limits,
 //!   the result cache, the model manager, and building all of it from configuration.
+//! - [`replay`]: earlier results by request id, reused for redelivered requests.
 //! - [`telemetry`]: logging set-up; [`metrics`]: metric names and the Prometheus exporter.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`app`]: wires the service and runs it.
 
@@ -29,4 +30,5 @@ pub mod metrics;
 pub mod model;
 pub mod processor;
 pub mod providers;
+pub mod replay;
 pub mod telemetry;

@@ -36,8 +36,9 @@ pub use models::{ModelSection, ModelsConfig, ProviderSection, ProvidersConfig};
 pub use secret::{REDACTED, Secret};
 pub use sections::{
     BatchConfig, Config, Consistency, ExecutorConfig, FeatureStoreBackend, FeatureStoreConfig,
-    HttpConfig, IngestConfig, KafkaConfig, KeyOrdering, LogConfig, LogFormat, OffsetReset,
-    RESERVED_KAFKA_PROPERTIES, SaslMechanism, SecurityProtocol, TopicsConfig, check_topic_name,
+    Guarantee, HttpConfig, IngestConfig, KafkaConfig, KeyOrdering, LogConfig, LogFormat,
+    OffsetReset, ProcessingConfig, RESERVED_KAFKA_PROPERTIES, ReplayConfig, SaslMechanism,
+    SecurityProtocol, TopicsConfig, check_topic_name,
 };
 
 /// The defaults, embedded at build time.
@@ -54,6 +55,8 @@ const SECTIONS: &[&str] = &[
     "executor",
     "feature_store",
     "ingest",
+    "processing",
+    "replay",
     "providers",
     "models",
     "result_cache",
@@ -190,6 +193,8 @@ impl Config {
         let executor = section::<ExecutorConfig>(fig, "executor", problems);
         let feature_store = section::<FeatureStoreConfig>(fig, "feature_store", problems);
         let ingest = section::<IngestConfig>(fig, "ingest", problems);
+        let processing = section::<ProcessingConfig>(fig, "processing", problems);
+        let replay = section::<ReplayConfig>(fig, "replay", problems);
         let providers = section::<ProvidersConfig>(fig, "providers", problems);
         let models = section::<ModelsConfig>(fig, "models", problems);
         let result_cache =
@@ -203,6 +208,8 @@ impl Config {
             executor: executor?,
             feature_store: feature_store?,
             ingest: ingest?,
+            processing: processing?,
+            replay: replay?,
             providers: providers?,
             models: models?,
             result_cache: result_cache?,

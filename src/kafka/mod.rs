@@ -8,6 +8,7 @@
 pub mod offsets;
 pub mod sink;
 pub mod source;
+pub mod transactional;
 
 use rdkafka::ClientConfig;
 

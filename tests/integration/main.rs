@@ -10,6 +10,7 @@
 mod harness;
 mod utils;
 
+mod exactly_once;
 mod feature_ingest;
 mod feature_store;
 mod http;
