@@ -8,9 +8,9 @@
 //! consumer thread runs [`Transactions::commit`] every `kafka.commit_interval_ms` (sooner when
 //! half of `executor.max_in_flight_records` outputs are held). A commit takes, per partition,
 //! the tracker's committable position `w` (every record below `w` is complete, so its output
-//! is held) and, in one transaction: produces the held outputs below `w` in offset order,
-//! sends the positions with the consumer's group metadata (`send_offsets_to_transaction`,
-//! KIP-447), and commits. Outputs of records at or above `w` stay held: a transaction never
+//! is held) and, in one transaction: sends the positions with the consumer's group metadata
+//! (`send_offsets_to_transaction`, KIP-447), produces the held outputs below `w` in offset
+//! order, and commits. Outputs of records at or above `w` stay held: a transaction never
 //! contains an output whose offset it does not commit, however out of order batches finish.
 //! The transaction is opened and closed within that one call on the consumer thread, so no
 //! transaction is ever open while a rebalance callback runs.
@@ -20,13 +20,17 @@
 //!
 //! # Failures
 //!
-//! - **Abortable errors** (a produce refused, a commit that failed): the transaction is
-//!   aborted, so none of its outputs or offsets become visible. Every held output is dropped,
+//! - **Offsets refused** (typically while the group rebalances): they are sent first, so the
+//!   transaction is aborted before any output was produced; the outputs are held again and
+//!   the commit is retried after a backoff (doubling from 100 ms to 2 s).
+//! - **Abortable errors after outputs were produced** (a produce refused, a commit that
+//!   failed): the transaction is aborted, so none of its outputs or offsets become visible.
+//!   Every held output is dropped,
 //!   and every owned partition is rewound to its last committed position and consumed again.
 //!   Records still in flight from before the rewind may hold their outputs later; an output
 //!   below the last committed position is dropped, any other replaces or is replaced by the
 //!   output of the same offset consumed again, so each offset commits one output. Attempts
-//!   after an abort back off (doubling from 100 ms to 10 s).
+//!   after an abort back off too.
 //! - **Fatal errors**, including being fenced by another producer with the same
 //!   `transactional.id`: the source stops (`SourceCore::fail`) and nothing more is committed.
 //! - **Zombies.** An instance that lost its partitions (a long pause, a network partition)
@@ -62,7 +66,7 @@ use crate::model::ErrorBody;
 pub const MAX_RECORD_BYTES: usize = 900_000;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Whether `record` is small enough to be sent in a transaction.
 pub fn fits(record: &OutRecord) -> bool {
@@ -125,6 +129,12 @@ struct State {
     /// After an abort: no new attempt before this (unless forced).
     retry_at: Option<Instant>,
     backoff: Duration,
+}
+
+/// A failed transaction, and whether outputs had been produced in it.
+struct TxnFailure {
+    error: KafkaError,
+    produced: bool,
 }
 
 /// Why a transaction did not commit.
@@ -271,7 +281,7 @@ impl Transactions {
             ));
         }
         let now = Instant::now();
-        let mut outputs: Vec<Output> = Vec::new();
+        let mut outputs: Vec<(TopicPartition, i64, Output)> = Vec::new();
         let mut positions: Vec<(TopicPartition, i64)> = Vec::new();
         let mut dropped = 0usize;
         {
@@ -305,7 +315,7 @@ impl Transactions {
                     if offset < floor {
                         dropped += 1;
                     } else {
-                        outputs.push(output);
+                        outputs.push((tp.clone(), offset, output));
                     }
                 }
                 positions.push((tp.clone(), position));
@@ -318,11 +328,10 @@ impl Transactions {
         }
         let count = outputs.len();
         let result = self.run(consumer, &outputs, &positions);
-        // Committed or aborted, these records are finished here: committed ones are done, and
-        // aborted ones are consumed again after the rewind below.
-        core.release(count + dropped);
         match result {
             Ok(()) => {
+                // Committed: these records are done.
+                core.release(count + dropped);
                 let mut state = lock(&self.state);
                 for (tp, position) in &positions {
                     if let Some(p) = state.partitions.get_mut(tp) {
@@ -336,49 +345,101 @@ impl Transactions {
                 count_outputs(core, &outputs);
                 Ok(count)
             }
-            Err(err) => {
-                if let Some(reason) = self.fatal_reason(&err) {
-                    self.failed.store(true, Ordering::Release);
-                    tracing::error!(reason = %reason, source = core.name, "transactional producer failed for good; stopping");
-                    core.fail(format!("transactional producer: {reason}"));
-                    return Err(TxnError::Fatal(reason));
+            Err(failure) => {
+                if let Some(reason) = self.fatal_reason(&failure.error) {
+                    return Err(self.stop(core, reason));
                 }
-                tracing::warn!(error = %err, source = core.name, outputs = count,
-                    "transaction failed; aborting it and consuming again from the last committed positions");
+                tracing::warn!(error = %failure.error, source = core.name, outputs = count, produced = failure.produced,
+                    "transaction failed; aborting it");
                 if let Err(abort) = self.producer.abort_transaction(self.op_timeout) {
                     if let Some(reason) = self.fatal_reason(&abort) {
-                        self.failed.store(true, Ordering::Release);
-                        core.fail(format!("transactional producer: {reason}"));
-                        return Err(TxnError::Fatal(reason));
+                        return Err(self.stop(core, reason));
                     }
                     tracing::warn!(error = %abort, "aborting the transaction failed");
                 }
                 metrics::counter!(m::TRANSACTIONS_TOTAL, "outcome" => "aborted").increment(1);
-                self.rewind(core, consumer);
-                Err(TxnError::Aborted(err.to_string()))
+                if failure.produced {
+                    // Outputs reached the aborted transaction: consume again from the last
+                    // committed positions. These records are finished here.
+                    core.release(count + dropped);
+                    self.rewind(core, consumer);
+                } else {
+                    // Nothing was produced (the offsets were refused, typically while the group
+                    // rebalances): hold the outputs again and retry after a backoff.
+                    core.release(dropped);
+                    self.restore(core, outputs);
+                }
+                Err(TxnError::Aborted(failure.error.to_string()))
             }
         }
     }
 
+    /// Stops on a fatal error.
+    fn stop(&self, core: &SourceCore, reason: String) -> TxnError {
+        self.failed.store(true, Ordering::Release);
+        tracing::error!(reason = %reason, source = core.name, "transactional producer failed for good; stopping");
+        core.fail(format!("transactional producer: {reason}"));
+        TxnError::Fatal(reason)
+    }
+
+    /// Holds again the outputs of a transaction that produced nothing, and backs off.
+    fn restore(&self, core: &SourceCore, outputs: Vec<(TopicPartition, i64, Output)>) {
+        let mut released = 0;
+        {
+            let mut state = lock(&self.state);
+            let now = Instant::now();
+            state.retry_at = Some(now + state.backoff);
+            state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
+            let State {
+                partitions, held, ..
+            } = &mut *state;
+            for (tp, offset, output) in outputs {
+                match partitions.get_mut(&tp) {
+                    Some(p) if !p.outputs.contains_key(&offset) => {
+                        p.outputs.insert(offset, output);
+                        *held += 1;
+                    }
+                    _ => released += 1,
+                }
+            }
+        }
+        core.release(released);
+    }
+
     /// One transaction: the outputs, the positions, the commit.
+    /// The offsets go first: while the group rebalances the coordinator refuses them, and the
+    /// transaction is then aborted before any output was produced.
     fn run<C: ConsumerContext>(
         &self,
         consumer: &BaseConsumer<C>,
-        outputs: &[Output],
+        outputs: &[(TopicPartition, i64, Output)],
         positions: &[(TopicPartition, i64)],
-    ) -> Result<(), KafkaError> {
+    ) -> Result<(), TxnFailure> {
+        let before = |error| TxnFailure {
+            error,
+            produced: false,
+        };
+        let after = |error| TxnFailure {
+            error,
+            produced: true,
+        };
         // Only missing before the consumer has joined its group, when nothing is owned.
         let Some(group) = consumer.group_metadata() else {
-            return Err(KafkaError::MessageProduction(
+            return Err(before(KafkaError::MessageProduction(
                 RDKafkaErrorCode::InvalidGroupId,
-            ));
+            )));
         };
         let mut offsets = TopicPartitionList::new();
         for ((topic, partition), position) in positions {
-            offsets.add_partition_offset(topic, *partition, Offset::Offset(*position))?;
+            offsets
+                .add_partition_offset(topic, *partition, Offset::Offset(*position))
+                .map_err(before)?;
         }
-        self.producer.begin_transaction()?;
-        for output in outputs {
+        self.producer.begin_transaction().map_err(before)?;
+        self.producer
+            .send_offsets_to_transaction(&offsets, &group, self.op_timeout)
+            .map_err(before)?;
+        for (_, _, output) in outputs {
             for record in &output.records {
                 loop {
                     match self.producer.send_result(record.future_record()) {
@@ -389,13 +450,11 @@ impl Transactions {
                             metrics::counter!(m::PRODUCER_QUEUE_FULL_TOTAL).increment(1);
                             std::thread::sleep(Duration::from_millis(5));
                         }
-                        Err((err, _)) => return Err(err),
+                        Err((err, _)) => return Err(after(err)),
                     }
                 }
             }
         }
-        self.producer
-            .send_offsets_to_transaction(&offsets, &group, self.op_timeout)?;
         let mut attempts = 0;
         loop {
             match self.producer.commit_transaction(self.op_timeout) {
@@ -404,7 +463,7 @@ impl Transactions {
                     attempts += 1;
                     tracing::debug!(error = %e, "commit refused for now; retrying");
                 }
-                Err(err) => return Err(err),
+                Err(err) => return Err(after(err)),
             }
         }
     }
@@ -461,12 +520,12 @@ impl Transactions {
 
 /// Counts committed outputs: results by status and error kind, dead letters by error kind,
 /// and their end-to-end latency.
-fn count_outputs(core: &SourceCore, outputs: &[Output]) {
+fn count_outputs(core: &SourceCore, outputs: &[(TopicPartition, i64, Output)]) {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    for output in outputs {
+    for (_, _, output) in outputs {
         for record in &output.records {
             let find = |name: &str| {
                 record

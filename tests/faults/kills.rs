@@ -142,7 +142,7 @@ async fn sigterm_and_restart_exactly_once() {
     sigterm_and_restart(Mode::ExactlyOnce).await;
 }
 
-/// Slow-ish requests (the echo model, 1 ms each, so a batch of 256 takes about 256 ms), so
+/// Slow-ish requests (the echo model, 2 ms each, so a batch of 256 takes about half a second), so
 /// batches are open and in flight when partitions move.
 fn slow_requests(prefix: &str, n: usize) -> Vec<Raw> {
     (0..n)
@@ -151,7 +151,7 @@ fn slow_requests(prefix: &str, n: usize) -> Vec<Raw> {
                 Some(format!("k{i}").into_bytes()),
                 Some(
                     format!(
-                        r#"{{"request_id":"{prefix}{i}","model":"echo","data":{{"i":{i}}},"parameters":{{"delay_ms":1}}}}"#
+                        r#"{{"request_id":"{prefix}{i}","model":"echo","data":{{"i":{i}}},"parameters":{{"delay_ms":2}}}}"#
                     )
                     .into_bytes(),
                 ),
@@ -177,18 +177,24 @@ async fn rebalances_with_work_in_flight(mode: Mode) {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let c = Proc::spawn(&topics, &group, mode, "c", false, &extra);
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let at_kill = written(&topics.results).await;
     b.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     a.stop(Duration::from_secs(60));
+    let at_leave = written(&topics.results).await;
     let d = Proc::spawn(&topics, &group, mode, "d", false, &extra);
     let accounting = account(&topics, "c", N, Duration::from_secs(240)).await;
     c.stop(Duration::from_secs(60));
     d.stop(Duration::from_secs(60));
     println!(
-        "{} join/kill/leave/join of {N} requests: lost {}, duplicates {}",
+        "{} join/kill/leave/join of {N} requests ({at_kill} records in the results topic when B was killed, {at_leave} when A had left): lost {}, duplicates {}",
         mode.as_str(),
         accounting.lost.len(),
         accounting.duplicates
+    );
+    assert!(
+        at_leave < N as i64 / 2,
+        "the churn must happen mid-stream ({at_leave} of {N})"
     );
     assert!(
         accounting.lost.is_empty(),
