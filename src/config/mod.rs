@@ -447,6 +447,61 @@ mod tests {
     }
 
     #[test]
+    fn exactly_once_settings_are_checked() {
+        let errs = problems(
+            r#"
+            [kafka]
+            commit_interval_ms = 20000
+            [processing]
+            guarantee = "exactly_once"
+            transactional_id = " "
+            transaction_timeout_ms = 10000
+            "#,
+        );
+        assert_eq!(
+            paths(&errs),
+            ["processing.transactional_id", "kafka.commit_interval_ms"],
+            "{errs:#?}"
+        );
+        let errs = problems("[processing]\nguarantee = \"twice\"\n");
+        assert_eq!(paths(&errs), ["processing.guarantee"], "{errs:#?}");
+        let errs = problems("[processing]\ntransaction_timeout_ms = 999\n");
+        assert_eq!(
+            paths(&errs),
+            ["processing.transaction_timeout_ms"],
+            "{errs:#?}"
+        );
+        let errs = problems("[kafka.extra]\n\"transactional.id\" = \"x\"\n");
+        assert_eq!(
+            paths(&errs),
+            ["kafka.extra.\"transactional.id\""],
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn transactional_id_is_stable_with_static_membership_and_unique_without() {
+        let config =
+            Config::from_toml_str("[kafka]\ngroup_id = \"g\"\ngroup_instance_id = \"pod-0\"\n")
+                .unwrap();
+        assert_eq!(
+            config.processing.transactional_id_for(&config.kafka),
+            "g-pod-0"
+        );
+        let config = Config::from_toml_str("[kafka]\ngroup_id = \"g\"\n").unwrap();
+        let a = config.processing.transactional_id_for(&config.kafka);
+        let b = config.processing.transactional_id_for(&config.kafka);
+        assert!(a.starts_with("g-inferflow-") && a != b, "{a} {b}");
+        let config = Config::from_toml_str("[processing]\ntransactional_id = \"mine\"\n").unwrap();
+        assert_eq!(
+            config.processing.transactional_id_for(&config.kafka),
+            "mine"
+        );
+        assert_eq!(config.processing.guarantee, Guarantee::AtLeastOnce);
+        assert!(config.replay.enabled);
+    }
+
+    #[test]
     fn secrets_are_redacted_in_printed_config() {
         let config = Config::from_toml_str(
             r#"
