@@ -145,7 +145,12 @@ impl SourceCore {
     /// outputs are committed or dropped).
     pub(crate) fn release(&self, n: usize) {
         if n > 0 {
-            self.in_flight.fetch_sub(n, Ordering::AcqRel);
+            // Saturating: a miscount must not wrap the counter and pause consumption for good.
+            let _ = self
+                .in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                    Some(v.saturating_sub(n))
+                });
         }
     }
 
@@ -681,8 +686,21 @@ fn shutdown<H: BatchHandler>(
     // and retry until the commit lands or the deadline passes.
     if let Some(txn) = core.transactions() {
         // One last transaction; if it aborts, its records are consumed again after the restart.
-        if let Err(err) = txn.commit(&core, &consumer, true) {
-            tracing::warn!(error = %err, source = core.name, "final transaction failed; the last records will be processed again");
+        // Offsets refused while the group rebalances are retried, serving the group meanwhile.
+        loop {
+            match txn.commit(&core, &consumer, true) {
+                Ok(_) => break,
+                Err(crate::kafka::transactional::TxnError::Refused(err))
+                    if Instant::now() < deadline =>
+                {
+                    tracing::debug!(error = %err, "final transaction refused for now; polling and retrying");
+                    let _ = consumer.poll(Duration::from_millis(100));
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, source = core.name, "final transaction failed; the last records will be processed again");
+                    break;
+                }
+            }
         }
     }
     while core.transactions().is_none() {

@@ -140,6 +140,10 @@ struct TxnFailure {
 /// Why a transaction did not commit.
 #[derive(Debug, thiserror::Error)]
 pub enum TxnError {
+    /// The offsets were refused (typically while the group rebalances) and the transaction
+    /// aborted before any output was produced; the outputs are held again.
+    #[error("transaction refused, outputs held for the next attempt: {0}")]
+    Refused(String),
     /// The transaction was aborted; owned partitions were rewound to their last committed
     /// positions.
     #[error("transaction aborted and partitions rewound: {0}")]
@@ -363,13 +367,14 @@ impl Transactions {
                     // committed positions. These records are finished here.
                     core.release(count + dropped);
                     self.rewind(core, consumer);
+                    Err(TxnError::Aborted(failure.error.to_string()))
                 } else {
                     // Nothing was produced (the offsets were refused, typically while the group
                     // rebalances): hold the outputs again and retry after a backoff.
                     core.release(dropped);
                     self.restore(core, outputs);
+                    Err(TxnError::Refused(failure.error.to_string()))
                 }
-                Err(TxnError::Aborted(failure.error.to_string()))
             }
         }
     }
