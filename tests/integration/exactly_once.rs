@@ -192,3 +192,126 @@ async fn a_redelivered_request_reuses_its_result_and_a_changed_one_does_not() {
         "the repeated request was answered from the replay store"
     );
 }
+
+/// Messages in `topic` as a `read_uncommitted` reader sees them: aborted records included.
+async fn read_uncommitted_count(topic: &str, at_least: usize) -> usize {
+    use futures::StreamExt;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let consumer: StreamConsumer = crate::utils::kafka_config()
+        .set("group.id", unique_name("uncommitted"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_uncommitted")
+        .create()
+        .expect("reader");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut stream = consumer.stream();
+    let mut n = 0;
+    loop {
+        let wait = if n >= at_least { 2 } else { 30 };
+        match tokio::time::timeout(Duration::from_secs(wait), stream.next()).await {
+            Ok(Some(Ok(_))) => n += 1,
+            Ok(other) => panic!("reading {topic}: {other:?}"),
+            Err(_) => return n,
+        }
+    }
+}
+
+/// A record the broker refuses (larger than its `reply_to` topic's `max.message.bytes`) makes
+/// transactions abort: every partition is rewound and processed again, and nothing commits
+/// until the topic accepts the record. Once it does, every request has exactly one committed
+/// output; the aborted attempts are visible only to a `read_uncommitted` reader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_transactions_rewind_and_commit_each_output_once_afterwards() {
+    use rdkafka::admin::{
+        AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+    };
+    use rdkafka::client::DefaultClientContext;
+    utils::init_tracing();
+    let topics = Topics::create("eos_abort", 3).await;
+    let group = unique_name("eos_abort");
+    let small = format!("{}.small", topics.requests);
+    let admin: AdminClient<DefaultClientContext> =
+        crate::utils::kafka_config().create().expect("admin");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    for result in admin
+        .create_topics(
+            [&NewTopic::new(&small, 1, TopicReplication::Fixed(1))
+                .set("max.message.bytes", "2000")],
+            &options,
+        )
+        .await
+        .expect("create topic")
+    {
+        result.expect("small topic created");
+    }
+    const N: usize = 3_000;
+    let mut records = requests("a", 0..N);
+    records.retain(|(_, v)| {
+        !v.as_deref()
+            .unwrap_or_default()
+            .starts_with(br#"{"pipeline""#)
+    });
+    let n = records.len() + 1;
+    records.insert(
+        records.len() / 2,
+        (
+            Some(b"big".to_vec()),
+            Some(
+                format!(
+                    r#"{{"request_id":"big","pipeline":"identity","reply_to":"{small}","data":"{}"}}"#,
+                    "x".repeat(5_000)
+                )
+                .into_bytes(),
+            ),
+        ),
+    );
+    produce(&topics.requests, &records).await;
+    let config = config(
+        &topics,
+        &group,
+        &format!(
+            "reply_to_allowed = [\"{small}\"]\n[processing]\nguarantee = \"exactly_once\"\ntransactional_id = \"{group}-a\"\n"
+        ),
+    );
+    let processor = Running::start(&config, Arc::new(Builtins)).await;
+    // Transactions abort while the record is refused.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let stalled = read_uncommitted_count(&topics.results, 1).await;
+    let alter =
+        AlterConfig::new(ResourceSpecifier::Topic(&small)).set("max.message.bytes", "1000000");
+    for result in admin
+        .alter_configs([&alter], &options)
+        .await
+        .expect("alter configs")
+    {
+        result.expect("topic config altered");
+    }
+    let outputs = collect(
+        &[&topics.results, &small],
+        n,
+        Duration::from_secs(120),
+        Duration::from_secs(3),
+    )
+    .await;
+    processor.stop().await;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for c in &outputs {
+        let doc: InferenceResult =
+            serde_json::from_slice(c.value.as_deref().expect("value")).expect("result");
+        *counts.entry(doc.request_id).or_insert(0) += 1;
+    }
+    let duplicates: usize = counts.values().map(|c| c - 1).sum();
+    let uncommitted = read_uncommitted_count(&topics.results, n).await;
+    println!(
+        "abort and rewind: {n} requests, {} committed outputs, {duplicates} duplicates; {stalled} records written before the topic accepted the big one, {uncommitted} seen read_uncommitted",
+        outputs.len()
+    );
+    assert_eq!(counts.len(), n, "every request has an output");
+    assert_eq!(duplicates, 0, "duplicates for a read_committed reader");
+    assert!(
+        uncommitted > n - 1,
+        "aborted attempts left records only a read_uncommitted reader sees ({uncommitted} for {} results)",
+        n - 1
+    );
+}
