@@ -641,7 +641,7 @@ async fn start_transactions(config: &Config) -> anyhow::Result<Transactions> {
     Ok(Transactions::new(
         producer,
         Duration::from_millis(config.kafka.commit_interval_ms.get()),
-        config.executor.max_in_flight_records.get() / 2,
+        config.executor.max_in_flight_records.get() / 4,
         timeout,
     ))
 }

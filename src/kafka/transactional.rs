@@ -6,7 +6,7 @@
 //! A batch task does not send its outputs; it *holds* them here, keyed by the source record's
 //! partition and offset, and then marks the record complete in the [`OffsetTracker`]. The
 //! consumer thread runs [`Transactions::commit`] every `kafka.commit_interval_ms` (sooner when
-//! half of `executor.max_in_flight_records` outputs are held). A commit takes, per partition,
+//! a quarter of `executor.max_in_flight_records` outputs are held). A commit takes, per partition,
 //! the tracker's committable position `w` (every record below `w` is complete, so its output
 //! is held) and, in one transaction: sends the positions with the consumer's group metadata
 //! (`send_offsets_to_transaction`, KIP-447), produces the held outputs below `w` in offset
@@ -331,7 +331,15 @@ impl Transactions {
             return Ok(0);
         }
         let count = outputs.len();
+        let started = Instant::now();
         let result = self.run(consumer, &outputs, &positions);
+        tracing::debug!(
+            outputs = count,
+            partitions = positions.len(),
+            ms = started.elapsed().as_millis() as u64,
+            ok = result.is_ok(),
+            "transaction"
+        );
         match result {
             Ok(()) => {
                 // Committed: these records are done.

@@ -47,7 +47,11 @@ impl Proc {
     ) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferflow"));
         cmd.arg("run")
-            .env("RUST_LOG", "warn,librdkafka=error")
+            .env(
+                "RUST_LOG",
+                std::env::var("INFERFLOW_TEST_CHILD_LOG")
+                    .unwrap_or_else(|_| "warn,librdkafka=error".to_owned()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
