@@ -348,6 +348,8 @@ async fn reload(
             same(&current.feature_store, &next.feature_store),
         ),
         ("ingest", same(&current.ingest, &next.ingest)),
+        ("processing", same(&current.processing, &next.processing)),
+        ("replay", same(&current.replay, &next.replay)),
         ("http", same(&current.http, &next.http)),
         ("log", same(&current.log, &next.log)),
     ]

@@ -15,6 +15,7 @@
 //!   the result cache, the model manager, and building all of it from configuration.
 //! - [`pipeline`]: config-driven pipelines (preprocess, features, model, postprocess, chaining,
 //!   map), their validation, hot reload, and the executor the processor and HTTP API drive.
+//! - [`replay`]: earlier results by request id, reused for redelivered requests.
 //! - [`telemetry`]: logging set-up; [`metrics`]: metric names and the Prometheus exporter.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`app`]: wires the service and runs it.
 
@@ -32,4 +33,5 @@ pub mod model;
 pub mod pipeline;
 pub mod processor;
 pub mod providers;
+pub mod replay;
 pub mod telemetry;

@@ -34,6 +34,11 @@ pub const REBALANCES_TOTAL: &str = "inferflow_rebalances_total";
 pub const PRODUCER_QUEUE_FULL_TOTAL: &str = "inferflow_producer_queue_full_total";
 /// Produce attempts that failed and were retried (counter).
 pub const PRODUCE_RETRIES_TOTAL: &str = "inferflow_produce_retries_total";
+/// Kafka transactions of the exactly-once mode by outcome (counter; label `outcome`: committed,
+/// aborted).
+pub const TRANSACTIONS_TOTAL: &str = "inferflow_transactions_total";
+/// Lookups in the replay store of earlier results (counter; label `outcome`: hit, miss).
+pub const REPLAY_LOOKUPS_TOTAL: &str = "inferflow_replay_lookups_total";
 /// Calls to a model provider, one per `infer_batch` (counter; labels `provider`, `model`).
 pub const PROVIDER_CALLS_TOTAL: &str = "inferflow_provider_calls_total";
 /// Inputs sent in provider calls (counter; labels `provider`, `model`).
@@ -223,6 +228,14 @@ fn describe() {
     describe_counter!(
         PRODUCE_RETRIES_TOTAL,
         "Failed produce attempts that were retried."
+    );
+    describe_counter!(
+        TRANSACTIONS_TOTAL,
+        "Kafka transactions of the exactly-once mode, by outcome (committed, aborted)."
+    );
+    describe_counter!(
+        REPLAY_LOOKUPS_TOTAL,
+        "Lookups of redelivered requests in the replay store, by outcome (hit, miss)."
     );
     describe_counter!(
         FEATURE_UPDATES_CONSUMED_TOTAL,

@@ -28,20 +28,22 @@ use futures::FutureExt as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{FutureProducer, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::batching::{Batch, BatchLimits};
-use crate::config::{Config, KeyOrdering};
+use crate::config::{Config, Guarantee, KeyOrdering};
 use crate::decode::{DecodeRules, Decoded, decode};
 use crate::executor::{ExecRequest, ExecResult, Executor};
 use crate::kafka::sink::{DeliverError, OutRecord, Sink};
 use crate::kafka::source::{self, BatchHandler, SourceCore, SourceSpec, lock, source_ref};
+use crate::kafka::transactional::{self, Transactions};
 use crate::metrics as m;
 use crate::model::{ErrorBody, ErrorKind, InferenceResult, SourceRef, Status, Target};
+use crate::replay::{self, ReplayStore};
 
 pub use crate::kafka::source::SourceHandle as ProcessorHandle;
 pub use crate::kafka::source::headers;
@@ -61,6 +63,8 @@ struct Shared {
     /// `max_in_flight_records` (consumption pauses there), and the consumer thread never blocks.
     lanes: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<Vec<OwnedMessage>>>>,
     runtime: Handle,
+    /// Earlier results by request id, for redelivered requests (`[replay]`).
+    replay: Option<ReplayStore>,
 }
 
 impl BatchHandler for Shared {
@@ -150,29 +154,30 @@ impl Shared {
         let now_ms = unix_ms();
         let mut outcomes: Vec<(Outcome, Option<String>)> = Vec::with_capacity(messages.len());
         let mut runnable: Vec<(usize, Target, ExecRequest)> = Vec::new();
+        // Per message: the fingerprint of a request that is to be executed, so its result can
+        // be kept for a redelivery.
+        let mut fingerprints: Vec<Option<u64>> = vec![None; messages.len()];
         for (i, msg) in messages.iter().enumerate() {
             let outcome = match decode(msg.payload(), &self.rules, now_ms) {
-                Decoded::Request { request, target } => {
-                    runnable.push((
-                        i,
-                        target.clone(),
-                        ExecRequest {
-                            request_id: request.request_id.clone(),
-                            data: request.data,
-                            parameters: request.parameters,
-                            entity: request.entity,
-                            tenant: request.tenant,
-                        },
-                    ));
-                    // Replaced by the execution's outcome below.
-                    (
-                        Outcome::Answer(
-                            request.request_id,
-                            Some(target),
-                            Err(ErrorBody::new(ErrorKind::Internal, "not executed")),
+                Decoded::Request { request, target } if self.replay.is_some() => {
+                    let fingerprint = replay::fingerprint(msg.payload().unwrap_or_default());
+                    let earlier = match &self.replay {
+                        Some(store) => store.get(&request.request_id, fingerprint).await,
+                        None => None,
+                    };
+                    match earlier {
+                        Some(output) => (
+                            Outcome::Answer(request.request_id, Some(target), Ok(output)),
+                            request.reply_to,
                         ),
-                        request.reply_to,
-                    )
+                        None => {
+                            fingerprints[i] = Some(fingerprint);
+                            self.runnable(&mut runnable, i, request, target)
+                        }
+                    }
+                }
+                Decoded::Request { request, target } => {
+                    self.runnable(&mut runnable, i, request, target)
                 }
                 Decoded::Reject {
                     request_id,
@@ -183,6 +188,55 @@ impl Shared {
             };
             outcomes.push(outcome);
         }
+        self.execute_runnable(runnable, &mut outcomes).await;
+        if let Some(store) = &self.replay {
+            for (fingerprint, (outcome, _)) in fingerprints.into_iter().zip(&outcomes) {
+                if let (Some(fingerprint), Outcome::Answer(id, _, Ok(output))) =
+                    (fingerprint, outcome)
+                {
+                    store.put(id.clone(), fingerprint, output.clone()).await;
+                }
+            }
+        }
+        outcomes
+    }
+
+    /// Queues a decoded request for execution; returns its placeholder outcome.
+    fn runnable(
+        &self,
+        runnable: &mut Vec<(usize, Target, ExecRequest)>,
+        i: usize,
+        request: crate::model::InferenceRequest,
+        target: Target,
+    ) -> (Outcome, Option<String>) {
+        runnable.push((
+            i,
+            target.clone(),
+            ExecRequest {
+                request_id: request.request_id.clone(),
+                data: request.data,
+                parameters: request.parameters,
+                entity: request.entity,
+                tenant: request.tenant,
+            },
+        ));
+        // Replaced by the execution's outcome.
+        (
+            Outcome::Answer(
+                request.request_id,
+                Some(target),
+                Err(ErrorBody::new(ErrorKind::Internal, "not executed")),
+            ),
+            request.reply_to,
+        )
+    }
+
+    /// Runs the queued requests, grouped by target, and puts their outcomes in place.
+    async fn execute_runnable(
+        &self,
+        runnable: Vec<(usize, Target, ExecRequest)>,
+        outcomes: &mut [(Outcome, Option<String>)],
+    ) {
         if self.per_key {
             // Runs of consecutive requests for the same target, one after another: requests of
             // one key (all in this lane) keep their consumption order across targets.
@@ -209,7 +263,6 @@ impl Shared {
                 outcomes[i].0 = outcome;
             }
         }
-        outcomes
     }
 
     /// Runs requests for one target through the executor, under the execute timeout.
@@ -296,6 +349,10 @@ impl Shared {
         latency: Duration,
     ) {
         let source = source_ref(msg);
+        if let Some(txn) = self.core.transactions() {
+            self.hold_output(txn, msg, outcome, reply_to, &source, latency);
+            return;
+        }
         let delivered = match outcome {
             Outcome::Answer(request_id, target, result) => {
                 let record = self.result_record(
@@ -352,6 +409,55 @@ impl Shared {
             metrics::histogram!(m::END_TO_END_LATENCY_SECONDS).record(e2e);
         }
         self.core.finish_delivered(msg, delivered);
+    }
+
+    /// Exactly-once mode: hands the output for one record to the next transaction. A result
+    /// too large for a transaction becomes an error result; a dead letter is truncated.
+    fn hold_output(
+        &self,
+        txn: &Transactions,
+        msg: &OwnedMessage,
+        outcome: Outcome,
+        reply_to: Option<String>,
+        source: &SourceRef,
+        latency: Duration,
+    ) {
+        let record = match outcome {
+            Outcome::Answer(request_id, target, result) => {
+                let record = self.result_record(
+                    &request_id,
+                    target.as_ref(),
+                    result,
+                    source,
+                    reply_to,
+                    latency,
+                );
+                if transactional::fits(&record) {
+                    record
+                } else {
+                    tracing::warn!(bytes = record.value.len(), topic = %record.topic, "result too large for a transaction; sending an error result instead");
+                    self.result_record(
+                        &request_id,
+                        target.as_ref(),
+                        Err(ErrorBody::new(
+                            ErrorKind::Internal,
+                            format!(
+                                "the result ({} bytes) is larger than the {} bytes a transaction may carry",
+                                record.value.len(),
+                                transactional::MAX_RECORD_BYTES
+                            ),
+                        )),
+                        source,
+                        None,
+                        latency,
+                    )
+                }
+            }
+            Outcome::DeadLetter(error) => {
+                transactional::dead_letter_record(&self.core, msg, &error)
+            }
+        };
+        txn.hold(&self.core, msg, vec![record]);
     }
 
     fn result_record(
@@ -527,6 +633,31 @@ pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The transactional producer of the exactly-once mode, initialised (which fences an earlier
+/// producer with the same transactional id and aborts its open transaction).
+async fn start_transactions(config: &Config) -> anyhow::Result<Transactions> {
+    let id = config.processing.transactional_id_for(&config.kafka);
+    let timeout = Duration::from_millis(config.processing.transaction_timeout_ms.get());
+    let producer: FutureProducer = crate::kafka::producer_config(&config.kafka)
+        .set("linger.ms", "5")
+        .set("transactional.id", &id)
+        .set("transaction.timeout.ms", timeout.as_millis().to_string())
+        .create()
+        .context("creating the transactional Kafka producer")?;
+    let init = producer.clone();
+    tokio::task::spawn_blocking(move || init.init_transactions(Duration::from_secs(60)))
+        .await
+        .context("initialising transactions")?
+        .with_context(|| format!("initialising transactions (transactional.id {id})"))?;
+    tracing::info!(transactional_id = %id, "exactly-once processing: transactions initialised");
+    Ok(Transactions::new(
+        producer,
+        Duration::from_millis(config.kafka.commit_interval_ms.get()),
+        config.executor.max_in_flight_records.get() / 4,
+        timeout,
+    ))
+}
+
 /// Starts the processor: creates missing topics, subscribes to the requests topic and starts
 /// the consumer thread. Cancel `stop` to shut it down gracefully, then await
 /// [`ProcessorHandle::join`].
@@ -541,11 +672,11 @@ pub async fn start(
         .set("linger.ms", "5")
         .create()
         .context("creating the Kafka producer")?;
-    let core = Arc::new(SourceCore::new(
-        "requests",
-        Sink::new(producer),
-        config.topics.dlq.clone(),
-    ));
+    let mut core = SourceCore::new("requests", Sink::new(producer), config.topics.dlq.clone());
+    if config.processing.guarantee == Guarantee::ExactlyOnce {
+        core = core.with_transactions(Arc::new(start_transactions(config).await?));
+    }
+    let core = Arc::new(core);
     let shared = Arc::new(Shared {
         core: Arc::clone(&core),
         executor,
@@ -564,6 +695,7 @@ pub async fn start(
         per_key: config.executor.ordering == KeyOrdering::PerKey,
         lanes: Mutex::new(Vec::new()),
         runtime: Handle::current(),
+        replay: ReplayStore::from_config(&config.replay),
     });
     if config.executor.ordering == KeyOrdering::PerKey {
         let lanes = config.executor.max_in_flight_batches.get();

@@ -40,9 +40,9 @@ pub use models::{ModelSection, ModelsConfig, ProviderSection, ProvidersConfig};
 pub use secret::{REDACTED, Secret};
 pub use sections::{
     BatchConfig, Config, Consistency, ExecutorConfig, FeatureStoreBackend, FeatureStoreConfig,
-    HttpConfig, IngestConfig, KafkaConfig, KeyOrdering, LogConfig, LogFormat, OffsetReset,
-    PipelinesConfig, RESERVED_KAFKA_PROPERTIES, SaslMechanism, SecurityProtocol, TopicsConfig,
-    check_topic_name,
+    Guarantee, HttpConfig, IngestConfig, KafkaConfig, KeyOrdering, LogConfig, LogFormat,
+    OffsetReset, PipelinesConfig, ProcessingConfig, RESERVED_KAFKA_PROPERTIES, ReplayConfig,
+    SaslMechanism, SecurityProtocol, TopicsConfig, check_topic_name,
 };
 
 /// The defaults, embedded at build time.
@@ -104,6 +104,8 @@ const SECTIONS: &[&str] = &[
     "executor",
     "feature_store",
     "ingest",
+    "processing",
+    "replay",
     "providers",
     "models",
     "result_cache",
@@ -250,6 +252,8 @@ impl Config {
         let executor = section::<ExecutorConfig>(fig, "executor", problems);
         let feature_store = section::<FeatureStoreConfig>(fig, "feature_store", problems);
         let ingest = section::<IngestConfig>(fig, "ingest", problems);
+        let processing = section::<ProcessingConfig>(fig, "processing", problems);
+        let replay = section::<ReplayConfig>(fig, "replay", problems);
         let providers = section::<ProvidersConfig>(fig, "providers", problems);
         let models = section::<ModelsConfig>(fig, "models", problems);
         let result_cache =
@@ -264,6 +268,8 @@ impl Config {
             executor: executor?,
             feature_store: feature_store?,
             ingest: ingest?,
+            processing: processing?,
+            replay: replay?,
             providers: providers?,
             models: models?,
             result_cache: result_cache?,
@@ -539,6 +545,61 @@ mod tests {
     fn zero_where_nonzero_is_required_is_rejected() {
         let errs = problems("[batch]\nmax_records = 0\n");
         assert_eq!(paths(&errs), ["batch.max_records"], "{errs:#?}");
+    }
+
+    #[test]
+    fn exactly_once_settings_are_checked() {
+        let errs = problems(
+            r#"
+            [kafka]
+            commit_interval_ms = 20000
+            [processing]
+            guarantee = "exactly_once"
+            transactional_id = " "
+            transaction_timeout_ms = 10000
+            "#,
+        );
+        assert_eq!(
+            paths(&errs),
+            ["processing.transactional_id", "kafka.commit_interval_ms"],
+            "{errs:#?}"
+        );
+        let errs = problems("[processing]\nguarantee = \"twice\"\n");
+        assert_eq!(paths(&errs), ["processing.guarantee"], "{errs:#?}");
+        let errs = problems("[processing]\ntransaction_timeout_ms = 999\n");
+        assert_eq!(
+            paths(&errs),
+            ["processing.transaction_timeout_ms"],
+            "{errs:#?}"
+        );
+        let errs = problems("[kafka.extra]\n\"transactional.id\" = \"x\"\n");
+        assert_eq!(
+            paths(&errs),
+            ["kafka.extra.\"transactional.id\""],
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn transactional_id_is_stable_with_static_membership_and_unique_without() {
+        let config =
+            Config::from_toml_str("[kafka]\ngroup_id = \"g\"\ngroup_instance_id = \"pod-0\"\n")
+                .unwrap();
+        assert_eq!(
+            config.processing.transactional_id_for(&config.kafka),
+            "g-pod-0"
+        );
+        let config = Config::from_toml_str("[kafka]\ngroup_id = \"g\"\n").unwrap();
+        let a = config.processing.transactional_id_for(&config.kafka);
+        let b = config.processing.transactional_id_for(&config.kafka);
+        assert!(a.starts_with("g-inferflow-") && a != b, "{a} {b}");
+        let config = Config::from_toml_str("[processing]\ntransactional_id = \"mine\"\n").unwrap();
+        assert_eq!(
+            config.processing.transactional_id_for(&config.kafka),
+            "mine"
+        );
+        assert_eq!(config.processing.guarantee, Guarantee::AtLeastOnce);
+        assert!(config.replay.enabled);
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub(crate) trait Section: DeserializeOwned {
 impl Section for BatchConfig {}
 impl Section for ExecutorConfig {}
 impl Section for IngestConfig {}
+impl Section for ReplayConfig {}
 
 /// `[kafka]`: how to reach the brokers and how the processor's consumer behaves.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -171,6 +172,9 @@ pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
     "statistics.interval.ms",
     "partition.assignment.strategy",
     "auto.commit.interval.ms",
+    "transactional.id",
+    "transaction.timeout.ms",
+    "isolation.level",
 ];
 
 impl Section for KafkaConfig {
@@ -561,6 +565,88 @@ impl Section for PipelinesConfig {
     }
 }
 
+/// `[processing]`: the delivery guarantee of the request processor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessingConfig {
+    /// At least once (offsets committed after outputs are acknowledged) or exactly once
+    /// (outputs and offsets committed in one Kafka transaction).
+    pub guarantee: Guarantee,
+    /// librdkafka `transactional.id` in exactly-once mode; derived when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transactional_id: Option<String>,
+    /// librdkafka `transaction.timeout.ms` in exactly-once mode.
+    pub transaction_timeout_ms: NonZeroU64,
+}
+
+/// `processing.guarantee`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// Outputs are acknowledged before offsets are stored; a crash can repeat outputs.
+    AtLeastOnce,
+    /// Outputs and offsets are committed in one Kafka transaction; a `read_committed`
+    /// consumer sees each output once.
+    ExactlyOnce,
+}
+
+/// The broker's default `transaction.max.timeout.ms` (15 minutes): a producer asking for a
+/// longer transaction timeout is refused.
+const MAX_TRANSACTION_TIMEOUT_MS: u64 = 900_000;
+
+impl Section for ProcessingConfig {
+    fn validate(&self, p: &mut Problems) {
+        if let Some(id) = &self.transactional_id {
+            if id.trim().is_empty() {
+                p.push(
+                    "processing.transactional_id",
+                    "must not be empty; remove the key to derive it",
+                );
+            }
+        }
+        let timeout = self.transaction_timeout_ms.get();
+        if !(1000..=MAX_TRANSACTION_TIMEOUT_MS).contains(&timeout) {
+            p.push(
+                "processing.transaction_timeout_ms",
+                format!(
+                    "{timeout} is outside 1000..={MAX_TRANSACTION_TIMEOUT_MS} (the brokers' default transaction.max.timeout.ms)"
+                ),
+            );
+        }
+    }
+}
+
+impl ProcessingConfig {
+    /// The transactional id of this instance: `transactional_id` when set, else
+    /// `{group_id}-{group_instance_id}` with static membership (stable across restarts, so a
+    /// restart fences its predecessor at once), else `{group_id}-{client_id}-` plus a random
+    /// suffix (unique, so instances never fence each other; a crashed instance's open
+    /// transaction is then aborted by the broker after `transaction_timeout_ms`).
+    pub fn transactional_id_for(&self, kafka: &KafkaConfig) -> String {
+        if let Some(id) = &self.transactional_id {
+            return id.clone();
+        }
+        match &kafka.group_instance_id {
+            Some(instance) => format!("{}-{instance}", kafka.group_id),
+            None => {
+                let suffix = uuid::Uuid::new_v4().simple().to_string();
+                format!("{}-{}-{}", kafka.group_id, kafka.client_id, &suffix[..12])
+            }
+        }
+    }
+}
+
+/// `[replay]`: results kept in process, by request id, so a redelivered request is answered
+/// again without calling its model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplayConfig {
+    /// Keep results and reuse them for redelivered requests.
+    pub enabled: bool,
+    /// Results kept at most (least recently used go first).
+    pub max_entries: NonZeroU64,
+    /// How long a result is kept after it was computed.
+    pub ttl_secs: NonZeroU64,
+}
+
 /// `[http]`: the HTTP server.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HttpConfig {
@@ -629,6 +715,10 @@ pub struct Config {
     pub feature_store: FeatureStoreConfig,
     /// `[ingest]`
     pub ingest: IngestConfig,
+    /// `[processing]`
+    pub processing: ProcessingConfig,
+    /// `[replay]`
+    pub replay: ReplayConfig,
     /// `[providers.NAME]`
     pub providers: super::ProvidersConfig,
     /// `[models."name@version"]`
@@ -689,6 +779,17 @@ impl Config {
                 format!(
                     "`{}` is also kafka.group_id; ingestion needs a consumer group of its own",
                     self.ingest.group_id
+                ),
+            );
+        }
+        if self.processing.guarantee == Guarantee::ExactlyOnce
+            && self.kafka.commit_interval_ms.get() >= self.processing.transaction_timeout_ms.get()
+        {
+            p.push(
+                "kafka.commit_interval_ms",
+                format!(
+                    "{} must be lower than processing.transaction_timeout_ms ({}): in exactly-once mode a transaction is committed every commit interval",
+                    self.kafka.commit_interval_ms, self.processing.transaction_timeout_ms
                 ),
             );
         }

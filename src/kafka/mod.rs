@@ -9,6 +9,7 @@ pub mod offsets;
 pub mod preflight;
 pub mod sink;
 pub mod source;
+pub mod transactional;
 
 use rdkafka::ClientConfig;
 

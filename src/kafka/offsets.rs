@@ -29,6 +29,8 @@ struct PartitionState {
     next: Option<i64>,
     /// The last position stored (the next offset to consume after a restart).
     stored: Option<i64>,
+    /// The first offset begun since the partition was assigned (or reset).
+    first: Option<i64>,
 }
 
 impl PartitionState {
@@ -89,6 +91,7 @@ impl OffsetTracker {
             return false;
         };
         state.pending.insert(offset);
+        state.first.get_or_insert(offset);
         state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
         true
     }
@@ -100,6 +103,23 @@ impl OffsetTracker {
             state.pending.remove(&offset);
         }
         drop(map);
+        self.completed.notify_all();
+    }
+
+    /// The position that may be committed now in `tp` (the lowest pending offset, or one past
+    /// the last offset begun), and the first offset begun since it was assigned or reset; `None`
+    /// when the partition is not owned. For the exactly-once mode, which commits positions
+    /// through a transaction instead of storing them.
+    pub fn position(&self, tp: &TopicPartition) -> Option<(Option<i64>, Option<i64>)> {
+        self.lock().get(tp).map(|s| (s.committable(), s.first))
+    }
+
+    /// Forgets everything about an owned partition, as if it had just been assigned: after an
+    /// aborted transaction its records are consumed again from the last committed position.
+    pub fn reset(&self, tp: &TopicPartition) {
+        if let Some(state) = self.lock().get_mut(tp) {
+            *state = PartitionState::default();
+        }
         self.completed.notify_all();
     }
 

@@ -28,7 +28,7 @@ pub struct OutRecord {
 }
 
 impl OutRecord {
-    fn future_record(&self) -> FutureRecord<'_, [u8], [u8]> {
+    pub(crate) fn future_record(&self) -> FutureRecord<'_, [u8], [u8]> {
         let mut headers = OwnedHeaders::new_with_capacity(self.headers.len());
         for (key, value) in &self.headers {
             headers = headers.insert(Header {

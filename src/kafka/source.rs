@@ -38,6 +38,7 @@ use crate::batching::{Batch, BatchLimits, Batcher};
 use crate::config::KafkaConfig;
 use crate::kafka::offsets::{OffsetTracker, TopicPartition};
 use crate::kafka::sink::{DeliverError, OutRecord, Sink};
+use crate::kafka::transactional::Transactions;
 use crate::metrics as m;
 use crate::model::{ErrorBody, SourceRef};
 
@@ -108,6 +109,8 @@ pub struct SourceCore {
     /// Cancelled on a fatal error; the consumer thread then shuts down and reports it.
     fatal: CancellationToken,
     fatal_reason: Mutex<Option<String>>,
+    /// Exactly-once mode: outputs are held and committed in transactions instead of sent.
+    transactions: Option<Arc<Transactions>>,
 }
 
 impl SourceCore {
@@ -122,6 +125,32 @@ impl SourceCore {
             abort: CancellationToken::new(),
             fatal: CancellationToken::new(),
             fatal_reason: Mutex::new(None),
+            transactions: None,
+        }
+    }
+
+    /// Makes this an exactly-once source: offsets are committed in `transactions`, never
+    /// stored or auto-committed.
+    pub fn with_transactions(mut self, transactions: Arc<Transactions>) -> Self {
+        self.transactions = Some(transactions);
+        self
+    }
+
+    /// The transactional output stage, in exactly-once mode.
+    pub fn transactions(&self) -> Option<&Arc<Transactions>> {
+        self.transactions.as_ref()
+    }
+
+    /// Finishes `n` records without touching the tracker (exactly-once mode: once their
+    /// outputs are committed or dropped).
+    pub(crate) fn release(&self, n: usize) {
+        if n > 0 {
+            // Saturating: a miscount must not wrap the counter and pause consumption for good.
+            let _ = self
+                .in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                    Some(v.saturating_sub(n))
+                });
         }
     }
 
@@ -296,6 +325,13 @@ pub fn start<H: BatchHandler>(
         rebalance_drain_timeout: spec.rebalance_drain_timeout,
     };
     let mut client = crate::kafka::consumer_config(kafka, &spec.group_id);
+    if core.transactions().is_some() {
+        // Offsets are committed only in transactions; requests written transactionally are
+        // read once committed.
+        client
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed");
+    }
     client
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set(
@@ -377,6 +413,9 @@ impl<H: BatchHandler> ConsumerContext for SourceContext<H> {
                 "assignment lost; in-flight work of these partitions will be redelivered"
             );
             core.tracker.revoke(&partitions);
+            if let Some(txn) = core.transactions() {
+                txn.revoke(core, &partitions);
+            }
             return;
         }
         metrics::counter!(m::REBALANCES_TOTAL, "kind" => "revoke", "source" => core.name)
@@ -398,7 +437,12 @@ impl<H: BatchHandler> ConsumerContext for SourceContext<H> {
                 "revoked partitions did not drain in time; their unfinished records will be redelivered"
             );
         }
-        if let Err(err) = core.tracker.commit_now(consumer, Some(&partitions)) {
+        if let Some(txn) = core.transactions() {
+            if let Err(err) = txn.commit(core, consumer, true) {
+                tracing::warn!(error = %err, source = core.name, "transaction before giving up partitions failed");
+            }
+            txn.revoke(core, &partitions);
+        } else if let Err(err) = core.tracker.commit_now(consumer, Some(&partitions)) {
             tracing::warn!(error = %err, source = core.name, "commit before giving up partitions failed");
         }
         core.tracker.revoke(&partitions);
@@ -412,6 +456,9 @@ impl<H: BatchHandler> ConsumerContext for SourceContext<H> {
                     .increment(1);
                 let partitions = topic_partitions(tpl);
                 tracing::info!(?partitions, source = self.core.name, "partitions assigned");
+                if let Some(txn) = self.core.transactions() {
+                    txn.assign(&self.core, &partitions);
+                }
                 self.core.tracker.assign(partitions);
                 // librdkafka keeps an application pause across unassign and reassign, so a
                 // partition paused before it was revoked would come back paused: set the state
@@ -533,12 +580,26 @@ fn consume<H: BatchHandler>(
         }
         if last_store.elapsed() >= STORE_EVERY {
             last_store = Instant::now();
-            if let Err(err) = core.tracker.store(&consumer) {
+            store_progress(&core, &consumer);
+        }
+    }
+    shutdown(consumer, spec)
+}
+
+/// Stores the positions that advanced (at least once; auto-commit commits them) or commits a
+/// transaction when one is due (exactly once).
+fn store_progress<H: BatchHandler>(core: &SourceCore, consumer: &BaseConsumer<SourceContext<H>>) {
+    match core.transactions() {
+        Some(txn) => {
+            // Failures are logged, and handled (rewind or stop), inside.
+            let _ = txn.commit(core, consumer, false);
+        }
+        None => {
+            if let Err(err) = core.tracker.store(consumer) {
                 tracing::warn!(error = %err, source = core.name, "storing offsets failed; retrying");
             }
         }
     }
-    shutdown(consumer, spec)
 }
 
 /// Commit errors that clear up once this member has caught up with the group.
@@ -608,9 +669,7 @@ fn shutdown<H: BatchHandler>(
                 "not processing a record fetched during shutdown"
             );
         }
-        if let Err(err) = core.tracker.store(&consumer) {
-            tracing::warn!(error = %err, "storing offsets failed");
-        }
+        store_progress(&core, &consumer);
     }
     let left = core.tracker.pending();
     if left > 0 {
@@ -625,7 +684,26 @@ fn shutdown<H: BatchHandler>(
     // The group may be mid-rebalance (another member joining or leaving): the broker then
     // refuses commits until this member has rejoined, which needs polls. Keep serving the group
     // and retry until the commit lands or the deadline passes.
-    loop {
+    if let Some(txn) = core.transactions() {
+        // One last transaction; if it aborts, its records are consumed again after the restart.
+        // Offsets refused while the group rebalances are retried, serving the group meanwhile.
+        loop {
+            match txn.commit(&core, &consumer, true) {
+                Ok(_) => break,
+                Err(crate::kafka::transactional::TxnError::Refused(err))
+                    if Instant::now() < deadline =>
+                {
+                    tracing::debug!(error = %err, "final transaction refused for now; polling and retrying");
+                    let _ = consumer.poll(Duration::from_millis(100));
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, source = core.name, "final transaction failed; the last records will be processed again");
+                    break;
+                }
+            }
+        }
+    }
+    while core.transactions().is_none() {
         match core.tracker.commit_now(&consumer, None) {
             Ok(()) => break,
             Err(err) if Instant::now() < deadline && commit_retriable(&err) => {
@@ -640,6 +718,9 @@ fn shutdown<H: BatchHandler>(
     }
     // Nothing more will be stored; the revoke callback run by the close must not wait again.
     core.tracker.revoke_all();
+    if let Some(txn) = core.transactions() {
+        txn.revoke_all(&core);
+    }
     context.handler.close();
     if let Err(err) = core.sink.flush(
         deadline

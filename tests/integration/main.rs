@@ -11,6 +11,7 @@ mod fake_openai;
 mod harness;
 mod utils;
 
+mod exactly_once;
 mod feature_ingest;
 mod feature_store;
 mod http;

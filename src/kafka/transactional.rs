@@ -1,0 +1,582 @@
+//! Exactly-once processing (`processing.guarantee = "exactly_once"`): outputs and the consumed
+//! offsets committed in one Kafka transaction.
+//!
+//! # How
+//!
+//! A batch task does not send its outputs; it *holds* them here, keyed by the source record's
+//! partition and offset, and then marks the record complete in the [`OffsetTracker`]. The
+//! consumer thread runs [`Transactions::commit`] every `kafka.commit_interval_ms` (sooner when
+//! a quarter of `executor.max_in_flight_records` outputs are held). A commit takes, per partition,
+//! the tracker's committable position `w` (every record below `w` is complete, so its output
+//! is held) and, in one transaction: sends the positions with the consumer's group metadata
+//! (`send_offsets_to_transaction`, KIP-447), produces the held outputs below `w` in offset
+//! order, and commits. Outputs of records at or above `w` stay held: a transaction never
+//! contains an output whose offset it does not commit, however out of order batches finish.
+//! The transaction is opened and closed within that one call on the consumer thread, so no
+//! transaction is ever open while a rebalance callback runs.
+//!
+//! Held outputs still count as in flight (their records are released only once committed),
+//! so `executor.max_in_flight_records` bounds them like any other unfinished record.
+//!
+//! # Failures
+//!
+//! - **Offsets refused** (typically while the group rebalances): they are sent first, so the
+//!   transaction is aborted before any output was produced; the outputs are held again and
+//!   the commit is retried after a backoff (doubling from 100 ms to 2 s).
+//! - **Abortable errors after outputs were produced** (a produce refused, a commit that
+//!   failed): the transaction is aborted, so none of its outputs or offsets become visible.
+//!   Every held output is dropped,
+//!   and every owned partition is rewound to its last committed position and consumed again.
+//!   Records still in flight from before the rewind may hold their outputs later; an output
+//!   below the last committed position is dropped, any other replaces or is replaced by the
+//!   output of the same offset consumed again, so each offset commits one output. Attempts
+//!   after an abort back off too.
+//! - **Fatal errors**, including being fenced by another producer with the same
+//!   `transactional.id`: the source stops (`SourceCore::fail`) and nothing more is committed.
+//! - **Zombies.** An instance that lost its partitions (a long pause, a network partition)
+//!   cannot commit offsets for them: the group coordinator refuses a transactional offset
+//!   commit from an old generation (KIP-447), so its transaction aborts.
+//! - **Rebalances.** Before partitions are revoked, the source drains them (up to
+//!   `kafka.rebalance_drain_timeout_ms`) and commits a transaction; held outputs of partitions
+//!   given up are then dropped (their records are consumed again by the new owner). A lost
+//!   assignment commits nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::kafka::offsets::TopicPartition;
+use crate::kafka::sink::OutRecord;
+use crate::kafka::source::{SourceCore, TRUNCATED_VALUE_BYTES, headers, lock, source_ref};
+use crate::metrics as m;
+use crate::model::ErrorBody;
+
+/// Largest output (value, key and headers) sent in a transaction. A record Kafka refuses
+/// makes the whole transaction abort, so outputs are checked against this first: below
+/// librdkafka's default `message.max.bytes` (1,000,000) and the brokers' default
+/// `max.message.bytes` (1,048,588).
+pub const MAX_RECORD_BYTES: usize = 900_000;
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Whether `record` is small enough to be sent in a transaction.
+pub fn fits(record: &OutRecord) -> bool {
+    let headers: usize = record.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    record.value.len() + record.key.as_ref().map_or(0, Vec::len) + headers <= MAX_RECORD_BYTES
+}
+
+/// The dead letter of `msg`: its key and bytes (the first [`TRUNCATED_VALUE_BYTES`] of a value
+/// too large for a transaction, with its size in a header), the error and the source.
+pub fn dead_letter_record(core: &SourceCore, msg: &OwnedMessage, error: &ErrorBody) -> OutRecord {
+    let source = source_ref(msg);
+    let mut record = OutRecord {
+        topic: core.dlq_topic.clone(),
+        key: msg.key().map(<[u8]>::to_vec),
+        value: msg.payload().unwrap_or_default().to_vec(),
+        headers: vec![
+            (headers::ERROR_KIND, error.kind.as_str().to_owned()),
+            (headers::ERROR_MESSAGE, error.message.clone()),
+            (headers::SOURCE_TOPIC, source.topic),
+            (headers::SOURCE_PARTITION, source.partition.to_string()),
+            (headers::SOURCE_OFFSET, source.offset.to_string()),
+        ],
+    };
+    if !fits(&record) {
+        record
+            .headers
+            .push((headers::VALUE_TRUNCATED, record.value.len().to_string()));
+        record.value.truncate(TRUNCATED_VALUE_BYTES);
+        record.key = record.key.map(|mut k| {
+            k.truncate(TRUNCATED_VALUE_BYTES);
+            k
+        });
+    }
+    record
+}
+
+/// The outputs of one source record, waiting for their transaction.
+#[derive(Debug)]
+struct Output {
+    records: Vec<OutRecord>,
+    /// The source record's timestamp, for the end-to-end latency.
+    timestamp_ms: Option<i64>,
+}
+
+#[derive(Debug, Default)]
+struct Partition {
+    /// Held outputs by source offset.
+    outputs: BTreeMap<i64, Output>,
+    /// The last committed position in this assignment: outputs below it are already committed
+    /// (or belong to an earlier assignment) and are dropped.
+    floor: Option<i64>,
+}
+
+#[derive(Debug)]
+struct State {
+    partitions: HashMap<TopicPartition, Partition>,
+    /// Outputs held over all partitions.
+    held: usize,
+    last_commit: Instant,
+    /// After an abort: no new attempt before this (unless forced).
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+/// A failed transaction, and whether outputs had been produced in it.
+struct TxnFailure {
+    error: KafkaError,
+    produced: bool,
+}
+
+/// Why a transaction did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum TxnError {
+    /// The offsets were refused (typically while the group rebalances) and the transaction
+    /// aborted before any output was produced; the outputs are held again.
+    #[error("transaction refused, outputs held for the next attempt: {0}")]
+    Refused(String),
+    /// The transaction was aborted; owned partitions were rewound to their last committed
+    /// positions.
+    #[error("transaction aborted and partitions rewound: {0}")]
+    Aborted(String),
+    /// The producer failed for good (or was fenced); the source is stopping.
+    #[error("transactional producer failed for good: {0}")]
+    Fatal(String),
+}
+
+/// The transactional output stage of one source.
+pub struct Transactions {
+    producer: FutureProducer,
+    state: Mutex<State>,
+    /// How often a transaction is committed.
+    interval: Duration,
+    /// Held outputs that make a commit due before the interval has passed.
+    commit_at: usize,
+    /// Timeout of one transactional call.
+    op_timeout: Duration,
+    failed: AtomicBool,
+}
+
+impl Transactions {
+    /// A stage over `producer`, on which `init_transactions` has succeeded.
+    pub fn new(
+        producer: FutureProducer,
+        interval: Duration,
+        commit_at: usize,
+        op_timeout: Duration,
+    ) -> Transactions {
+        Transactions {
+            producer,
+            state: Mutex::new(State {
+                partitions: HashMap::new(),
+                held: 0,
+                last_commit: Instant::now(),
+                retry_at: None,
+                backoff: FIRST_BACKOFF,
+            }),
+            interval,
+            commit_at: commit_at.max(1),
+            op_timeout,
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    /// Outputs held and not yet committed.
+    pub fn held(&self) -> usize {
+        lock(&self.state).held
+    }
+
+    /// Holds the outputs of `msg` for the next transaction, then marks the record complete.
+    /// Outputs of partitions not owned, or below the last committed position, are dropped.
+    pub fn hold(&self, core: &SourceCore, msg: &OwnedMessage, records: Vec<OutRecord>) {
+        let tp = (msg.topic().to_owned(), msg.partition());
+        let offset = msg.offset();
+        let output = Output {
+            records,
+            timestamp_ms: msg.timestamp().to_millis(),
+        };
+        let released = {
+            let mut state = lock(&self.state);
+            let State {
+                partitions, held, ..
+            } = &mut *state;
+            match partitions.get_mut(&tp) {
+                Some(p) if p.floor.is_none_or(|floor| offset >= floor) => {
+                    if p.outputs.insert(offset, output).is_some() {
+                        // The same offset consumed again after a rewind: one output stays.
+                        1
+                    } else {
+                        *held += 1;
+                        0
+                    }
+                }
+                _ => 1,
+            }
+        };
+        core.tracker.complete(&tp, offset);
+        if released > 0 {
+            core.release(released);
+        }
+    }
+
+    /// Starts holding outputs of newly assigned partitions.
+    pub fn assign(&self, core: &SourceCore, partitions: &[TopicPartition]) {
+        let mut state = lock(&self.state);
+        let mut released = 0;
+        for tp in partitions {
+            if let Some(old) = state.partitions.insert(tp.clone(), Partition::default()) {
+                released += old.outputs.len();
+            }
+        }
+        state.held -= released;
+        drop(state);
+        core.release(released);
+    }
+
+    /// Drops the held outputs of partitions given up; their records are consumed again by the
+    /// next owner.
+    pub fn revoke(&self, core: &SourceCore, partitions: &[TopicPartition]) {
+        let mut state = lock(&self.state);
+        let mut released = 0;
+        for tp in partitions {
+            if let Some(old) = state.partitions.remove(tp) {
+                released += old.outputs.len();
+            }
+        }
+        state.held -= released;
+        drop(state);
+        if released > 0 {
+            tracing::info!(
+                released,
+                source = core.name,
+                "dropping uncommitted outputs of revoked partitions; their records will be consumed again"
+            );
+        }
+        core.release(released);
+    }
+
+    /// Drops everything (at shutdown, after the final commit).
+    pub fn revoke_all(&self, core: &SourceCore) {
+        let all: Vec<TopicPartition> = lock(&self.state).partitions.keys().cloned().collect();
+        self.revoke(core, &all);
+    }
+
+    /// Commits a transaction with every output whose offset the owned partitions' positions
+    /// pass, and those positions, when one is due (or always, with `force`). Call from the
+    /// consumer's own thread. Returns the number of outputs committed.
+    pub fn commit<C: ConsumerContext>(
+        &self,
+        core: &SourceCore,
+        consumer: &BaseConsumer<C>,
+        force: bool,
+    ) -> Result<usize, TxnError> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(TxnError::Fatal(
+                "an earlier transactional call failed".into(),
+            ));
+        }
+        let now = Instant::now();
+        let mut outputs: Vec<(TopicPartition, i64, Output)> = Vec::new();
+        let mut positions: Vec<(TopicPartition, i64)> = Vec::new();
+        let mut dropped = 0usize;
+        {
+            let mut state = lock(&self.state);
+            if !force {
+                if state.retry_at.is_some_and(|at| now < at) {
+                    return Ok(0);
+                }
+                let due = now.duration_since(state.last_commit) >= self.interval
+                    || state.held >= self.commit_at;
+                if !due {
+                    return Ok(0);
+                }
+            }
+            state.last_commit = now;
+            let mut taken = 0usize;
+            for (tp, p) in &mut state.partitions {
+                let Some((Some(position), first)) = core.tracker.position(tp) else {
+                    continue;
+                };
+                let Some(floor) = p.floor.or(first) else {
+                    continue;
+                };
+                if position <= floor {
+                    continue;
+                }
+                let later = p.outputs.split_off(&position);
+                let ready = std::mem::replace(&mut p.outputs, later);
+                taken += ready.len();
+                for (offset, output) in ready {
+                    if offset < floor {
+                        dropped += 1;
+                    } else {
+                        outputs.push((tp.clone(), offset, output));
+                    }
+                }
+                positions.push((tp.clone(), position));
+            }
+            state.held -= taken;
+        }
+        if positions.is_empty() {
+            core.release(dropped);
+            return Ok(0);
+        }
+        let count = outputs.len();
+        let started = Instant::now();
+        let result = self.run(consumer, &outputs, &positions);
+        tracing::debug!(
+            outputs = count,
+            partitions = positions.len(),
+            ms = started.elapsed().as_millis() as u64,
+            ok = result.is_ok(),
+            "transaction"
+        );
+        match result {
+            Ok(()) => {
+                // Committed: these records are done.
+                core.release(count + dropped);
+                let mut state = lock(&self.state);
+                for (tp, position) in &positions {
+                    if let Some(p) = state.partitions.get_mut(tp) {
+                        p.floor = Some(*position);
+                    }
+                }
+                state.retry_at = None;
+                state.backoff = FIRST_BACKOFF;
+                drop(state);
+                metrics::counter!(m::TRANSACTIONS_TOTAL, "outcome" => "committed").increment(1);
+                count_outputs(core, &outputs);
+                Ok(count)
+            }
+            Err(failure) => {
+                if let Some(reason) = self.fatal_reason(&failure.error) {
+                    return Err(self.stop(core, reason));
+                }
+                tracing::warn!(error = %failure.error, source = core.name, outputs = count, produced = failure.produced,
+                    "transaction failed; aborting it");
+                if let Err(abort) = self.producer.abort_transaction(self.op_timeout) {
+                    if let Some(reason) = self.fatal_reason(&abort) {
+                        return Err(self.stop(core, reason));
+                    }
+                    tracing::warn!(error = %abort, "aborting the transaction failed");
+                }
+                metrics::counter!(m::TRANSACTIONS_TOTAL, "outcome" => "aborted").increment(1);
+                if failure.produced {
+                    // Outputs reached the aborted transaction: consume again from the last
+                    // committed positions. These records are finished here.
+                    core.release(count + dropped);
+                    self.rewind(core, consumer);
+                    Err(TxnError::Aborted(failure.error.to_string()))
+                } else {
+                    // Nothing was produced (the offsets were refused, typically while the group
+                    // rebalances): hold the outputs again and retry after a backoff.
+                    core.release(dropped);
+                    self.restore(core, outputs);
+                    Err(TxnError::Refused(failure.error.to_string()))
+                }
+            }
+        }
+    }
+
+    /// Stops on a fatal error.
+    fn stop(&self, core: &SourceCore, reason: String) -> TxnError {
+        self.failed.store(true, Ordering::Release);
+        tracing::error!(reason = %reason, source = core.name, "transactional producer failed for good; stopping");
+        core.fail(format!("transactional producer: {reason}"));
+        TxnError::Fatal(reason)
+    }
+
+    /// Holds again the outputs of a transaction that produced nothing, and backs off.
+    fn restore(&self, core: &SourceCore, outputs: Vec<(TopicPartition, i64, Output)>) {
+        let mut released = 0;
+        {
+            let mut state = lock(&self.state);
+            let now = Instant::now();
+            state.retry_at = Some(now + state.backoff);
+            state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
+            let State {
+                partitions, held, ..
+            } = &mut *state;
+            for (tp, offset, output) in outputs {
+                match partitions.get_mut(&tp) {
+                    Some(p) if !p.outputs.contains_key(&offset) => {
+                        p.outputs.insert(offset, output);
+                        *held += 1;
+                    }
+                    _ => released += 1,
+                }
+            }
+        }
+        core.release(released);
+    }
+
+    /// One transaction: the outputs, the positions, the commit.
+    /// The offsets go first: while the group rebalances the coordinator refuses them, and the
+    /// transaction is then aborted before any output was produced.
+    fn run<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        outputs: &[(TopicPartition, i64, Output)],
+        positions: &[(TopicPartition, i64)],
+    ) -> Result<(), TxnFailure> {
+        let before = |error| TxnFailure {
+            error,
+            produced: false,
+        };
+        let after = |error| TxnFailure {
+            error,
+            produced: true,
+        };
+        // Only missing before the consumer has joined its group, when nothing is owned.
+        let Some(group) = consumer.group_metadata() else {
+            return Err(before(KafkaError::MessageProduction(
+                RDKafkaErrorCode::InvalidGroupId,
+            )));
+        };
+        let mut offsets = TopicPartitionList::new();
+        for ((topic, partition), position) in positions {
+            offsets
+                .add_partition_offset(topic, *partition, Offset::Offset(*position))
+                .map_err(before)?;
+        }
+        self.producer.begin_transaction().map_err(before)?;
+        self.producer
+            .send_offsets_to_transaction(&offsets, &group, self.op_timeout)
+            .map_err(before)?;
+        for (_, _, output) in outputs {
+            for record in &output.records {
+                loop {
+                    match self.producer.send_result(record.future_record()) {
+                        // Delivery is confirmed by the commit, which flushes and fails if any
+                        // record failed.
+                        Ok(_delivery) => break,
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                            metrics::counter!(m::PRODUCER_QUEUE_FULL_TOTAL).increment(1);
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err((err, _)) => return Err(after(err)),
+                    }
+                }
+            }
+        }
+        let mut attempts = 0;
+        loop {
+            match self.producer.commit_transaction(self.op_timeout) {
+                Ok(()) => return Ok(()),
+                Err(KafkaError::Transaction(e)) if e.is_retriable() && attempts < 3 => {
+                    attempts += 1;
+                    tracing::debug!(error = %e, "commit refused for now; retrying");
+                }
+                Err(err) => return Err(after(err)),
+            }
+        }
+    }
+
+    /// Why `err` (or the producer's state) is fatal, if it is.
+    fn fatal_reason(&self, err: &KafkaError) -> Option<String> {
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            return Some(format!("{code}: {reason}"));
+        }
+        match err {
+            KafkaError::Transaction(e) if e.is_fatal() => Some(e.to_string()),
+            _ => None,
+        }
+    }
+
+    /// After an abort: drops every held output, forgets the tracker's state of every owned
+    /// partition and seeks each to its last committed position.
+    fn rewind<C: ConsumerContext>(&self, core: &SourceCore, consumer: &BaseConsumer<C>) {
+        let mut seek = TopicPartitionList::new();
+        let mut released = 0;
+        {
+            let mut state = lock(&self.state);
+            let now = Instant::now();
+            state.retry_at = Some(now + state.backoff);
+            state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
+            for (tp, p) in &mut state.partitions {
+                released += p.outputs.len();
+                p.outputs.clear();
+                let first = core.tracker.position(tp).and_then(|(_, first)| first);
+                core.tracker.reset(tp);
+                if let Some(to) = p.floor.or(first) {
+                    p.floor = Some(to);
+                    let _ = seek.add_partition_offset(&tp.0, tp.1, Offset::Offset(to));
+                }
+            }
+            state.held = 0;
+        }
+        core.release(released);
+        if seek.count() == 0 {
+            return;
+        }
+        match consumer.seek_partitions(seek, self.op_timeout) {
+            Ok(result) => {
+                for e in result.elements() {
+                    if let Err(err) = e.error() {
+                        tracing::warn!(error = %err, topic = e.topic(), partition = e.partition(), "rewinding a partition failed");
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "rewinding partitions failed"),
+        }
+    }
+}
+
+/// Counts committed outputs: results by status and error kind, dead letters by error kind,
+/// and their end-to-end latency.
+fn count_outputs(core: &SourceCore, outputs: &[(TopicPartition, i64, Output)]) {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    for (_, _, output) in outputs {
+        for record in &output.records {
+            let find = |name: &str| {
+                record
+                    .headers
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.clone())
+            };
+            let kind = find(headers::ERROR_KIND).unwrap_or_default();
+            match find(headers::STATUS) {
+                Some(status) => {
+                    metrics::counter!(m::RESULTS_TOTAL, "status" => status, "error_kind" => kind)
+                        .increment(1)
+                }
+                None => metrics::counter!(m::DEAD_LETTERS_TOTAL, "error_kind" => kind, "source" => core.name)
+                    .increment(1),
+            }
+        }
+        if let Some(ts) = output.timestamp_ms {
+            let e2e = now_ms.saturating_sub(ts).max(0) as f64 / 1000.0;
+            metrics::histogram!(m::END_TO_END_LATENCY_SECONDS).record(e2e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_outputs_do_not_fit() {
+        let record = |n: usize| OutRecord {
+            topic: "t".into(),
+            key: Some(b"k".to_vec()),
+            value: vec![b'x'; n],
+            headers: vec![(headers::STATUS, "ok".into())],
+        };
+        assert!(fits(&record(1000)));
+        assert!(!fits(&record(MAX_RECORD_BYTES)));
+    }
+}
