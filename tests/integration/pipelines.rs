@@ -517,3 +517,112 @@ model = "echo"
         .await
         .unwrap();
 }
+
+/// With `pipelines.watch`, editing a pipeline file or the configuration file reloads without a
+/// signal: a changed pipeline, then a configuration that adds a model (the models are rebuilt)
+/// and a pipeline that uses it. Observed over the HTTP API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_watch_reloads_pipelines_and_models() {
+    utils::init_tracing();
+    utils::require_kafka().await;
+    let topics = Topics::create("watch", 1).await;
+    let group = unique_name("watch");
+    let dir = tempfile::tempdir().unwrap();
+    let pipelines_dir = dir.path().join("pipelines");
+    std::fs::create_dir(&pipelines_dir).unwrap();
+    std::fs::write(pipelines_dir.join("stamped.toml"), pipeline_file(1)).unwrap();
+    let config_file = dir.path().join("inferflow.toml");
+    let base = format!(
+        "[pipelines]\ndir = \"{}\"\nwatch = true\nwatch_interval_ms = 200\n[ingest]\nenabled = false\n",
+        pipelines_dir.display()
+    );
+    std::fs::write(&config_file, &base).unwrap();
+    let port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferflow"));
+    cmd.args(["run", "--config"])
+        .arg(&config_file)
+        .env("RUST_LOG", "warn,inferflow::app=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("INFERFLOW__") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.envs(topics.env(&group))
+        .env("INFERFLOW__HTTP__LISTEN", format!("127.0.0.1:{port}"));
+    let mut child = cmd.spawn().expect("start inferflow run");
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}");
+    let execute = |pipeline: &'static str, data: Value| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let response = http
+                .post(format!("{url}/v1/pipelines/{pipeline}/execute"))
+                .json(&json!({ "data": data }))
+                .send()
+                .await
+                .ok()?;
+            response.json::<Value>().await.ok()
+        }
+    };
+    let wait_for =
+        |what: &'static str, pipeline: &'static str, data: Value, check: fn(&Value) -> bool| {
+            let execute = &execute;
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    if let Some(doc) = execute(pipeline, data.clone()).await {
+                        if check(&doc) {
+                            return doc;
+                        }
+                    }
+                    assert!(Instant::now() < deadline, "not within 60 s: {what}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+    wait_for("version 1 is served", "stamped", json!({}), |d| {
+        d["output"]["version"] == 1
+    })
+    .await;
+
+    std::fs::write(pipelines_dir.join("stamped.toml"), pipeline_file(2)).unwrap();
+    wait_for(
+        "the edited pipeline file is picked up",
+        "stamped",
+        json!({}),
+        |d| d["output"]["version"] == 2,
+    )
+    .await;
+
+    // A new model in the configuration file and a pipeline using it, in one change each.
+    let with_model = format!(
+        "{base}[providers.local.local.models.vader]\nkind = \"vader\"\npath = \"models/vader\"\n[models.\"sentiment@1\"]\nprovider = \"local\"\nremote_model = \"vader\"\n"
+    );
+    std::fs::write(
+        pipelines_dir.join("mood.toml"),
+        "[[steps]]\ntype = \"model\"\nmodel = \"sentiment@1\"\n",
+    )
+    .unwrap();
+    std::fs::write(&config_file, with_model).unwrap();
+    let doc = wait_for(
+        "the new model serves the new pipeline",
+        "mood",
+        json!({"text": "I love it"}),
+        |d| d["status"] == "ok",
+    )
+    .await;
+    assert_eq!(doc["output"]["label"], "positive", "{doc}");
+    // The running pipeline survived both reloads.
+    assert_eq!(
+        execute("stamped", json!({})).await.unwrap()["output"]["version"],
+        2
+    );
+
+    signal(&child, "-TERM");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "inferflow exited with {status}");
+}
