@@ -764,3 +764,74 @@ fn shutdown<H: BatchHandler>(
     tracing::info!(source = core.name, "stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::Timestamp;
+    use rdkafka::producer::FutureProducer;
+
+    fn core() -> Arc<SourceCore> {
+        // Creating a producer does not connect; nothing is sent in these tests.
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .create()
+            .unwrap();
+        Arc::new(SourceCore::new("test", Sink::new(producer), "dlq".into()))
+    }
+
+    fn message(offset: i64) -> OwnedMessage {
+        OwnedMessage::new(
+            None,
+            None,
+            "t".into(),
+            Timestamp::NotAvailable,
+            0,
+            offset,
+            None,
+        )
+    }
+
+    #[test]
+    fn finishing_records_wakes_the_waiting_consumer_thread() {
+        let core = core();
+        core.consumer_thread.set(std::thread::current()).unwrap();
+        core.in_flight.store(4, Ordering::SeqCst);
+        let worker = {
+            let core = Arc::clone(&core);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                core.finish(&message(0), false);
+                core.finish(&message(1), false);
+            })
+        };
+        let started = Instant::now();
+        core.wait_below(3, Duration::from_secs(10));
+        worker.join().unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "woken by finish, not by the timeout"
+        );
+        assert!(core.in_flight() < 3);
+        assert_eq!(
+            core.wake_below.load(Ordering::SeqCst),
+            0,
+            "nobody waits any more"
+        );
+    }
+
+    #[test]
+    fn waiting_for_room_gives_up_at_the_timeout() {
+        let core = core();
+        core.consumer_thread.set(std::thread::current()).unwrap();
+        core.in_flight.store(4, Ordering::SeqCst);
+        let started = Instant::now();
+        core.wait_below(3, Duration::from_millis(30));
+        assert!(started.elapsed() >= Duration::from_millis(30));
+        assert_eq!(core.in_flight(), 4);
+        // Room already there: no wait at all.
+        let started = Instant::now();
+        core.wait_below(5, Duration::from_secs(10));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}
