@@ -8,16 +8,19 @@
 //! - `inferflow_path`: the in-process path a batch takes in the processor's batch task, minus
 //!   Kafka: decode each message value, group the requests by target, run each group through
 //!   `Builtins::execute` (under `tokio::time::timeout`, as the processor does, on a
-//!   current-thread Tokio runtime), build each result with
-//!   `inferflow::processor::result_document` (with its `SourceRef`) and serialise it with
-//!   `serde_json::to_vec`. The batch task itself is private and bound to a Kafka sink, so the
+//!   current-thread Tokio runtime), and serialise each result with
+//!   `inferflow::processor::result_bytes` (with its `SourceRef`), as the processor does. The
+//!   batch task itself is private and bound to a Kafka sink, so the
 //!   bench repeats its steps; the result headers and the delivery are left out.
 //! - `json_baseline`: the same message values only parsed with
 //!   `serde_json::from_slice::<serde_json::Value>` and serialised again: the least any JSON
 //!   processor has to do. `inferflow_path / json_baseline`, measured in the same run, is
 //!   inferflow's overhead as a ratio.
-//! - `result_serialisation`: `result_document` and `serde_json::to_vec` alone, for 256 echo
-//!   outputs built beforehand (cloning them is not timed).
+//! - `result_serialisation`: `result_bytes` alone (the processor's way: borrowed parts
+//!   written into one buffer sized up front), for 256 echo outputs built beforehand.
+//! - `result_serialisation_via_document`: the way before it, for comparison: an owned
+//!   `result_document` (copies of the id, target, source and output), then
+//!   `serde_json::to_vec` (cloning the outputs is not timed).
 
 // `criterion_group!` generates a public, undocumented function; this is a benchmark binary,
 // not API.
@@ -30,7 +33,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use inferflow::decode::{DecodeRules, Decoded, decode};
 use inferflow::executor::{Builtins, ExecRequest, ExecResult, Executor};
 use inferflow::model::{SourceRef, Target};
-use inferflow::processor::result_document;
+use inferflow::processor::{result_bytes, result_document};
 use rdkafka::Timestamp;
 use rdkafka::message::{Message, OwnedMessage};
 
@@ -132,14 +135,14 @@ async fn inferflow_path(
         .zip(answers)
         .filter_map(|(message, answer)| {
             let (id, target, result) = answer?;
-            let doc = result_document(
+            let source = source_of(message);
+            Some(result_bytes(
                 &id,
                 target.as_ref(),
-                result,
-                Some(source_of(message)),
+                &result,
+                Some(&source),
                 latency,
-            );
-            Some(serde_json::to_vec(&doc).expect("a result serialises"))
+            ))
         })
         .collect()
 }
@@ -211,6 +214,24 @@ fn bench_executor(c: &mut Criterion) {
         b.iter(|| json_baseline(&messages));
     });
     group.bench_function("result_serialisation", |b| {
+        b.iter(|| {
+            outputs
+                .iter()
+                .zip(&messages)
+                .map(|((id, result), message)| {
+                    let source = source_of(message);
+                    result_bytes(
+                        id,
+                        Some(&echo),
+                        result,
+                        Some(&source),
+                        Duration::from_micros(150),
+                    )
+                })
+                .collect::<Vec<_>>()
+        });
+    });
+    group.bench_function("result_serialisation_via_document", |b| {
         b.iter_batched(
             || outputs.clone(),
             |outputs| {

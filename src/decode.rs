@@ -64,6 +64,16 @@ pub fn decode(value: Option<&[u8]>, rules: &DecodeRules, now_ms: i64) -> Decoded
             ),
         ));
     }
+    // Fast path: a well-formed request parses straight into its type, in one pass. Anything
+    // else (not an object, a bad field, a duplicate key) goes the slow way below, which reads
+    // the id first and classifies the problem; so the outcome is the same either way.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        if let Ok(request) = serde_json::from_slice::<InferenceRequest>(bytes) {
+            if valid_request_id(&request.request_id) {
+                return check(request, rules, now_ms);
+            }
+        }
+    }
     let json: Value = match serde_json::from_slice(bytes) {
         Ok(v) => v,
         Err(e) => {
@@ -80,9 +90,7 @@ pub fn decode(value: Option<&[u8]>, rules: &DecodeRules, now_ms: i64) -> Decoded
         ));
     };
     let request_id = match object.get("request_id") {
-        Some(Value::String(id)) if !id.is_empty() && id.chars().count() <= MAX_REQUEST_ID_CHARS => {
-            id.clone()
-        }
+        Some(Value::String(id)) if valid_request_id(id) => id.clone(),
         Some(Value::String(_)) => {
             return Decoded::DeadLetter(ErrorBody::new(
                 ErrorKind::InvalidRequest,
@@ -102,20 +110,27 @@ pub fn decode(value: Option<&[u8]>, rules: &DecodeRules, now_ms: i64) -> Decoded
             ));
         }
     };
+    match serde_json::from_value(json) {
+        Ok(request) => check(request, rules, now_ms),
+        Err(e) => Decoded::Reject {
+            request_id,
+            target: None,
+            error: ErrorBody::new(ErrorKind::InvalidRequest, format!("invalid request: {e}")),
+        },
+    }
+}
+
+/// Whether `id` is a usable request id: 1 to [`MAX_REQUEST_ID_CHARS`] characters.
+fn valid_request_id(id: &str) -> bool {
+    !id.is_empty() && id.chars().count() <= MAX_REQUEST_ID_CHARS
+}
+
+/// The checks on a parsed request with a valid id: its target, `reply_to` and deadline.
+fn check(request: InferenceRequest, rules: &DecodeRules, now_ms: i64) -> Decoded {
     let reject = |target: Option<Target>, kind, message: String| Decoded::Reject {
-        request_id: request_id.clone(),
+        request_id: request.request_id.clone(),
         target,
         error: ErrorBody::new(kind, message),
-    };
-    let request: InferenceRequest = match serde_json::from_value(json) {
-        Ok(r) => r,
-        Err(e) => {
-            return reject(
-                None,
-                ErrorKind::InvalidRequest,
-                format!("invalid request: {e}"),
-            );
-        }
     };
     let target = match (&request.pipeline, &request.model) {
         (Some(p), None) if !p.is_empty() => Target::Pipeline(p.clone()),
@@ -188,6 +203,29 @@ mod tests {
             } => (request_id, error.kind),
             other => panic!("expected a rejection, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_fast_path_and_the_slow_path_agree() {
+        // A JSON array would fill the request struct field by field: still a dead letter.
+        assert_eq!(
+            dead_kind(run(r#"["a", "identity", null, 1]"#)),
+            ErrorKind::InvalidRequest
+        );
+        // A duplicate key fails the one-pass parse; the slow path keeps the last value, as
+        // before.
+        match run(r#" {"request_id":"a","pipeline":"identity","data":1,"data":2}"#) {
+            Decoded::Request { request, target } => {
+                assert_eq!(target, Target::Pipeline("identity".into()));
+                assert_eq!(request.data, serde_json::json!(2));
+            }
+            other => panic!("expected a request, got {other:?}"),
+        }
+        // An unknown field is still answered with an error result keyed by the id.
+        assert_eq!(
+            reject_kind(run(r#"{"request_id":"a","pipeline":"p","data":1,"x":0}"#)),
+            ("a".to_owned(), ErrorKind::InvalidRequest)
+        );
     }
 
     #[test]

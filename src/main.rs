@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use inferflow::config::{Config, Sources};
 
+/// mimalloc instead of the system allocator: the request path allocates per record, and glibc
+/// malloc cost about a third of the CPU per request (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod cli {
     //! Subcommands big enough for a file of their own.
     pub(crate) mod features;

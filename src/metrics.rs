@@ -24,7 +24,7 @@ pub const BATCH_SIZE_RECORDS: &str = "inferflow_batch_size_records";
 pub const BATCH_LINGER_SECONDS: &str = "inferflow_batch_linger_seconds";
 /// Records consumed and not yet answered (gauge).
 pub const IN_FLIGHT_RECORDS: &str = "inferflow_in_flight_records";
-/// Partitions paused for backpressure (gauge).
+/// Partitions paused for a hold, or for a backpressure stall over a second (gauge).
 pub const PAUSED_PARTITIONS: &str = "inferflow_paused_partitions";
 /// Consumer lag per partition, from librdkafka statistics (gauge; labels `topic`, `partition`).
 pub const CONSUMER_LAG_RECORDS: &str = "inferflow_consumer_lag_records";
@@ -211,7 +211,7 @@ fn describe() {
     describe_gauge!(IN_FLIGHT_RECORDS, "Records consumed and not yet answered.");
     describe_gauge!(
         PAUSED_PARTITIONS,
-        "Partitions paused for backpressure or a hold (failing store, open breaker)."
+        "Partitions paused for a hold (failing store, open breaker) or a backpressure stall over 1 s."
     );
     describe_gauge!(
         CONSUMER_LAG_RECORDS,

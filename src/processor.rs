@@ -14,9 +14,10 @@
 //! # Bounds
 //!
 //! Records consumed and not yet answered are counted by the source; at
-//! `executor.max_in_flight_records` it pauses every assigned partition and resumes at half of
-//! it. Batches waiting for a permit are part of that count, so memory is bounded by records,
-//! not by batches.
+//! `executor.max_in_flight_records` it stops taking records out of librdkafka's bounded
+//! prefetch queue until finished records make room (see [`crate::kafka::source`]). Batches
+//! waiting for a permit are part of that count, so memory is bounded by records, not by
+//! batches.
 
 use std::collections::{BTreeMap, HashSet};
 use std::panic::AssertUnwindSafe;
@@ -60,11 +61,41 @@ struct Shared {
     per_key: bool,
     /// Per-key mode: one sender per lane worker (empty when unordered). Cleared at shutdown so
     /// the workers end. Unbounded in batches, but the records they hold are bounded by
-    /// `max_in_flight_records` (consumption pauses there), and the consumer thread never blocks.
+    /// `max_in_flight_records` (consumption stops there), and the consumer thread never blocks.
     lanes: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<Vec<OwnedMessage>>>>,
     runtime: Handle,
     /// Earlier results by request id, for redelivered requests (`[replay]`).
     replay: Option<ReplayStore>,
+    metrics: Handles,
+}
+
+/// Metric handles looked up once, not per record (`metrics::counter!` with labels hashes the
+/// key and searches the registry on every call).
+struct Handles {
+    results_ok: metrics::Counter,
+    end_to_end: metrics::Histogram,
+    batch_size: metrics::Histogram,
+    batch_linger: metrics::Histogram,
+}
+
+impl Handles {
+    fn new() -> Self {
+        Handles {
+            results_ok: metrics::counter!(m::RESULTS_TOTAL, "status" => Status::Ok.as_str(), "error_kind" => ""),
+            end_to_end: metrics::histogram!(m::END_TO_END_LATENCY_SECONDS),
+            batch_size: metrics::histogram!(m::BATCH_SIZE_RECORDS, "source" => "requests"),
+            batch_linger: metrics::histogram!(m::BATCH_LINGER_SECONDS),
+        }
+    }
+
+    /// Counts a delivered result by status and error kind.
+    fn count_result(&self, error: Option<ErrorKind>) {
+        match error {
+            None => self.results_ok.increment(1),
+            Some(kind) => metrics::counter!(m::RESULTS_TOTAL, "status" => Status::Error.as_str(), "error_kind" => kind.as_str())
+                .increment(1),
+        }
+    }
 }
 
 impl BatchHandler for Shared {
@@ -88,9 +119,10 @@ impl Shared {
     /// hash and each lane's worker runs its batches one after another, so records with the same
     /// key run in consumption order while different keys still run concurrently.
     fn dispatch(self: &Arc<Self>, batch: Batch<OwnedMessage>) {
-        metrics::histogram!(m::BATCH_SIZE_RECORDS, "source" => "requests")
-            .record(batch.items.len() as f64);
-        metrics::histogram!(m::BATCH_LINGER_SECONDS).record(batch.lingered.as_secs_f64());
+        self.metrics.batch_size.record(batch.items.len() as f64);
+        self.metrics
+            .batch_linger
+            .record(batch.lingered.as_secs_f64());
         if !self.per_key {
             let shared = Arc::clone(self);
             self.runtime
@@ -355,17 +387,18 @@ impl Shared {
         }
         let delivered = match outcome {
             Outcome::Answer(request_id, target, result) => {
+                let error_kind = error_kind(&result);
                 let record = self.result_record(
                     &request_id,
                     target.as_ref(),
-                    result,
+                    &result,
                     &source,
                     reply_to,
                     latency,
                 );
                 match self.core.sink.deliver(&record, &self.core.abort).await {
                     Ok(()) => {
-                        count_result(&record);
+                        self.metrics.count_result(error_kind);
                         Ok(())
                     }
                     Err(DeliverError::Permanent(err)) => {
@@ -375,7 +408,7 @@ impl Shared {
                         let fallback = self.result_record(
                             &request_id,
                             target.as_ref(),
-                            Err(ErrorBody::new(
+                            &Err(ErrorBody::new(
                                 ErrorKind::Internal,
                                 format!("the result could not be delivered: {err}"),
                             )),
@@ -385,7 +418,7 @@ impl Shared {
                         );
                         match self.core.sink.deliver(&fallback, &self.core.abort).await {
                             Ok(()) => {
-                                count_result(&fallback);
+                                self.metrics.count_result(Some(ErrorKind::Internal));
                                 Ok(())
                             }
                             Err(DeliverError::Permanent(err)) => {
@@ -406,7 +439,7 @@ impl Shared {
         };
         if let (true, Some(ts)) = (delivered.is_ok(), msg.timestamp().to_millis()) {
             let e2e = unix_ms().saturating_sub(ts).max(0) as f64 / 1000.0;
-            metrics::histogram!(m::END_TO_END_LATENCY_SECONDS).record(e2e);
+            self.metrics.end_to_end.record(e2e);
         }
         self.core.finish_delivered(msg, delivered);
     }
@@ -427,7 +460,7 @@ impl Shared {
                 let record = self.result_record(
                     &request_id,
                     target.as_ref(),
-                    result,
+                    &result,
                     source,
                     reply_to,
                     latency,
@@ -439,7 +472,7 @@ impl Shared {
                     self.result_record(
                         &request_id,
                         target.as_ref(),
-                        Err(ErrorBody::new(
+                        &Err(ErrorBody::new(
                             ErrorKind::Internal,
                             format!(
                                 "the result ({} bytes) is larger than the {} bytes a transaction may carry",
@@ -464,25 +497,30 @@ impl Shared {
         &self,
         request_id: &str,
         target: Option<&Target>,
-        result: ExecResult,
+        result: &ExecResult,
         source: &SourceRef,
         reply_to: Option<String>,
         latency: Duration,
     ) -> OutRecord {
-        let doc = result_document(request_id, target, result, Some(source.clone()), latency);
-        // Serialising these types cannot fail (string keys, no non-finite floats from JSON).
-        let value = serde_json::to_vec(&doc).unwrap_or_else(|e| {
-            format!(r#"{{"request_id":{},"status":"error","error":{{"kind":"internal","message":"result could not be serialised: {e}"}},"cached":false,"latency_ms":0,"steps":[]}}"#,
-                serde_json::Value::from(request_id)).into_bytes()
-        });
-        let mut headers = vec![
+        let value = result_bytes(request_id, target, result, Some(source), latency);
+        let mut headers = Vec::with_capacity(6);
+        headers.extend([
             (headers::REQUEST_ID, request_id.to_owned()),
-            (headers::STATUS, doc.status.as_str().to_owned()),
+            (
+                headers::STATUS,
+                if result.is_ok() {
+                    Status::Ok
+                } else {
+                    Status::Error
+                }
+                .as_str()
+                .to_owned(),
+            ),
             (headers::SOURCE_TOPIC, source.topic.clone()),
             (headers::SOURCE_PARTITION, source.partition.to_string()),
             (headers::SOURCE_OFFSET, source.offset.to_string()),
-        ];
-        if let Some(error) = &doc.error {
+        ]);
+        if let Err(error) = result {
             headers.push((headers::ERROR_KIND, error.kind.as_str().to_owned()));
         }
         OutRecord {
@@ -493,6 +531,84 @@ impl Shared {
         }
     }
 }
+
+/// The error kind of an outcome, if it is an error.
+fn error_kind(result: &ExecResult) -> Option<ErrorKind> {
+    result.as_ref().err().map(|e| e.kind)
+}
+
+/// The result document as it is written to Kafka: the same JSON as serialising
+/// [`result_document`], but straight from borrowed parts into one buffer sized up front, with
+/// no intermediate copies of the id, the target, the source or the output.
+pub fn result_bytes(
+    request_id: &str,
+    target: Option<&Target>,
+    result: &ExecResult,
+    source: Option<&SourceRef>,
+    latency: Duration,
+) -> Vec<u8> {
+    /// Mirrors [`InferenceResult`]'s fields, order and omissions.
+    #[derive(serde::Serialize)]
+    struct View<'a> {
+        request_id: &'a str,
+        status: Status,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        output: Option<&'a serde_json::Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<&'a ErrorBody>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pipeline: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        model: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        model_version: Option<&'a str>,
+        cached: bool,
+        latency_ms: u64,
+        steps: &'a [crate::model::StepRecord],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        source: Option<&'a SourceRef>,
+    }
+    let (pipeline, model) = match target {
+        Some(Target::Pipeline(p)) => (Some(p.as_str()), None),
+        Some(Target::Model(mdl)) => (None, Some(mdl.as_str())),
+        None => (None, None),
+    };
+    let mut view = View {
+        request_id,
+        status: Status::Ok,
+        output: None,
+        error: None,
+        pipeline,
+        model,
+        model_version: None,
+        cached: false,
+        latency_ms: latency.as_millis() as u64,
+        steps: &[],
+        source,
+    };
+    match result {
+        Ok(out) => {
+            view.output = Some(&out.output);
+            view.model_version = out.model_version.as_deref();
+            view.cached = out.cached;
+            view.steps = &out.steps;
+        }
+        Err(error) => {
+            view.status = Status::Error;
+            view.error = Some(error);
+        }
+    }
+    let mut buf = Vec::with_capacity(RESULT_BUFFER_BYTES);
+    // Serialising these types cannot fail (string keys, no non-finite floats from JSON).
+    match serde_json::to_writer(&mut buf, &view) {
+        Ok(()) => buf,
+        Err(e) => format!(r#"{{"request_id":{},"status":"error","error":{{"kind":"internal","message":"result could not be serialised: {e}"}},"cached":false,"latency_ms":0,"steps":[]}}"#,
+            serde_json::Value::from(request_id)).into_bytes(),
+    }
+}
+
+/// Initial capacity of a result's buffer: a small result fits without growing it.
+const RESULT_BUFFER_BYTES: usize = 512;
 
 /// The result document for one request: `ok` with the executor's output, or `error`.
 pub fn result_document(
@@ -545,20 +661,6 @@ fn lane_of(key: Option<&[u8]>, lanes: usize) -> usize {
             (BuildHasherDefault::<DefaultHasher>::default().hash_one(k) % lanes as u64) as usize
         }
     }
-}
-
-/// Counts a delivered result by status and error kind.
-fn count_result(record: &OutRecord) {
-    let find = |name: &str| {
-        record
-            .headers
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.clone())
-    };
-    let status = find(headers::STATUS).unwrap_or_default();
-    let kind = find(headers::ERROR_KIND).unwrap_or_default();
-    metrics::counter!(m::RESULTS_TOTAL, "status" => status, "error_kind" => kind).increment(1);
 }
 
 #[derive(Debug, Clone)]
@@ -696,6 +798,7 @@ pub async fn start(
         lanes: Mutex::new(Vec::new()),
         runtime: Handle::current(),
         replay: ReplayStore::from_config(&config.replay),
+        metrics: Handles::new(),
     });
     if config.executor.ordering == KeyOrdering::PerKey {
         let lanes = config.executor.max_in_flight_batches.get();
@@ -726,4 +829,58 @@ pub async fn start(
         consumed_metric: m::REQUESTS_CONSUMED_TOTAL,
     };
     source::start(&config.kafka, spec, core, shared, stop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::executor::ExecOutput;
+    use crate::model::StepRecord;
+
+    #[test]
+    fn result_bytes_match_the_result_document() {
+        let source = SourceRef {
+            topic: "requests".into(),
+            partition: 3,
+            offset: 42,
+        };
+        let ok: ExecResult = Ok(ExecOutput {
+            output: serde_json::json!({"seq": 1, "text": "a \"quoted\" é"}),
+            model_version: Some("2".into()),
+            cached: true,
+            steps: vec![StepRecord {
+                name: "identity".into(),
+                latency_us: 7,
+                cached: false,
+                output: None,
+            }],
+        });
+        let err: ExecResult = Err(ErrorBody::new(ErrorKind::UnknownModel, "no model `m`"));
+        let latency = Duration::from_millis(12);
+        let cases = [
+            (
+                Some(Target::Pipeline("identity".into())),
+                &ok,
+                Some(&source),
+            ),
+            (Some(Target::Model("m@2".into())), &ok, None),
+            (None, &err, Some(&source)),
+            (Some(Target::Model("m".into())), &err, None),
+        ];
+        for (target, result, source) in cases {
+            let expected = serde_json::to_vec(&result_document(
+                "r-1",
+                target.as_ref(),
+                result.clone(),
+                source.cloned(),
+                latency,
+            ))
+            .unwrap();
+            let got = result_bytes("r-1", target.as_ref(), result, source, latency);
+            assert_eq!(
+                String::from_utf8(got).unwrap(),
+                String::from_utf8(expected).unwrap()
+            );
+        }
+    }
 }

@@ -345,7 +345,7 @@ pub struct BatchConfig {
 pub struct ExecutorConfig {
     /// Batches processed concurrently.
     pub max_in_flight_batches: NonZeroUsize,
-    /// Records consumed but not yet answered; above it the consumer pauses.
+    /// Records consumed but not yet answered; at it the consumer stops taking records.
     pub max_in_flight_records: NonZeroUsize,
     /// Largest accepted message value.
     pub max_request_bytes: NonZeroUsize,
@@ -517,7 +517,7 @@ pub struct IngestConfig {
     pub linger_ms: u64,
     /// Batches written at the same time.
     pub max_in_flight_batches: NonZeroUsize,
-    /// Updates consumed and not yet written; above it ingestion pauses its partitions.
+    /// Updates consumed and not yet written; at it ingestion stops taking updates.
     pub max_in_flight_records: NonZeroUsize,
     /// Concurrent writes of one batch.
     pub write_concurrency: NonZeroUsize,

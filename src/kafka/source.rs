@@ -14,14 +14,22 @@
 //!
 //! # Bounds and holds
 //!
-//! Records consumed and not yet finished are counted; at `max_in_flight` the consumer pauses
-//! every assigned partition (and keeps polling, so it stays in the group) and resumes at half
-//! of it. The handler can also *hold* consumption ([`BatchHandler::hold`]: the database is
-//! down, a provider's breaker is open); partitions stay paused while it does. librdkafka's own
-//! prefetch is bounded by `kafka.consumer_queue_kbytes`.
+//! Records consumed and not yet finished are counted. At `max_in_flight` the consumer thread
+//! stops taking records out of librdkafka and waits until finished records bring the count
+//! below three quarters of it; the records stay in librdkafka's prefetch queue, which is
+//! bounded (`queued.max.messages.kbytes` from `kafka.consumer_queue_kbytes`, and
+//! `queued.min.messages`, set here to `max_in_flight` records). It does *not* pause partitions
+//! for this: a pause drops the prefetched records and librdkafka fetches again only after up
+//! to a second, which cost most of the throughput. While it waits it still polls every
+//! [`LIVENESS_POLL_EVERY`] so rebalance callbacks run; a record such a poll returns is taken on
+//! over the budget (at most one per poll). Only when the budget stays full for
+//! [`PAUSE_AFTER_STALL`] (a stuck or very slow executor) are the partitions paused, so those
+//! polls stop adding records. The handler can also *hold* consumption
+//! ([`BatchHandler::hold`]: the database is down, a provider's breaker is open); partitions
+//! are paused while it does.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -73,6 +81,19 @@ const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
 /// How often the consumer thread stores the positions that advanced.
 const STORE_EVERY: Duration = Duration::from_millis(50);
 
+/// While the in-flight budget is full, how often the consumer thread still polls (without
+/// waiting) so that rebalance callbacks run and the group sees it alive.
+const LIVENESS_POLL_EVERY: Duration = Duration::from_millis(100);
+
+/// How long the in-flight budget may stay full before the partitions are paused after all.
+const PAUSE_AFTER_STALL: Duration = Duration::from_secs(1);
+
+/// librdkafka's wait before fetching again for a partition whose prefetch queue was full
+/// (`fetch.queue.backoff.ms`, default 1000). The queue drains as soon as the budget frees up,
+/// so a second's wait would leave it empty; the cost of a shorter one is a wake-up of the
+/// broker thread every few milliseconds while the queue is full.
+const FETCH_QUEUE_BACKOFF_MS: &str = "20";
+
 /// How often the consumer thread asks the handler for a hold and updates its gauges (not once
 /// per record: a hold check may take a lock and build a string).
 const HOLD_CHECK_EVERY: Duration = Duration::from_millis(100);
@@ -104,6 +125,11 @@ pub struct SourceCore {
     /// The dead-letter topic.
     pub dlq_topic: String,
     in_flight: AtomicUsize,
+    /// While the consumer thread waits for room in the budget: the in-flight count below
+    /// which [`SourceCore::finish`] wakes it (0: nobody waits).
+    wake_below: AtomicUsize,
+    /// The consumer thread, woken through `wake_below`.
+    consumer_thread: OnceLock<std::thread::Thread>,
     /// Cancelled when the shutdown deadline has passed: deliveries and retries stop.
     pub abort: CancellationToken,
     /// Cancelled on a fatal error; the consumer thread then shuts down and reports it.
@@ -122,6 +148,8 @@ impl SourceCore {
             sink,
             dlq_topic,
             in_flight: AtomicUsize::new(0),
+            wake_below: AtomicUsize::new(0),
+            consumer_thread: OnceLock::new(),
             abort: CancellationToken::new(),
             fatal: CancellationToken::new(),
             fatal_reason: Mutex::new(None),
@@ -168,7 +196,31 @@ impl SourceCore {
             self.tracker
                 .complete(&(msg.topic().to_owned(), msg.partition()), msg.offset());
         }
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let left = self.in_flight.fetch_sub(1, Ordering::SeqCst) - 1;
+        let wake_below = self.wake_below.load(Ordering::SeqCst);
+        if left < wake_below && self.wake_below.swap(0, Ordering::SeqCst) != 0 {
+            if let Some(thread) = self.consumer_thread.get() {
+                thread.unpark();
+            }
+        }
+    }
+
+    /// Called on the consumer thread: blocks until fewer than `below` records are in flight,
+    /// or for `timeout` at most.
+    fn wait_below(&self, below: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        self.wake_below.store(below, Ordering::SeqCst);
+        // `finish` reads `wake_below` after its decrement, and this reads the count after
+        // setting it, so at least one side sees the other: no wake-up is lost (and an unpark
+        // that comes first makes the next park return at once).
+        while self.in_flight.load(Ordering::SeqCst) >= below {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            std::thread::park_timeout(deadline - now);
+        }
+        self.wake_below.store(0, Ordering::SeqCst);
     }
 
     /// Records consumed and not yet finished.
@@ -274,7 +326,8 @@ pub struct SourceSpec {
     pub group_id: String,
     /// Micro-batch limits.
     pub batch: BatchLimits,
-    /// Records in flight at most before partitions pause (resumed at half).
+    /// Records in flight at most: the consumer takes no more from librdkafka until fewer than
+    /// three quarters of this are left.
     pub max_in_flight: usize,
     /// Longest orderly shutdown.
     pub shutdown_timeout: Duration,
@@ -342,6 +395,18 @@ pub fn start<H: BatchHandler>(
             "statistics.interval.ms",
             kafka.statistics_interval_ms.to_string(),
         );
+    // The prefetch queue holds what the budget leaves in librdkafka: bounded in bytes above,
+    // and in records here (librdkafka's default is 100,000). Both may be overshot by one fetch
+    // response. `kafka.extra` may set either of these two.
+    if client.get("queued.min.messages").is_none() {
+        client.set(
+            "queued.min.messages",
+            spec.max_in_flight.clamp(1, 10_000_000).to_string(),
+        );
+    }
+    if client.get("fetch.queue.backoff.ms").is_none() {
+        client.set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
+    }
     let consumer: BaseConsumer<SourceContext<H>> = client
         .create_with_context(context)
         .with_context(|| format!("creating the Kafka consumer of the {} source", core.name))?;
@@ -354,6 +419,11 @@ pub fn start<H: BatchHandler>(
     std::thread::Builder::new()
         .name(format!("inferflow-{}", core.name))
         .spawn(move || {
+            let _ = consumer
+                .context()
+                .core
+                .consumer_thread
+                .set(std::thread::current());
             let result = consume(consumer, &spec, &stop);
             let _ = done_tx.send(result);
         })
@@ -376,7 +446,7 @@ struct SourceContext<H> {
     core: Arc<SourceCore>,
     handler: Arc<H>,
     batcher: Mutex<Batcher<OwnedMessage>>,
-    /// True while every assigned partition is paused (backpressure or a hold).
+    /// True while every assigned partition is paused (a long backpressure stall or a hold).
     paused: AtomicBool,
     /// Set once shutdown has drained what it could: revokes then give up at once.
     shutting_down: AtomicBool,
@@ -503,21 +573,33 @@ fn consume<H: BatchHandler>(
 ) -> anyhow::Result<()> {
     let context = consumer.context();
     let core = Arc::clone(&context.core);
-    let resume_below = spec.max_in_flight / 2;
-    let mut backpressure = false;
+    // Once the budget is full, records are taken again below three quarters of it, so the
+    // thread wakes once per quarter budget rather than once per finished record.
+    let resume_below = spec.max_in_flight - spec.max_in_flight / 4;
+    let mut full_since: Option<Instant> = None;
     let mut held: Option<String> = None;
     let mut paused_count = 0usize;
     let mut last_store = Instant::now();
+    let mut last_poll = Instant::now();
     let mut last_hold_check: Option<Instant> = None;
+    // Looked up once: the macro hashes the key and searches the registry on every call.
+    let consumed = metrics::counter!(spec.consumed_metric);
     while !stop.is_cancelled() && !core.fatal.is_cancelled() {
-        // Backpressure: pause every assigned partition at the budget, resume at half of it.
-        // A hold from the handler pauses them too, for as long as it lasts.
+        // Backpressure: at the budget, stop taking records (they wait in librdkafka's bounded
+        // queue); only a stall longer than PAUSE_AFTER_STALL pauses the partitions. A hold from
+        // the handler pauses them too, for as long as it lasts.
         let in_flight = core.in_flight();
-        backpressure = if backpressure {
-            in_flight > resume_below
+        let full = if full_since.is_some() {
+            in_flight >= resume_below
         } else {
             in_flight >= spec.max_in_flight
         };
+        if !full {
+            full_since = None;
+        } else if full_since.is_none() {
+            full_since = Some(Instant::now());
+        }
+        let stalled = full_since.is_some_and(|t| t.elapsed() >= PAUSE_AFTER_STALL);
         let check_hold = last_hold_check.is_none_or(|t| t.elapsed() >= HOLD_CHECK_EVERY);
         if check_hold {
             last_hold_check = Some(Instant::now());
@@ -533,7 +615,7 @@ fn consume<H: BatchHandler>(
                 held = hold;
             }
         }
-        let want_paused = backpressure || held.is_some();
+        let want_paused = stalled || held.is_some();
         if want_paused != context.paused.load(Ordering::Acquire) {
             paused_count = set_paused(&consumer, want_paused);
         }
@@ -546,15 +628,31 @@ fn consume<H: BatchHandler>(
             });
         }
 
-        let wait = lock(&context.batcher)
+        let mut wait = lock(&context.batcher)
             .deadline()
             .map(|d| d.saturating_duration_since(Instant::now()))
             .unwrap_or(MAX_POLL_WAIT)
             .min(MAX_POLL_WAIT);
+        if full && !want_paused {
+            // Leave the records in librdkafka until finished ones make room, but poll (without
+            // waiting) at least every LIVENESS_POLL_EVERY for the rebalance callbacks.
+            let poll_due = LIVENESS_POLL_EVERY.saturating_sub(last_poll.elapsed());
+            if !poll_due.is_zero() {
+                core.wait_below(resume_below, wait.min(poll_due));
+                let lingered = lock(&context.batcher).poll_linger(Instant::now());
+                if let Some(batch) = lingered {
+                    context.handler.dispatch(batch);
+                }
+                store_due(&consumer, &core, &mut last_store);
+                continue;
+            }
+            wait = Duration::ZERO;
+        }
+        last_poll = Instant::now();
         match consumer.poll(wait) {
             Some(Ok(message)) => {
                 let message = message.detach();
-                metrics::counter!(spec.consumed_metric).increment(1);
+                consumed.increment(1);
                 let tp = (message.topic().to_owned(), message.partition());
                 if core.tracker.begin(&tp, message.offset()) {
                     core.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -578,10 +676,7 @@ fn consume<H: BatchHandler>(
         if let Some(batch) = lingered {
             context.handler.dispatch(batch);
         }
-        if last_store.elapsed() >= STORE_EVERY {
-            last_store = Instant::now();
-            store_progress(&core, &consumer);
-        }
+        store_due(&consumer, &core, &mut last_store);
     }
     shutdown(consumer, spec)
 }
@@ -599,6 +694,18 @@ fn store_progress<H: BatchHandler>(core: &SourceCore, consumer: &BaseConsumer<So
                 tracing::warn!(error = %err, source = core.name, "storing offsets failed; retrying");
             }
         }
+    }
+}
+
+/// Stores the positions that advanced, at most every [`STORE_EVERY`].
+fn store_due<H: BatchHandler>(
+    consumer: &BaseConsumer<SourceContext<H>>,
+    core: &SourceCore,
+    last_store: &mut Instant,
+) {
+    if last_store.elapsed() >= STORE_EVERY {
+        *last_store = Instant::now();
+        store_progress(core, consumer);
     }
 }
 
@@ -737,4 +844,75 @@ fn shutdown<H: BatchHandler>(
     }
     tracing::info!(source = core.name, "stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::Timestamp;
+    use rdkafka::producer::FutureProducer;
+
+    fn core() -> Arc<SourceCore> {
+        // Creating a producer does not connect; nothing is sent in these tests.
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .create()
+            .unwrap();
+        Arc::new(SourceCore::new("test", Sink::new(producer), "dlq".into()))
+    }
+
+    fn message(offset: i64) -> OwnedMessage {
+        OwnedMessage::new(
+            None,
+            None,
+            "t".into(),
+            Timestamp::NotAvailable,
+            0,
+            offset,
+            None,
+        )
+    }
+
+    #[test]
+    fn finishing_records_wakes_the_waiting_consumer_thread() {
+        let core = core();
+        core.consumer_thread.set(std::thread::current()).unwrap();
+        core.in_flight.store(4, Ordering::SeqCst);
+        let worker = {
+            let core = Arc::clone(&core);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                core.finish(&message(0), false);
+                core.finish(&message(1), false);
+            })
+        };
+        let started = Instant::now();
+        core.wait_below(3, Duration::from_secs(10));
+        worker.join().unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "woken by finish, not by the timeout"
+        );
+        assert!(core.in_flight() < 3);
+        assert_eq!(
+            core.wake_below.load(Ordering::SeqCst),
+            0,
+            "nobody waits any more"
+        );
+    }
+
+    #[test]
+    fn waiting_for_room_gives_up_at_the_timeout() {
+        let core = core();
+        core.consumer_thread.set(std::thread::current()).unwrap();
+        core.in_flight.store(4, Ordering::SeqCst);
+        let started = Instant::now();
+        core.wait_below(3, Duration::from_millis(30));
+        assert!(started.elapsed() >= Duration::from_millis(30));
+        assert_eq!(core.in_flight(), 4);
+        // Room already there: no wait at all.
+        let started = Instant::now();
+        core.wait_below(5, Duration::from_secs(10));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 }
