@@ -166,8 +166,25 @@ async fn execute(mut config: Config, args: BatchArgs) -> anyhow::Result<Counts> 
         }
         (!batch.is_empty()).then_some(batch)
     });
+    // Each batch is a task of its own, so CPU-bound steps use every core; `buffered` hands
+    // the batches back in input order.
     let mut results = futures::stream::iter(batches)
-        .map(|batch| score(&executor, batch))
+        .map(|batch| {
+            let ids: Vec<String> = batch.iter().map(|w| w.request_id().to_owned()).collect();
+            let executor = executor.clone();
+            let task = tokio::spawn(async move { score(&executor, batch).await });
+            async move {
+                task.await.unwrap_or_else(|err| {
+                    let error =
+                        ErrorBody::new(ErrorKind::Internal, format!("scoring failed: {err}"));
+                    ids.iter()
+                        .map(|id| {
+                            result_document(id, None, Err(error.clone()), None, Duration::ZERO)
+                        })
+                        .collect()
+                })
+            }
+        })
         .buffered(args.concurrency.get());
     while let Some(batch) = results.next().await {
         for result in batch {
@@ -517,9 +534,14 @@ fn progress_bar(total: u64) -> ProgressBar {
     };
     let bar = ProgressBar::with_draw_target(Some(total), target);
     if let Ok(style) = ProgressStyle::with_template(
-        "{bar:40} {pos}/{len} lines  {per_sec}  elapsed {elapsed}  ETA {eta}",
+        "{bar:40} {pos}/{len} lines  {rate}  elapsed {elapsed}  ETA {eta}",
     ) {
-        bar.set_style(style);
+        bar.set_style(style.with_key(
+            "rate",
+            |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0}/s", state.per_sec());
+            },
+        ));
     }
     bar
 }
