@@ -13,6 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod cli {
     //! Subcommands big enough for a file of their own.
+    pub(crate) mod batch;
     pub(crate) mod features;
 }
 
@@ -61,6 +62,10 @@ enum Command {
     /// Read and write the feature store (the configured backend) as JSON: put, get, vector,
     /// group create, group get. A missing feature or group exits with code 3.
     Features(cli::features::FeaturesArgs),
+    /// Score a JSON Lines file of requests offline (no Kafka) into a JSON Lines file of
+    /// results, one per line, in order; resumable (request ids already in the output are
+    /// skipped). Features come from the embedded store at `feature_store.path`.
+    Batch(cli::batch::BatchArgs),
     /// Load and validate the configuration and the pipelines in `pipelines.dir`; print the
     /// effective configuration (secrets redacted), or every problem found and exit with code 2.
     CheckConfig {
@@ -130,6 +135,10 @@ fn main() -> ExitCode {
         }
         Command::Features(args) => match load_config(args.config.clone()) {
             Ok(config) => cli::features::run(&config, args),
+            Err(code) => code,
+        },
+        Command::Batch(args) => match load_config(args.config.clone()) {
+            Ok(config) => cli::batch::run(config, args),
             Err(code) => code,
         },
         Command::CheckConfig { config } => match load_config(config) {

@@ -1,0 +1,402 @@
+//! `inferflow batch`, run as a user would run it: the real binary over JSON Lines files, with
+//! the shipped local models (config/models.example.toml, from the repository root) and the
+//! embedded feature store. No Kafka and no CQL database are involved.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::{Value, json};
+
+fn inferflow(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferflow"));
+    cmd.args(args);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("INFERFLOW__") || key == "INFERFLOW_CONFIG" {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output().expect("run inferflow")
+}
+
+/// `inferflow batch ARGS --input INPUT --output OUTPUT` with the shipped models.
+fn batch(input: &Path, output: &Path, args: &[&str]) -> Output {
+    let mut all = vec![
+        "batch",
+        "--config",
+        "config/models.example.toml",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    inferflow(&all, &[])
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The output file's results, in order.
+fn results(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.ends_with('\n'), "every result ends its line: {text:?}");
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn sentiment_batch_labels_every_line_in_order_with_step_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    let texts = [
+        ("pos", "  What a GREAT day!  ", "positive"),
+        ("neg", "This is awful, I hate it.", "negative"),
+        ("neu", "The train leaves at nine.", "neutral"),
+        ("pos2", "I love this, thank you so much", "positive"),
+    ];
+    let lines: Vec<String> = texts
+        .iter()
+        .map(|(id, text, _)| json!({"request_id": id, "data": {"text": text}}).to_string())
+        .collect();
+    write_lines(&input, &lines);
+    // Batches of 3 with 2 at once: the second, short batch may finish first; order must hold.
+    let out = batch(
+        &input,
+        &output,
+        &[
+            "--pipeline",
+            "sentiment",
+            "--batch-size",
+            "3",
+            "--concurrency",
+            "2",
+        ],
+    );
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let results = results(&output);
+    assert_eq!(results.len(), texts.len());
+    for (result, (id, _, label)) in results.iter().zip(texts) {
+        assert_eq!(result["request_id"], id, "{result}");
+        assert_eq!(result["status"], "ok", "{result}");
+        assert_eq!(result["pipeline"], "sentiment");
+        assert_eq!(result["output"]["label"], label, "{result}");
+        assert!(result["output"]["compound"].is_number(), "{result}");
+        assert!(result.get("source").is_none(), "no Kafka source offline");
+        let steps: Vec<&str> = result["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(steps, ["clean", "model:sentiment@1", "shape"], "{result}");
+    }
+    // No terminal here, so no bar: a summary line instead.
+    let err = stderr(&out);
+    assert!(
+        err.contains("4 ok, 0 error, 0 skipped"),
+        "summary missing: {err}"
+    );
+}
+
+#[test]
+fn a_resumed_run_scores_each_request_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    let lines: Vec<String> = (0..25)
+        .map(|i| {
+            json!({"request_id": format!("r{i}"), "data": {"text": format!("good {i}")}})
+                .to_string()
+        })
+        .collect();
+    write_lines(&input, &lines);
+    let out = batch(
+        &input,
+        &output,
+        &["--pipeline", "sentiment", "--batch-size", "4"],
+    );
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let full = std::fs::read_to_string(&output).unwrap();
+
+    // As after a crash: 10 complete results, then half of the 11th.
+    let kept: Vec<&str> = full.lines().take(11).collect();
+    let mut partial = kept[..10].join("\n") + "\n";
+    partial.push_str(&kept[10][..kept[10].len() / 2]);
+    std::fs::write(&output, &partial).unwrap();
+
+    let out = batch(
+        &input,
+        &output,
+        &["--pipeline", "sentiment", "--batch-size", "4"],
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "stderr: {err}");
+    assert!(err.contains("incomplete last line"), "{err}");
+    assert!(err.contains("15 ok, 0 error, 10 skipped"), "{err}");
+    let results = results(&output);
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in &results {
+        assert_eq!(r["status"], "ok", "{r}");
+        *seen
+            .entry(r["request_id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(seen.len(), 25, "every request has a result");
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "each exactly once: {seen:?}"
+    );
+    // The results from the first run are left as they were.
+    assert!(
+        std::fs::read_to_string(&output)
+            .unwrap()
+            .starts_with(&kept[..10].join("\n"))
+    );
+
+    // Once complete, running again scores nothing.
+    let out = batch(&input, &output, &["--pipeline", "sentiment"]);
+    assert!(
+        stderr(&out).contains("0 ok, 0 error, 25 skipped"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(self::results(&output).len(), 25);
+}
+
+#[test]
+fn an_output_that_is_not_results_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    write_lines(
+        &input,
+        &[json!({"request_id": "a", "data": "x"}).to_string()],
+    );
+    std::fs::write(&output, "precious data\nmore\n").unwrap();
+    let out = batch(&input, &output, &["--pipeline", "identity"]);
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
+    assert!(stderr(&out).contains("not a result"), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(&output).unwrap(),
+        "precious data\nmore\n"
+    );
+}
+
+#[test]
+fn invalid_lines_get_error_results_and_nothing_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    let mut text = [
+        r#"{"request_id":"ok1","data":{"text":"nice"}}"#,
+        r#"{"request_id":"trunc","data":{"te"#,
+        r#"{"data":{"text":"no id"}}"#,
+        r#"{"request_id":"nodata"}"#,
+        r#"[1,2,3]"#,
+        r#"{"request_id":"both","pipeline":"sentiment","model":"sentiment@1","data":"x"}"#,
+        r#"{"request_id":"other","pipeline":"no-such-pipeline","data":"x"}"#,
+        r#"{"request_id":"bymodel","model":"sentiment@1","data":"so happy"}"#,
+    ]
+    .join("\n")
+    .into_bytes();
+    text.extend_from_slice(b"\n\xff\xfe not utf-8\n");
+    std::fs::write(&input, text).unwrap();
+    let out = batch(&input, &output, &["--pipeline", "sentiment"]);
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let results = results(&output);
+    let got: Vec<(String, String, String)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["request_id"].as_str().unwrap().to_owned(),
+                r["status"].as_str().unwrap().to_owned(),
+                r["error"]["kind"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let want = [
+        ("ok1", "ok", ""),
+        ("line-2", "error", "invalid_json"),
+        ("line-3", "error", "invalid_request"),
+        ("nodata", "error", "invalid_request"),
+        ("line-5", "error", "invalid_request"),
+        ("both", "error", "invalid_request"),
+        ("other", "error", "unknown_pipeline"),
+        ("bymodel", "ok", ""),
+        ("line-9", "error", "invalid_json"),
+    ];
+    let want: Vec<(String, String, String)> = want
+        .iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(results[7]["model"], "sentiment@1");
+    assert_eq!(results[7]["output"]["label"], "positive");
+    assert!(
+        stderr(&out).contains("2 ok, 7 error, 0 skipped"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn an_unknown_pipeline_or_model_fails_before_writing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    write_lines(
+        &input,
+        &[json!({"request_id": "a", "data": "x"}).to_string()],
+    );
+    let out = batch(&input, &output, &["--pipeline", "sentimnet"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(err.contains("no pipeline `sentimnet`"), "{err}");
+    assert!(
+        err.contains("sentiment"),
+        "the known ones are listed: {err}"
+    );
+    assert!(!output.exists(), "no output for a setup error");
+
+    let out = batch(&input, &output, &["--model", "nope@1"]);
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
+    assert!(stderr(&out).contains("nope@1"), "{}", stderr(&out));
+    assert!(!output.exists());
+
+    let out = batch(
+        &dir.path().join("missing.jsonl"),
+        &output,
+        &["--pipeline", "sentiment"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("missing.jsonl"), "{}", stderr(&out));
+}
+
+/// Features written with `inferflow features` (embedded backend) are read by a batch run
+/// whose configuration keeps the default `scylla` backend, pointed at nothing: batch uses the
+/// embedded store at `feature_store.path` by default.
+#[test]
+fn a_features_pipeline_reads_the_embedded_store_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir(root.join("pipelines")).unwrap();
+    std::fs::write(
+        root.join("pipelines/greet.toml"),
+        r#"
+id = "greet"
+
+[[steps]]
+type = "features"
+entity_type = "user"
+features = ["profile"]
+entity_id = "data.user_id"
+
+[[steps]]
+type = "postprocess"
+name = "render"
+transforms = [
+  { op = "template", template = "Hello {{ data.name }}, {{ features.profile.segment }} member", into = "greeting" },
+]
+"#,
+    )
+    .unwrap();
+    let db = root.join("store/features.redb");
+    let config = root.join("inferflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[pipelines]\ndir = {:?}\n[feature_store]\npath = {:?}\ncontact_points = [\"127.0.0.1:1\"]\n",
+            root.join("pipelines").to_str().unwrap(),
+            db.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let put = inferflow(
+        &[
+            "features",
+            "--config",
+            config,
+            "put",
+            "--entity-type",
+            "user",
+            "--entity-id",
+            "u1",
+            "--name",
+            "profile",
+            "--values",
+            r#"{"segment":"gold"}"#,
+            "--version",
+            "1",
+        ],
+        &[("INFERFLOW__FEATURE_STORE__BACKEND", "embedded")],
+    );
+    assert!(put.status.success(), "stderr: {}", stderr(&put));
+
+    let (input, output) = (root.join("in.jsonl"), root.join("out.jsonl"));
+    write_lines(
+        &input,
+        &[
+            json!({"request_id": "a", "data": {"user_id": "u1", "name": "Ada"}}).to_string(),
+            json!({"request_id": "b", "data": {"name": "nobody"}}).to_string(),
+        ],
+    );
+    let out = inferflow(
+        &[
+            "batch",
+            "--config",
+            config,
+            "--pipeline",
+            "greet",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let results = results(&output);
+    assert_eq!(results[0]["status"], "ok", "{}", results[0]);
+    assert_eq!(
+        results[0]["output"],
+        json!({"user_id": "u1", "name": "Ada", "greeting": "Hello Ada, gold member"})
+    );
+    let steps: Vec<&str> = results[0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["features:user", "render"]);
+    assert_eq!(results[1]["status"], "error", "{}", results[1]);
+    assert_eq!(
+        results[1]["error"]["kind"], "invalid_request",
+        "{}",
+        results[1]
+    );
+
+    // With the configured backend (scylla, pointed at a closed port) there is no store.
+    let out = inferflow(
+        &[
+            "batch",
+            "--config",
+            config,
+            "--pipeline",
+            "greet",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            root.join("out2.jsonl").to_str().unwrap(),
+            "--feature-store",
+            "configured",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
+    assert!(stderr(&out).contains("feature store"), "{}", stderr(&out));
+}
