@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use super::Snapshot;
 use super::def::{FeatureSource, MAX_DEPTH, MAX_RETRY_BACKOFF, OnError, Pipeline, Step, StepKind};
 use super::path::JsonPath;
-use super::transform::TransformContext;
+use super::transform::{Transform, TransformContext};
 use crate::executor::{ExecRequest, Executor};
 use crate::feature_store::FeatureVector;
 use crate::metrics::{PIPELINE_MODEL_REQUESTS_TOTAL, PIPELINE_STEP_ERRORS_TOTAL};
@@ -187,25 +187,43 @@ impl<'s> Engine<'s> {
     ) {
         let started = Instant::now();
         let mut outcomes: Vec<Option<Outcome>> = (0..items.len()).map(|_| None).collect();
-        let mut pending = live.to_vec();
-        let mut attempt = 0;
-        loop {
-            let results = self.attempt(pipeline, step, items, &pending, depth).await;
-            let mut retry = Vec::new();
-            for (&i, result) in pending.iter().zip(results) {
-                match result {
-                    Err(e) if e.retryable && attempt < step.retries => retry.push(i),
-                    other => outcomes[i] = Some(other),
+        if let StepKind::Transforms(transforms) = &step.kind {
+            // Transforms are synchronous, so no timeout can interrupt them, and their errors
+            // are never retried: they run in place on each request's data, without the copy
+            // that keeps the other steps all-or-nothing. The data is copied only when a
+            // failure must leave it visible as it was: `on_error = "skip"`, or recorded
+            // outputs.
+            let keep = record || step.record_output || matches!(step.on_error, OnError::Skip);
+            for &i in live {
+                outcomes[i] = Some(transform_in_place(
+                    pipeline,
+                    transforms,
+                    &mut items[i],
+                    keep,
+                ));
+            }
+        } else {
+            let mut pending = live.to_vec();
+            let mut attempt = 0;
+            loop {
+                let results = self.attempt(pipeline, step, items, &pending, depth).await;
+                let mut retry = Vec::new();
+                for (&i, result) in pending.iter().zip(results) {
+                    match result {
+                        Err(e) if e.retryable && attempt < step.retries => retry.push(i),
+                        other => outcomes[i] = Some(other),
+                    }
                 }
+                if retry.is_empty() {
+                    break;
+                }
+                // Doubling waits: a store or provider that just failed gets a moment to
+                // recover.
+                let backoff = step.retry_backoff.saturating_mul(1 << attempt.min(16));
+                tokio::time::sleep(backoff.min(MAX_RETRY_BACKOFF)).await;
+                attempt += 1;
+                pending = retry;
             }
-            if retry.is_empty() {
-                break;
-            }
-            // Doubling waits: a store or provider that just failed gets a moment to recover.
-            let backoff = step.retry_backoff.saturating_mul(1 << attempt.min(16));
-            tokio::time::sleep(backoff.min(MAX_RETRY_BACKOFF)).await;
-            attempt += 1;
-            pending = retry;
         }
         let elapsed = started.elapsed();
         step.latency.record(elapsed.as_secs_f64());
@@ -307,23 +325,14 @@ impl<'s> Engine<'s> {
     ) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
             match &step.kind {
-                StepKind::Transforms(transforms) => idx
-                    .iter()
-                    .map(|&i| {
-                        let item = &items[i];
-                        let ctx = item.context(pipeline);
-                        let mut data = item.data.clone();
-                        for t in transforms {
-                            data = t
-                                .apply(data, &ctx)
-                                .map_err(|m| StepError::fatal(ErrorKind::StepFailed, m))?;
-                        }
-                        Ok(Delta {
-                            data: Some(data),
-                            ..Delta::default()
-                        })
-                    })
-                    .collect(),
+                // `run_step_inner` runs them in place, never through an attempt.
+                StepKind::Transforms(_) => {
+                    let e = StepError::fatal(
+                        ErrorKind::Internal,
+                        "transforms are not run through an attempt",
+                    );
+                    vec![Err(e); idx.len()]
+                }
                 StepKind::Model { model, input, into } => {
                     self.model(pipeline, model, input.as_ref(), into.as_ref(), items, idx)
                         .await
@@ -696,6 +705,39 @@ impl<'s> Engine<'s> {
             })
             .collect()
     }
+}
+
+/// Applies `transforms` to `item.data` in place. On failure the data is restored when `keep`
+/// (and otherwise left as `null`: the request fails, or takes the step's default).
+fn transform_in_place(
+    pipeline: &str,
+    transforms: &[Transform],
+    item: &mut Item,
+    keep: bool,
+) -> Outcome {
+    let original = keep.then(|| item.data.clone());
+    let mut data = std::mem::take(&mut item.data);
+    let ctx = TransformContext {
+        pipeline,
+        request_id: &item.request_id,
+        input: &item.input,
+        features: &item.features,
+        parameters: item.parameters.as_ref(),
+        entity: item.entity.as_ref(),
+    };
+    for t in transforms {
+        match t.apply(data, &ctx) {
+            Ok(next) => data = next,
+            Err(message) => {
+                if let Some(original) = original {
+                    item.data = original;
+                }
+                return Err(StepError::fatal(ErrorKind::StepFailed, message));
+            }
+        }
+    }
+    item.data = data;
+    Ok(Delta::default())
 }
 
 /// `data` with `new` at `into`, or `new` itself when `into` is absent or the root.

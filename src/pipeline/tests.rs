@@ -252,3 +252,17 @@ async fn replace_all_is_atomic() {
     m.replace_all(None, vec![good]).unwrap();
     assert_eq!(m.pipeline_ids(), ["b"]);
 }
+
+#[tokio::test]
+async fn a_skipped_step_leaves_the_data_as_it_was_before_the_step() {
+    // The first transform succeeds, the second fails: with `skip`, nothing of the step stays.
+    let m = manager();
+    let mut d = def(
+        "[[steps]]\ntype = \"preprocess\"\ntransforms = [{ op = \"set\", field = \"half\", value = true }, { op = \"extract\", path = \"missing\" }]\non_error = \"skip\"\nrecord_output = true\n",
+    );
+    d.id = "half".into();
+    m.create_pipeline(d).unwrap();
+    let out = m.execute("half", json!({"a": 1})).await.unwrap();
+    assert_eq!(out.output, json!({"a": 1}));
+    assert_eq!(out.steps[0].output, Some(json!({"a": 1})));
+}
