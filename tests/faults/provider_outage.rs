@@ -25,14 +25,6 @@ use crate::utils::{self, unique_name};
 const OPEN_MS: u64 = 6_000;
 const MAX_ATTEMPTS: usize = 3;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn spawn(topics: &Topics, group: &str, config: &std::path::Path, port: u16) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferflow"));
     cmd.args(["run", "--config", config.to_str().unwrap()])
@@ -133,7 +125,7 @@ async fn provider_500s_429s_and_hangs_open_the_breaker_pause_consumption_and_los
     let fake = FakeOpenAi::start(Mode::ServerError).await;
     let topics = Topics::create("provfault", 1).await;
     let group = unique_name("provfault");
-    let port = free_port();
+    let port = crate::utils::free_port();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("flaky.toml");
     // One request per batch, so one request per provider call: the breaker counts calls.

@@ -403,3 +403,18 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The result documents in `out`, by request id (a later one for the same id wins).
+pub fn results_by_id(out: &[Captured]) -> HashMap<String, Value> {
+    out.iter()
+        .map(|c| {
+            let doc: Value =
+                serde_json::from_slice(c.value.as_deref().expect("a result has a value"))
+                    .expect("a result is JSON");
+            (
+                doc["request_id"].as_str().expect("a request id").to_owned(),
+                doc,
+            )
+        })
+        .collect()
+}

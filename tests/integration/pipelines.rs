@@ -2,7 +2,7 @@
 //! step results, the same request over HTTP giving the same result document, and a reload of
 //! `inferflow run` under load that loses and fails nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -104,13 +104,7 @@ async fn the_sentiment_pipeline_answers_over_kafka_and_http_with_the_same_docume
         Duration::from_millis(300),
     )
     .await;
-    let by_id: HashMap<String, Value> = out
-        .iter()
-        .map(|c| {
-            let doc: Value = serde_json::from_slice(c.value.as_deref().unwrap()).unwrap();
-            (doc["request_id"].as_str().unwrap().to_owned(), doc)
-        })
-        .collect();
+    let by_id = crate::harness::results_by_id(&out);
     assert_eq!(by_id.len(), 4, "one result per request");
 
     let p1: InferenceResult = serde_json::from_value(by_id["p1"].clone()).unwrap();
@@ -230,14 +224,6 @@ transforms = [{{ op = "set", field = "version", value = {version} }}]
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn spawn(topics: &Topics, group: &str, dir: &std::path::Path, port: u16) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferflow"));
     cmd.arg("run")
@@ -286,7 +272,7 @@ async fn a_reload_under_load_loses_and_fails_no_request() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("stamped.toml");
     std::fs::write(&file, pipeline_file(1)).unwrap();
-    let port = free_port();
+    let port = crate::utils::free_port();
     let test_started = Instant::now();
     let mut child = spawn(&topics, &group, dir.path(), port);
     // SIGHUP before the service listens for it would end the process; the HTTP server starts
@@ -479,13 +465,7 @@ model = "echo"
         Duration::from_millis(300),
     )
     .await;
-    let by_id: HashMap<String, Value> = out
-        .iter()
-        .map(|c| {
-            let doc: Value = serde_json::from_slice(c.value.as_deref().unwrap()).unwrap();
-            (doc["request_id"].as_str().unwrap().to_owned(), doc)
-        })
-        .collect();
+    let by_id = crate::harness::results_by_id(&out);
     assert_eq!(
         by_id["f1"]["output"], "Answer a gold customer: where is my order?",
         "{}",
@@ -537,7 +517,7 @@ async fn the_file_watch_reloads_pipelines_and_models() {
         pipelines_dir.display()
     );
     std::fs::write(&config_file, &base).unwrap();
-    let port = free_port();
+    let port = crate::utils::free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferflow"));
     cmd.args(["run", "--config"])
         .arg(&config_file)

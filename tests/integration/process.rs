@@ -11,15 +11,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use crate::harness::{Raw, Topics, collect, collect_until, produce};
 use crate::utils::{self, kafka_config, unique_name};
 
-/// A free loopback port for a child's HTTP server.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts `inferflow run` on `topics` in `group`, with extra environment overrides.
 fn spawn(topics: &Topics, group: &str, extra: &[(&str, String)]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferflow"));
@@ -163,7 +154,7 @@ async fn slow_model_and_deep_backlog_keep_memory_bounded_and_the_group_stable() 
     // prefetch (consumer_queue_kbytes, 2 MiB) are held.
     const N: usize = 50_000;
     produce(&topics.requests, &requests("m", N, 20, 4000)).await;
-    let port = free_port();
+    let port = crate::utils::free_port();
     let mut child = spawn(
         &topics,
         &group,

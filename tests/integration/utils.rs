@@ -33,6 +33,15 @@ pub fn unique_name(prefix: &str) -> String {
     name
 }
 
+/// A free loopback port, e.g. for a child process's HTTP server.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Installs a test log subscriber once (honours `RUST_LOG`).
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
