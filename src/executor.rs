@@ -29,7 +29,7 @@ pub struct ExecRequest {
 }
 
 /// A successful execution.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ExecOutput {
     /// The output document.
     pub output: Value,

@@ -37,8 +37,12 @@ pub const PRODUCE_RETRIES_TOTAL: &str = "inferflow_produce_retries_total";
 /// Kafka transactions of the exactly-once mode by outcome (counter; label `outcome`: committed,
 /// aborted).
 pub const TRANSACTIONS_TOTAL: &str = "inferflow_transactions_total";
-/// Lookups in the replay store of earlier results (counter; label `outcome`: hit, miss).
+/// Lookups in the replay store of earlier results (counter; labels `outcome`: hit, miss,
+/// error; `tier`: memory, cql).
 pub const REPLAY_LOOKUPS_TOTAL: &str = "inferflow_replay_lookups_total";
+/// Results written to the replay store's database (counter; label `outcome`: ok, error,
+/// skipped when `replay.max_pending_writes` were in flight).
+pub const REPLAY_WRITES_TOTAL: &str = "inferflow_replay_writes_total";
 /// Calls to a model provider, one per `infer_batch` (counter; labels `provider`, `model`).
 pub const PROVIDER_CALLS_TOTAL: &str = "inferflow_provider_calls_total";
 /// Inputs sent in provider calls (counter; labels `provider`, `model`).
@@ -235,7 +239,11 @@ fn describe() {
     );
     describe_counter!(
         REPLAY_LOOKUPS_TOTAL,
-        "Lookups of redelivered requests in the replay store, by outcome (hit, miss)."
+        "Lookups of redelivered requests in the replay store, by outcome (hit, miss, error) and tier (memory, cql)."
+    );
+    describe_counter!(
+        REPLAY_WRITES_TOTAL,
+        "Results written to the replay store's database, by outcome (ok, error, skipped)."
     );
     describe_counter!(
         FEATURE_UPDATES_CONSUMED_TOTAL,

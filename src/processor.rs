@@ -107,6 +107,12 @@ impl BatchHandler for Shared {
         self.executor.hold()
     }
 
+    fn assigned(&self, partitions: &[(String, i32)]) {
+        if let Some(store) = &self.replay {
+            store.assigned(partitions);
+        }
+    }
+
     fn close(&self) {
         lock(&self.lanes).clear();
     }
@@ -189,23 +195,32 @@ impl Shared {
         // Per message: the fingerprint of a request that is to be executed, so its result can
         // be kept for a redelivery.
         let mut fingerprints: Vec<Option<u64>> = vec![None; messages.len()];
+        // Requests not kept in process, to look up in the replay store's database first.
+        let mut unseen: Vec<(usize, crate::model::InferenceRequest, Target)> = Vec::new();
+        let durable = self.replay.as_ref().filter(|store| store.is_durable());
         for (i, msg) in messages.iter().enumerate() {
             let outcome = match decode(msg.payload(), &self.rules, now_ms) {
                 Decoded::Request { request, target } if self.replay.is_some() => {
                     let fingerprint = replay::fingerprint(msg.payload().unwrap_or_default());
+                    fingerprints[i] = Some(fingerprint);
                     let earlier = match &self.replay {
                         Some(store) => store.get(&request.request_id, fingerprint).await,
                         None => None,
                     };
                     match earlier {
-                        Some(output) => (
-                            Outcome::Answer(request.request_id, Some(target), Ok(output)),
-                            request.reply_to,
-                        ),
-                        None => {
-                            fingerprints[i] = Some(fingerprint);
-                            self.runnable(&mut runnable, i, request, target)
+                        Some(output) => {
+                            fingerprints[i] = None;
+                            (
+                                Outcome::Answer(request.request_id, Some(target), Ok(output)),
+                                request.reply_to,
+                            )
                         }
+                        None if durable.is_some() => {
+                            let placeholder = not_executed(&request.request_id, &target);
+                            unseen.push((i, request, target));
+                            placeholder
+                        }
+                        None => self.runnable(&mut runnable, i, request, target),
                     }
                 }
                 Decoded::Request { request, target } => {
@@ -220,14 +235,50 @@ impl Shared {
             };
             outcomes.push(outcome);
         }
+        if let Some(store) = durable {
+            let lookups: Vec<replay::Redelivery<'_>> = unseen
+                .iter()
+                .map(|(i, request, _)| replay::Redelivery {
+                    topic: messages[*i].topic(),
+                    partition: messages[*i].partition(),
+                    offset: messages[*i].offset(),
+                    id: &request.request_id,
+                    fingerprint: fingerprints[*i].unwrap_or_default(),
+                })
+                .collect();
+            let stored = store.get_redelivered(&lookups).await;
+            for ((i, request, target), stored) in unseen.into_iter().zip(stored) {
+                outcomes[i] = match stored {
+                    Some(output) => {
+                        fingerprints[i] = None;
+                        (
+                            Outcome::Answer(request.request_id, Some(target), Ok(output)),
+                            request.reply_to,
+                        )
+                    }
+                    None => self.runnable(&mut runnable, i, request, target),
+                };
+            }
+        }
         self.execute_runnable(runnable, &mut outcomes).await;
         if let Some(store) = &self.replay {
+            let mut computed = Vec::new();
             for (fingerprint, (outcome, _)) in fingerprints.into_iter().zip(&outcomes) {
                 if let (Some(fingerprint), Outcome::Answer(id, _, Ok(output))) =
                     (fingerprint, outcome)
                 {
                     store.put(id.clone(), fingerprint, output.clone()).await;
+                    if durable.is_some() {
+                        computed.push(replay::Computed {
+                            id: id.clone(),
+                            fingerprint,
+                            output: output.clone(),
+                        });
+                    }
                 }
+            }
+            if !computed.is_empty() {
+                store.persist(computed, next_offsets(messages));
             }
         }
         outcomes
@@ -671,6 +722,30 @@ enum Outcome {
     DeadLetter(ErrorBody),
 }
 
+/// The placeholder outcome of a request not executed yet.
+fn not_executed(request_id: &str, target: &Target) -> (Outcome, Option<String>) {
+    (
+        Outcome::Answer(
+            request_id.to_owned(),
+            Some(target.clone()),
+            Err(ErrorBody::new(ErrorKind::Internal, "not executed")),
+        ),
+        None,
+    )
+}
+
+/// Per topic and partition of `messages`: the offset after the last of them.
+fn next_offsets(messages: &[OwnedMessage]) -> Vec<(String, i32, i64)> {
+    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for msg in messages {
+        let entry = next.entry((msg.topic(), msg.partition())).or_insert(0);
+        *entry = (*entry).max(msg.offset().saturating_add(1));
+    }
+    next.into_iter()
+        .map(|((topic, partition), offset)| (topic.to_owned(), partition, offset))
+        .collect()
+}
+
 fn unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -797,7 +872,7 @@ pub async fn start(
         per_key: config.executor.ordering == KeyOrdering::PerKey,
         lanes: Mutex::new(Vec::new()),
         runtime: Handle::current(),
-        replay: ReplayStore::from_config(&config.replay),
+        replay: ReplayStore::open(config).await?,
         metrics: Handles::new(),
     });
     if config.executor.ordering == KeyOrdering::PerKey {
@@ -836,6 +911,36 @@ mod tests {
     use super::*;
     use crate::executor::ExecOutput;
     use crate::model::StepRecord;
+
+    #[test]
+    fn next_offsets_are_one_past_the_last_record_per_partition() {
+        let msg = |topic: &str, partition: i32, offset: i64| {
+            OwnedMessage::new(
+                None,
+                None,
+                topic.to_owned(),
+                rdkafka::Timestamp::NotAvailable,
+                partition,
+                offset,
+                None,
+            )
+        };
+        let batch = [
+            msg("a", 0, 7),
+            msg("a", 1, 3),
+            msg("a", 0, 9),
+            msg("a", 0, 8),
+            msg("b", 0, 0),
+        ];
+        assert_eq!(
+            next_offsets(&batch),
+            [
+                ("a".to_owned(), 0, 10),
+                ("a".to_owned(), 1, 4),
+                ("b".to_owned(), 0, 1)
+            ]
+        );
+    }
 
     #[test]
     fn result_bytes_match_the_result_document() {

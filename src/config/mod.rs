@@ -42,7 +42,7 @@ pub use sections::{
     BatchConfig, Config, Consistency, ExecutorConfig, FeatureStoreBackend, FeatureStoreConfig,
     Guarantee, HttpConfig, IngestConfig, KafkaConfig, KeyOrdering, LogConfig, LogFormat,
     OffsetReset, PipelinesConfig, ProcessingConfig, RESERVED_KAFKA_PROPERTIES, ReplayConfig,
-    SaslMechanism, SecurityProtocol, TopicsConfig, check_topic_name,
+    ReplayStoreKind, SaslMechanism, SecurityProtocol, TopicsConfig, check_topic_name,
 };
 
 /// The defaults, embedded at build time.
@@ -741,6 +741,24 @@ mod tests {
             ["feature_store.history_retention_secs"],
             "{errs:#?}"
         );
+    }
+
+    #[test]
+    fn replay_in_the_database_needs_the_cql_backend_and_a_cql_ttl() {
+        let config = Config::from_toml_str("[replay]\nstore = \"cql\"\n").expect("valid");
+        assert_eq!(config.replay.store, ReplayStoreKind::Cql);
+        let errs = problems(
+            "[feature_store]\nbackend = \"embedded\"\npath = \"/tmp/x\"\n[replay]\nstore = \"cql\"\n",
+        );
+        assert_eq!(paths(&errs), ["replay.store"], "{errs:#?}");
+        assert!(
+            errs[0].to_string().contains("feature_store.backend"),
+            "{errs:#?}"
+        );
+        let errs = problems("[replay]\nstore = \"cql\"\nttl_secs = 999999999999\n");
+        assert_eq!(paths(&errs), ["replay.ttl_secs"], "{errs:#?}");
+        let errs = problems("[replay]\nstore = \"disk\"\n");
+        assert_eq!(paths(&errs), ["replay.store"], "{errs:#?}");
     }
 
     #[test]

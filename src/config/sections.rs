@@ -635,16 +635,32 @@ impl ProcessingConfig {
     }
 }
 
-/// `[replay]`: results kept in process, by request id, so a redelivered request is answered
-/// again without calling its model.
+/// `[replay]`: results kept by request id, so a redelivered request is answered again without
+/// calling its model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReplayConfig {
     /// Keep results and reuse them for redelivered requests.
     pub enabled: bool,
-    /// Results kept at most (least recently used go first).
+    /// Results kept in process at most (least recently used go first).
     pub max_entries: NonZeroU64,
-    /// How long a result is kept after it was computed.
+    /// How long a result is kept after it was computed (in process and in the database).
     pub ttl_secs: NonZeroU64,
+    /// Where results are kept besides this process.
+    pub store: ReplayStoreKind,
+    /// With `store = "cql"`: result writes in flight at most; beyond that a result is not
+    /// stored (counted in `inferflow_replay_writes_total{outcome="skipped"}`).
+    pub max_pending_writes: NonZeroUsize,
+}
+
+/// Where [`ReplayConfig`] keeps results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayStoreKind {
+    /// In process only: covers rebalances back to the same instance and aborted transactions.
+    Memory,
+    /// Also in the feature store's CQL database: covers crashes and partitions moved to
+    /// another instance too.
+    Cql,
 }
 
 /// `[http]`: the HTTP server.
@@ -737,6 +753,26 @@ impl Config {
     /// Checks values of different sections against each other. Each section's own checks ran
     /// when it was parsed ([`Section::validate`]).
     pub(super) fn validate_across_sections(&self, p: &mut Problems) {
+        if self.replay.enabled
+            && self.replay.store == ReplayStoreKind::Cql
+            && self.feature_store.backend != FeatureStoreBackend::Scylla
+        {
+            p.push(
+                "replay.store",
+                "\"cql\" keeps results in the feature store's CQL database, so it needs feature_store.backend = \"scylla\" (use \"memory\" with the embedded backend)",
+            );
+        }
+        if self.replay.store == ReplayStoreKind::Cql
+            && self.replay.ttl_secs.get() > MAX_CQL_TTL_SECS
+        {
+            p.push(
+                "replay.ttl_secs",
+                format!(
+                    "{} is above the largest CQL TTL, {MAX_CQL_TTL_SECS} s (20 years)",
+                    self.replay.ttl_secs
+                ),
+            );
+        }
         if self.batch.linger_ms.saturating_mul(2) >= self.kafka.max_poll_interval_ms.get() {
             p.push(
                 "batch.linger_ms",

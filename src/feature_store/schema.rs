@@ -3,14 +3,20 @@
 //!
 //! Each schema version is one file, `schemas/cql/v<N>.cql`, embedded here. Version 1 creates
 //! the keyspace and every table with `IF NOT EXISTS`, so it is applied on every start and by
-//! every instance; it also records itself in `schema_migrations`. Later versions will be
-//! applied once each, in order, when `schema_migrations` does not list them, and then recorded
-//! there; since instances may start together, each must also be safe to apply twice.
+//! every instance; it also records itself in `schema_migrations`. Later versions are applied
+//! once each, in order, when `schema_migrations` does not list them, and then recorded there;
+//! since instances may start together, each must also be safe to apply twice. Version 2 adds
+//! the tables of replay-safe inference (`replay.store = "cql"`, [`crate::replay`]).
+
+use std::time::Duration;
 
 use scylla::client::session::Session;
 
 use super::FeatureStoreError;
 use crate::config::FeatureStoreConfig;
+
+/// The least time a schema statement may take (`feature_store.request_timeout_ms` when longer).
+const SCHEMA_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One schema version.
 #[derive(Debug, Clone, Copy)]
@@ -22,10 +28,16 @@ pub struct Migration {
 }
 
 /// Every schema version, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    cql: include_str!("../../schemas/cql/v1.cql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        cql: include_str!("../../schemas/cql/v1.cql"),
+    },
+    Migration {
+        version: 2,
+        cql: include_str!("../../schemas/cql/v2.cql"),
+    },
+];
 
 /// The newest schema version this inferflow knows.
 pub fn current_version() -> u32 {
@@ -125,8 +137,14 @@ async fn run(
 ) -> Result<(), FeatureStoreError> {
     for statement in statements(migration, cfg) {
         tracing::debug!(version = migration.version, statement = %statement, "applying schema");
+        // Schema changes wait for agreement between nodes and take much longer than reads and
+        // writes, especially on a busy database: they get their own, longer timeout.
+        let mut query = scylla::statement::unprepared::Statement::new(statement.as_str());
+        query.set_request_timeout(Some(
+            SCHEMA_TIMEOUT.max(Duration::from_millis(cfg.request_timeout_ms.get())),
+        ));
         session
-            .query_unpaged(statement.as_str(), &[])
+            .query_unpaged(query, &[])
             .await
             .map_err(|source| schema_error(cfg, migration, &statement, source))?;
     }
@@ -197,6 +215,14 @@ mod tests {
                 "two statements in one: {statement}"
             );
         }
+    }
+
+    #[test]
+    fn v2_creates_the_replay_tables_without_recording_itself() {
+        let statements = statements(&MIGRATIONS[1], &cfg());
+        assert_eq!(statements.len(), 2, "{statements:#?}");
+        assert!(statements[0].starts_with("CREATE TABLE IF NOT EXISTS ks_test.replay_results ("));
+        assert!(statements[1].starts_with("CREATE TABLE IF NOT EXISTS ks_test.replay_marks ("));
     }
 
     #[test]

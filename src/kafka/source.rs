@@ -110,6 +110,10 @@ pub trait BatchHandler: Send + Sync + 'static {
         None
     }
 
+    /// Called on the consumer thread when partitions are assigned, before any of their
+    /// records is consumed. Must not block.
+    fn assigned(&self, _partitions: &[TopicPartition]) {}
+
     /// Called once on shutdown, after the final commit, before the producer is flushed.
     fn close(&self) {}
 }
@@ -529,6 +533,7 @@ impl<H: BatchHandler> ConsumerContext for SourceContext<H> {
                 if let Some(txn) = self.core.transactions() {
                     txn.assign(&self.core, &partitions);
                 }
+                self.handler.assigned(&partitions);
                 self.core.tracker.assign(partitions);
                 // librdkafka keeps an application pause across unassign and reassign, so a
                 // partition paused before it was revoked would come back paused: set the state

@@ -22,5 +22,6 @@ mod kills;
 mod pipeline_store_outage;
 mod processes;
 mod provider_outage;
+mod replay_after_crash;
 mod servers;
 mod store_outage;

@@ -45,8 +45,25 @@ impl Proc {
         static_member: bool,
         extra: &[(&str, String)],
     ) -> Proc {
+        Proc::spawn_with_config(topics, group, mode, name, static_member, None, extra)
+    }
+
+    /// Like [`Proc::spawn`], reading the configuration file `config` too (the overrides win).
+    pub fn spawn_with_config(
+        topics: &Topics,
+        group: &str,
+        mode: Mode,
+        name: &str,
+        static_member: bool,
+        config: Option<&std::path::Path>,
+        extra: &[(&str, String)],
+    ) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferflow"));
-        cmd.arg("run")
+        cmd.arg("run");
+        if let Some(config) = config {
+            cmd.arg("--config").arg(config);
+        }
+        cmd.env_remove("INFERFLOW_CONFIG")
             .env(
                 "RUST_LOG",
                 std::env::var("INFERFLOW_TEST_CHILD_LOG")

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::fake_openai::{FakeOpenAi, Mode};
-use crate::harness::{Captured, Raw, Topics, collect, committed_total, produce};
+use crate::harness::{Captured, Raw, Topics, collect, committed_total, metric, produce};
 use crate::utils::{self, unique_name};
 
 /// The breaker's cool-down: long enough to observe an open breaker, short enough to see three.
@@ -40,18 +40,6 @@ fn spawn(topics: &Topics, group: &str, config: &std::path::Path, port: u16) -> C
     cmd.envs(topics.env(group));
     cmd.env("INFERFLOW__HTTP__LISTEN", format!("127.0.0.1:{port}"));
     cmd.spawn().expect("start inferflow run")
-}
-
-/// The value of the first sample of `name` whose labels contain `labels` (empty: any).
-fn metric(body: &str, name: &str, labels: &str) -> Option<f64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| {
-            let (series, _) = l.rsplit_once(' ').unwrap_or((l, ""));
-            (series == name || series.starts_with(&format!("{name}{{"))) && series.contains(labels)
-        })
-        .and_then(|l| l.rsplit_once(' '))
-        .and_then(|(_, v)| v.parse().ok())
 }
 
 struct Scrape(String);

@@ -418,3 +418,17 @@ pub fn results_by_id(out: &[Captured]) -> HashMap<String, Value> {
         })
         .collect()
 }
+
+/// The value of the first sample of `name` in a Prometheus text `body` whose labels contain
+/// `labels` (empty: any). Used by the fault suite.
+#[allow(dead_code)]
+pub fn metric(body: &str, name: &str, labels: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            let (series, _) = l.rsplit_once(' ').unwrap_or((l, ""));
+            (series == name || series.starts_with(&format!("{name}{{"))) && series.contains(labels)
+        })
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+}

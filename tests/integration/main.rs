@@ -19,5 +19,6 @@ mod models;
 mod pipelines;
 mod process;
 mod processor;
+mod replay;
 mod secure;
 mod smoke;
