@@ -319,6 +319,19 @@ impl FeatureStore {
         entity_id: &str,
         names: &[S],
     ) -> Result<FeatureVector, FeatureStoreError> {
+        self.get_feature_vector_and_source(entity_type, entity_id, names)
+            .await
+            .map(|(vector, _)| vector)
+    }
+
+    /// [`FeatureStore::get_feature_vector`], and whether the cache answered every name (true)
+    /// or the backend was read (false).
+    pub async fn get_feature_vector_and_source<S: AsRef<str>>(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+        names: &[S],
+    ) -> Result<(FeatureVector, bool), FeatureStoreError> {
         model::validate_entity(entity_type, entity_id)?;
         let mut unique: Vec<&str> = Vec::with_capacity(names.len());
         for name in names.iter().map(AsRef::as_ref) {
@@ -336,6 +349,7 @@ impl FeatureStore {
             })
             .collect();
         let misses: Vec<usize> = (0..unique.len()).filter(|&i| found[i].is_none()).collect();
+        let from_cache = misses.is_empty();
         metrics::counter!(m::FEATURE_READS_TOTAL, "source" => "cache")
             .increment((unique.len() - misses.len()) as u64);
         metrics::counter!(m::FEATURE_READS_TOTAL, "source" => "store")
@@ -394,7 +408,7 @@ impl FeatureStore {
                 None => vector.missing.push(name.to_owned()),
             }
         }
-        Ok(vector)
+        Ok((vector, from_cache))
     }
 
     /// The vector of `group`'s features for one entity of the group's entity type.

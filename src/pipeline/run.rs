@@ -95,7 +95,11 @@ impl Item {
 struct Delta {
     data: Option<Value>,
     features: Option<Map<String, Value>>,
+    /// Whether the answer came from a cache (the request's `cached` too).
     cached: Option<bool>,
+    /// Whether this step's reads all came from a cache, for its step record only: a request
+    /// whose features were cached still had its answer computed.
+    step_cached: Option<bool>,
     model_version: Option<String>,
     /// Steps of a chained pipeline, recorded under this step's name.
     sub_steps: Vec<StepRecord>,
@@ -242,6 +246,9 @@ impl<'s> Engine<'s> {
                     if let Some(c) = delta.cached {
                         cached = c;
                         item.cached = Some(item.cached.unwrap_or(true) && c);
+                    }
+                    if let Some(c) = delta.step_cached {
+                        cached = c;
                     }
                     if delta.model_version.is_some() {
                         item.model_version = delta.model_version;
@@ -532,7 +539,11 @@ impl<'s> Engine<'s> {
                 Arc::clone(&names),
                 Arc::clone(&entity_type),
             );
-            async move { store.get_feature_vector(&entity_type, &id, &names).await }
+            async move {
+                store
+                    .get_feature_vector_and_source(&entity_type, &id, &names)
+                    .await
+            }
         });
         let mut vectors = futures::stream::iter(reads)
             .buffered(FEATURE_READ_CONCURRENCY)
@@ -543,7 +554,7 @@ impl<'s> Engine<'s> {
             .zip(idx)
             .map(|(id, &i)| {
                 id?;
-                let vector: FeatureVector = match vectors.next() {
+                let (vector, from_cache): (FeatureVector, bool) = match vectors.next() {
                     Some(Ok(v)) => v,
                     Some(Err(err)) => {
                         return Err(StepError::from_body(ErrorBody::new(
@@ -576,6 +587,7 @@ impl<'s> Engine<'s> {
                 Ok(Delta {
                     data,
                     features: Some(features),
+                    step_cached: Some(from_cache),
                     ..Delta::default()
                 })
             })
@@ -610,6 +622,7 @@ impl<'s> Engine<'s> {
                     data: Some(child.data),
                     features: Some(child.features),
                     cached: child.cached,
+                    step_cached: None,
                     model_version: child.model_version,
                     sub_steps: child.steps,
                 }),

@@ -490,6 +490,31 @@ model = "echo"
             .unwrap()
             .contains("no `entity`")
     );
+    // The step record says where the features came from: the first read of u1 went to the
+    // database, a later one is answered by the cache.
+    assert_eq!(by_id["f1"]["steps"][0]["cached"], false, "{}", by_id["f1"]);
+    produce(
+        &topics.requests,
+        &[(
+            None,
+            Some(
+                json!({"request_id": "f5", "pipeline": "personal", "entity": {"type": "user", "id": "u1"}, "data": {"question": "again"}})
+                    .to_string()
+                    .into_bytes(),
+            ),
+        )],
+    )
+    .await;
+    let out = collect(
+        &[&topics.results],
+        5,
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
+    let by_id = crate::harness::results_by_id(&out);
+    assert_eq!(by_id["f5"]["output"], "Answer a gold customer: again");
+    assert_eq!(by_id["f5"]["steps"][0]["cached"], true, "{}", by_id["f5"]);
     processor.stop().await;
     utils::cql_session()
         .await
