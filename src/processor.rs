@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batching::{Batch, BatchLimits};
 use crate::config::{Config, Guarantee, KeyOrdering};
 use crate::decode::{DecodeRules, Decoded, decode};
-use crate::executor::{ExecRequest, ExecResult, Executor};
+use crate::executor::{ExecOutput, ExecRequest, ExecResult, Executor};
 use crate::kafka::sink::{DeliverError, OutRecord, Sink};
 use crate::kafka::source::{self, BatchHandler, SourceCore, SourceSpec, lock, source_ref};
 use crate::kafka::transactional::{self, Transactions};
@@ -163,11 +163,11 @@ impl Shared {
         let arrived = Instant::now();
         // Executors are pluggable code: a panic must not lose the batch's records (they would
         // stay in flight for good). Every record is then answered with an `internal` error.
-        let outcomes = match AssertUnwindSafe(self.compute(&messages))
+        let (mut outcomes, fingerprints) = match AssertUnwindSafe(self.compute(&messages))
             .catch_unwind()
             .await
         {
-            Ok(outcomes) => outcomes,
+            Ok(computed) => computed,
             Err(panic) => {
                 let what = panic
                     .downcast_ref::<&str>()
@@ -175,26 +175,51 @@ impl Shared {
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".to_owned());
                 tracing::error!(panic = %what, records = messages.len(), "processing a batch panicked; answering its records with internal errors");
-                self.after_panic(&messages, &what)
+                (self.after_panic(&messages, &what), Vec::new())
             }
         };
         drop(permit);
         let latency = arrived.elapsed();
         let deliveries = messages
             .iter()
-            .zip(outcomes)
-            .map(|(msg, (outcome, reply_to))| self.answer(msg, outcome, reply_to, latency));
+            .zip(&mut outcomes)
+            .map(|(msg, (outcome, reply_to))| self.answer(msg, outcome, reply_to.take(), latency));
         futures::future::join_all(deliveries).await;
+        if let Some(store) = &self.replay {
+            // After the answers, so the outputs move into the store instead of being copied.
+            let executed: Vec<(String, u64, ExecOutput)> = fingerprints
+                .into_iter()
+                .zip(outcomes)
+                .filter_map(|(fingerprint, (outcome, _))| match (fingerprint, outcome) {
+                    (Some(fingerprint), Outcome::Answer(id, _, Ok(output))) => {
+                        Some((id, fingerprint, output))
+                    }
+                    _ => None,
+                })
+                .collect();
+            if !executed.is_empty() {
+                store.keep(executed, next_offsets(&messages)).await;
+            }
+        }
     }
 
-    /// Decodes and executes a batch: one outcome (and optional `reply_to`) per message.
-    async fn compute(&self, messages: &[OwnedMessage]) -> Vec<(Outcome, Option<String>)> {
+    /// Decodes and executes a batch: one outcome (and optional `reply_to`) per message, and
+    /// per message the fingerprint of its bytes when it was executed (its output is then kept
+    /// for a redelivery; empty without a replay store).
+    async fn compute(
+        &self,
+        messages: &[OwnedMessage],
+    ) -> (Vec<(Outcome, Option<String>)>, Vec<Option<u64>>) {
         let now_ms = unix_ms();
         let mut outcomes: Vec<(Outcome, Option<String>)> = Vec::with_capacity(messages.len());
         let mut runnable: Vec<(usize, Target, ExecRequest)> = Vec::new();
         // Per message: the fingerprint of a request that is to be executed, so its result can
         // be kept for a redelivery.
-        let mut fingerprints: Vec<Option<u64>> = vec![None; messages.len()];
+        let mut fingerprints: Vec<Option<u64>> = if self.replay.is_some() {
+            vec![None; messages.len()]
+        } else {
+            Vec::new()
+        };
         // Requests not kept in process, to look up in the replay store's database first.
         let mut unseen: Vec<(usize, crate::model::InferenceRequest, Target)> = Vec::new();
         let durable = self.replay.as_ref().filter(|store| store.is_durable());
@@ -261,27 +286,7 @@ impl Shared {
             }
         }
         self.execute_runnable(runnable, &mut outcomes).await;
-        if let Some(store) = &self.replay {
-            let mut computed = Vec::new();
-            for (fingerprint, (outcome, _)) in fingerprints.into_iter().zip(&outcomes) {
-                if let (Some(fingerprint), Outcome::Answer(id, _, Ok(output))) =
-                    (fingerprint, outcome)
-                {
-                    store.put(id.clone(), fingerprint, output.clone()).await;
-                    if durable.is_some() {
-                        computed.push(replay::Computed {
-                            id: id.clone(),
-                            fingerprint,
-                            output: output.clone(),
-                        });
-                    }
-                }
-            }
-            if !computed.is_empty() {
-                store.persist(computed, next_offsets(messages));
-            }
-        }
-        outcomes
+        (outcomes, fingerprints)
     }
 
     /// Queues a decoded request for execution; returns its placeholder outcome.
@@ -427,7 +432,7 @@ impl Shared {
     async fn answer(
         &self,
         msg: &OwnedMessage,
-        outcome: Outcome,
+        outcome: &Outcome,
         reply_to: Option<String>,
         latency: Duration,
     ) {
@@ -438,11 +443,11 @@ impl Shared {
         }
         let delivered = match outcome {
             Outcome::Answer(request_id, target, result) => {
-                let error_kind = error_kind(&result);
+                let error_kind = error_kind(result);
                 let record = self.result_record(
-                    &request_id,
+                    request_id,
                     target.as_ref(),
-                    &result,
+                    result,
                     &source,
                     reply_to,
                     latency,
@@ -457,7 +462,7 @@ impl Shared {
                         // topic): answer with an error result on the default topic instead.
                         tracing::warn!(error = %err, topic = %record.topic, "result refused; sending an error result instead");
                         let fallback = self.result_record(
-                            &request_id,
+                            request_id,
                             target.as_ref(),
                             &Err(ErrorBody::new(
                                 ErrorKind::Internal,
@@ -486,7 +491,7 @@ impl Shared {
                     Err(e) => Err(e),
                 }
             }
-            Outcome::DeadLetter(error) => self.core.dead_letter(msg, &error).await,
+            Outcome::DeadLetter(error) => self.core.dead_letter(msg, error).await,
         };
         if let (true, Some(ts)) = (delivered.is_ok(), msg.timestamp().to_millis()) {
             let e2e = unix_ms().saturating_sub(ts).max(0) as f64 / 1000.0;
@@ -501,7 +506,7 @@ impl Shared {
         &self,
         txn: &Transactions,
         msg: &OwnedMessage,
-        outcome: Outcome,
+        outcome: &Outcome,
         reply_to: Option<String>,
         source: &SourceRef,
         latency: Duration,
@@ -509,9 +514,9 @@ impl Shared {
         let record = match outcome {
             Outcome::Answer(request_id, target, result) => {
                 let record = self.result_record(
-                    &request_id,
+                    request_id,
                     target.as_ref(),
-                    &result,
+                    result,
                     source,
                     reply_to,
                     latency,
@@ -521,7 +526,7 @@ impl Shared {
                 } else {
                     tracing::warn!(bytes = record.value.len(), topic = %record.topic, "result too large for a transaction; sending an error result instead");
                     self.result_record(
-                        &request_id,
+                        request_id,
                         target.as_ref(),
                         &Err(ErrorBody::new(
                             ErrorKind::Internal,
@@ -537,9 +542,7 @@ impl Shared {
                     )
                 }
             }
-            Outcome::DeadLetter(error) => {
-                transactional::dead_letter_record(&self.core, msg, &error)
-            }
+            Outcome::DeadLetter(error) => transactional::dead_letter_record(&self.core, msg, error),
         };
         txn.hold(&self.core, msg, vec![record]);
     }

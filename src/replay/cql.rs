@@ -116,9 +116,19 @@ impl CqlReplay {
         fingerprint: u64,
         output: &ExecOutput,
     ) -> Result<(), FeatureStoreError> {
-        const OPERATION: &str = "replay result write";
         let json = serde_json::to_string(output)
             .map_err(|e| FeatureStoreError::invalid("replay result", e.to_string()))?;
+        self.put_json(id, fingerprint, &json).await
+    }
+
+    /// [`CqlReplay::put`] of an output already serialised (as JSON, from an [`ExecOutput`]).
+    pub async fn put_json(
+        &self,
+        id: &str,
+        fingerprint: u64,
+        json: &str,
+    ) -> Result<(), FeatureStoreError> {
+        const OPERATION: &str = "replay result write";
         self.session
             .execute_unpaged(
                 &self.insert_result,
@@ -126,7 +136,7 @@ impl CqlReplay {
                     &self.group,
                     id,
                     fingerprint_column(fingerprint),
-                    &json,
+                    json,
                     self.ttl_secs,
                 ),
             )

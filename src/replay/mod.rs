@@ -69,15 +69,15 @@ pub struct Redelivery<'a> {
     pub fingerprint: u64,
 }
 
-/// An output to store, with where its request came from.
+/// An output to store in the database.
 #[derive(Debug, Clone)]
 pub struct Computed {
     /// Request id.
     pub id: String,
     /// Fingerprint of the message bytes.
     pub fingerprint: u64,
-    /// The output.
-    pub output: ExecOutput,
+    /// The output, serialised.
+    pub output_json: String,
 }
 
 /// Earlier results by request id, bounded in entries and time; see the module documentation.
@@ -194,6 +194,31 @@ impl ReplayStore {
         self.cache.insert(id, Arc::new((fingerprint, output))).await;
     }
 
+    /// Keeps executed outputs (request id, fingerprint, output): in this process, and with the
+    /// database tier also there (see [`ReplayStore::persist`]; `marks` as there).
+    pub async fn keep(
+        &self,
+        outputs: Vec<(String, u64, ExecOutput)>,
+        marks: Vec<(String, i32, i64)>,
+    ) {
+        if self.durable.is_some() {
+            let computed = outputs
+                .iter()
+                .filter_map(|(id, fingerprint, output)| {
+                    Some(Computed {
+                        id: id.clone(),
+                        fingerprint: *fingerprint,
+                        output_json: serde_json::to_string(output).ok()?,
+                    })
+                })
+                .collect();
+            self.persist(computed, marks);
+        }
+        for (id, fingerprint, output) in outputs {
+            self.put(id, fingerprint, output).await;
+        }
+    }
+
     /// For each record (in order), its output stored in the database, when the record lies
     /// below its partition's mark (consumed before) and its output is there. Without the
     /// database tier, or when the database does not answer, every answer is `None`.
@@ -248,7 +273,7 @@ impl ReplayStore {
         tokio::spawn(async move {
             let writes = outputs
                 .iter()
-                .map(|c| durable.cql.put(&c.id, c.fingerprint, &c.output));
+                .map(|c| durable.cql.put_json(&c.id, c.fingerprint, &c.output_json));
             let results = futures::future::join_all(writes).await;
             let failed = results.iter().filter(|r| r.is_err()).count();
             let first_error = results.into_iter().find_map(Result::err);

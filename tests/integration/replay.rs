@@ -7,7 +7,7 @@ use inferflow::config::Config;
 use inferflow::executor::ExecOutput;
 use inferflow::model::StepRecord;
 use inferflow::replay::cql::CqlReplay;
-use inferflow::replay::{Computed, Redelivery, ReplayStore, fingerprint};
+use inferflow::replay::{Redelivery, ReplayStore, fingerprint};
 use serde_json::json;
 
 use crate::utils::{cql_contact, cql_session, unique_name};
@@ -104,16 +104,14 @@ async fn only_records_below_the_mark_are_looked_up_and_marks_are_read_again_on_a
     // An earlier process stored r0..r9 of partition 0 (offsets 0..9) and moved the mark.
     let ids: Vec<String> = (0..10).map(|i| format!("r{i}")).collect();
     let fp = |i: usize| fingerprint(format!("payload {i}").as_bytes());
-    store.persist(
-        (0..10)
-            .map(|i| Computed {
-                id: ids[i].clone(),
-                fingerprint: fp(i),
-                output: output(i as i64),
-            })
-            .collect(),
-        vec![("t".into(), 0, 10)],
-    );
+    store
+        .keep(
+            (0..10)
+                .map(|i| (ids[i].clone(), fp(i), output(i as i64)))
+                .collect(),
+            vec![("t".into(), 0, 10)],
+        )
+        .await;
     let direct = CqlReplay::open(&cfg.feature_store, "g", 3600)
         .await
         .expect("open");
