@@ -269,6 +269,44 @@ async fn repeated_requests_are_served_from_cache_per_tenant() {
 }
 
 #[tokio::test]
+async fn the_misses_of_a_batch_go_to_the_provider_in_one_call() {
+    let (fake, manager, executor) = setup(true);
+    manager
+        .load_model(spec("clf", "1", "remote", true))
+        .unwrap();
+    run(&executor, "clf", vec![req(json!("a"), None)]).await;
+    assert_eq!(fake.calls(), vec![("remote".to_owned(), 1)]);
+
+    // `a` is cached and `c` comes twice: the distinct misses b, c, d make one call.
+    let out = run(
+        &executor,
+        "clf",
+        ["a", "b", "c", "c", "d"]
+            .iter()
+            .map(|t| req(json!(t), None))
+            .collect(),
+    )
+    .await;
+    assert_eq!(
+        fake.calls(),
+        vec![("remote".to_owned(), 1), ("remote".to_owned(), 3)]
+    );
+    let cached: Vec<bool> = out.iter().map(|o| o.as_ref().unwrap().cached).collect();
+    assert_eq!(cached, [true, false, false, true, false]);
+    for (o, t) in out.iter().zip(["a", "b", "c", "c", "d"]) {
+        assert_eq!(o.as_ref().unwrap().output["echo"], t);
+    }
+    // And they are cached now.
+    run(
+        &executor,
+        "clf",
+        vec![req(json!("d"), None), req(json!("b"), None)],
+    )
+    .await;
+    assert_eq!(fake.calls().len(), 2);
+}
+
+#[tokio::test]
 async fn provider_errors_map_to_their_kinds_and_are_not_cached() {
     for cache in [false, true] {
         let (fake, manager, executor) = setup(cache);

@@ -385,6 +385,100 @@ impl ResultCache {
         (result, status)
     }
 
+    /// The answers for a batch of `keys`, in order: cached ones from the cache, the others
+    /// from **one** `compute` call, which gets the positions (in `keys`) of the distinct keys
+    /// to compute and returns one outcome for each, in that order. A key repeated in the batch
+    /// is computed once (its repeats count as coalesced). Successful answers are cached;
+    /// errors are not. Unlike [`ResultCache::get_or_compute`], a batch does not wait for an
+    /// identical computation running in another call: both compute it.
+    pub async fn get_or_compute_batch<F, Fut>(
+        &self,
+        keys: Vec<CacheKey>,
+        compute: F,
+    ) -> Vec<(Result<ProviderOutput, ProviderError>, CacheStatus)>
+    where
+        F: FnOnce(Vec<usize>) -> Fut,
+        Fut: Future<Output = Vec<Result<ProviderOutput, ProviderError>>>,
+    {
+        let mut answers: Vec<Option<(Result<ProviderOutput, ProviderError>, CacheStatus)>> =
+            Vec::with_capacity(keys.len());
+        // Per key not cached: which distinct miss computes it.
+        let mut slot_of: Vec<Option<usize>> = vec![None; keys.len()];
+        let mut distinct: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let mut to_compute: Vec<usize> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            if let Some(cached) = self.cache.get(key).await {
+                count(&self.counters.hits, CacheStatus::Hit);
+                answers.push(Some((Ok(cached.output.clone()), CacheStatus::Hit)));
+                continue;
+            }
+            answers.push(None);
+            let next = to_compute.len();
+            let slot = *distinct.entry(key.as_str()).or_insert(next);
+            if slot == next {
+                to_compute.push(i);
+            }
+            slot_of[i] = Some(slot);
+        }
+        if to_compute.is_empty() {
+            return answers.into_iter().flatten().collect();
+        }
+        let wanted = to_compute.len();
+        let mut computed = compute(to_compute.clone()).await;
+        if computed.len() != wanted {
+            let error = ProviderError::InvalidResponse {
+                message: format!(
+                    "the provider returned {} outcomes for {wanted} inputs",
+                    computed.len()
+                ),
+            };
+            computed = (0..wanted).map(|_| Err(error.clone())).collect();
+        }
+        for (&i, outcome) in to_compute.iter().zip(&computed) {
+            if let Ok(output) = outcome {
+                let bytes = output_bytes(output);
+                self.cache
+                    .insert(
+                        keys[i].clone(),
+                        Arc::new(Cached {
+                            output: output.clone(),
+                            bytes,
+                        }),
+                    )
+                    .await;
+            }
+        }
+        answers
+            .into_iter()
+            .zip(slot_of)
+            .enumerate()
+            .map(|(i, (answer, slot))| match (answer, slot) {
+                (Some(answer), _) => answer,
+                (None, Some(slot)) => {
+                    let status = if to_compute[slot] == i {
+                        count(&self.counters.misses, CacheStatus::Miss);
+                        CacheStatus::Miss
+                    } else {
+                        count(&self.counters.coalesced, CacheStatus::Coalesced);
+                        CacheStatus::Coalesced
+                    };
+                    let outcome = match &computed[slot] {
+                        Ok(output) => Ok(output.clone()),
+                        Err(error) => Err(ProviderError::clone(error)),
+                    };
+                    (outcome, status)
+                }
+                // Every key is cached or has a slot; kept total without a panic.
+                (None, None) => (
+                    Err(ProviderError::InvalidResponse {
+                        message: "no outcome for this input".to_owned(),
+                    }),
+                    CacheStatus::Miss,
+                ),
+            })
+            .collect()
+    }
+
     /// Counters and current size.
     pub fn stats(&self) -> CacheStats {
         let c = &self.counters;

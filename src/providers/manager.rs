@@ -25,10 +25,12 @@
 //!
 //! [`ModelManager::infer`] runs the requests of one batch for one model. When the model has
 //! `cache` on and the manager has a [`ResultCache`], each request goes through
-//! [`ResultCache::get_or_compute`] keyed by tenant, `name@version` and input, so repeated and
-//! concurrent identical requests share one answer (misses are then one provider call per
-//! input, run concurrently). Otherwise every request of the batch goes to the provider in
-//! **one** [`Provider::infer_batch`] call. [`ModelExecutor`] puts this behind the
+//! the [`ResultCache`] keyed by tenant, `name@version` and input, so repeated identical requests
+//! share one answer: the misses of a batch go to the provider in **one**
+//! [`Provider::infer_batch`] call ([`ResultCache::get_or_compute_batch`], identical inputs in
+//! the batch computed once), and a single request waits for an identical call already running
+//! ([`ResultCache::get_or_compute`]). Without the cache every request of the batch goes to the
+//! provider in one call. [`ModelExecutor`] puts this behind the
 //! [`Executor`] trait, with the [`Builtins`] (`identity`, `echo`) as the fallback.
 //!
 //! # Resilience
@@ -1049,6 +1051,30 @@ impl ModelManager {
         }
         let outcomes: Vec<(Result<ProviderOutput, ProviderError>, bool, u64)> =
             match (&self.cache, model.spec.cache) {
+                // A batch: the misses go to the provider in one call.
+                (Some(cache), true) if n > 1 => {
+                    let mut inputs: Vec<Option<ProviderInput>> = Vec::with_capacity(n);
+                    let mut keys = Vec::with_capacity(n);
+                    for r in requests {
+                        let input = ProviderInput::with_parameters(r.data, r.parameters);
+                        keys.push(CacheKey::new(r.tenant.as_deref(), &model.id, &input));
+                        inputs.push(Some(input));
+                    }
+                    let started = Instant::now();
+                    let answers = cache
+                        .get_or_compute_batch(keys, |positions| {
+                            let batch: Vec<ProviderInput> =
+                                positions.iter().filter_map(|&i| inputs[i].take()).collect();
+                            model.call(batch)
+                        })
+                        .await;
+                    let latency = started.elapsed().as_micros() as u64;
+                    answers
+                        .into_iter()
+                        .map(|(outcome, status)| (outcome, status.served_from_cache(), latency))
+                        .collect()
+                }
+                // One request: it may wait for an identical call already running.
                 (Some(cache), true) => {
                     let calls = requests.into_iter().map(|r| {
                         let input = ProviderInput::with_parameters(r.data, r.parameters);
