@@ -295,6 +295,8 @@ struct Running {
     child: Child,
     log: PathBuf,
     what: String,
+    /// `host:port` of its `/metrics` (the realistic candidate, unless the user chose the port).
+    metrics: Option<String>,
 }
 
 impl Running {
@@ -354,6 +356,7 @@ fn spawn(s: &Settings, candidate: Candidate, t: &RunTopics, tag: &str) -> Runnin
     std::fs::create_dir_all(&s.logs).expect("creating the log directory");
     let log = s.logs.join(format!("{tag}-{}.log", candidate.name()));
     let stderr = std::fs::File::create(&log).expect("creating a log file");
+    let mut metrics = None;
     let mut cmd = match candidate {
         Candidate::Passthrough => {
             let mut cmd = Command::new(std::env::current_exe().expect("this executable"));
@@ -390,6 +393,18 @@ fn spawn(s: &Settings, candidate: Candidate, t: &RunTopics, tag: &str) -> Runnin
             for (key, value) in inferflow_env(s, t) {
                 cmd.env(key, value);
             }
+            if candidate == Candidate::Realistic
+                && std::env::var_os("INFERFLOW__HTTP__LISTEN").is_none()
+            {
+                // A known port, to read its feature and result cache counters after a run.
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .expect("a free port")
+                    .port();
+                let addr = format!("127.0.0.1:{port}");
+                cmd.env("INFERFLOW__HTTP__LISTEN", &addr);
+                metrics = Some(addr);
+            }
             cmd
         }
     };
@@ -403,7 +418,52 @@ fn spawn(s: &Settings, candidate: Candidate, t: &RunTopics, tag: &str) -> Runnin
         child,
         log,
         what: candidate.name().to_owned(),
+        metrics,
     }
+}
+
+/// Feature reads (from the cache, from the store) and result cache lookups (hits, misses) of
+/// a running inferflow, from its `/metrics`.
+#[derive(Debug, Clone, Copy, Default)]
+struct CacheCounts {
+    features_cached: f64,
+    features_store: f64,
+    results_hit: f64,
+    results_miss: f64,
+}
+
+impl CacheCounts {
+    fn describe(&self) -> String {
+        format!(
+            "feature reads {:.0} from the cache, {:.0} from the store; result cache {:.0} hits, {:.0} misses",
+            self.features_cached, self.features_store, self.results_hit, self.results_miss
+        )
+    }
+}
+
+fn cache_counts(addr: &str) -> Option<CacheCounts> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let value = |series: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Some(CacheCounts {
+        features_cached: value("inferflow_feature_reads_total{source=\"cache\"}"),
+        features_store: value("inferflow_feature_reads_total{source=\"store\"}"),
+        results_hit: value("inferflow_cache_lookups_total{outcome=\"hit\"}"),
+        results_miss: value("inferflow_cache_lookups_total{outcome=\"miss\"}"),
+    })
 }
 
 /// What the driver sets for `inferflow run`: topics, group, no feature ingestion. Tuning
@@ -761,9 +821,7 @@ fn seed_features(s: &Settings) {
     runtime.block_on(async {
         let store = tokio::time::timeout(Duration::from_secs(120), FeatureStore::open(fs))
             .await
-            .unwrap_or_else(|_| {
-                panic!("opening the feature store took over 120 s ({START_HINT})")
-            })
+            .unwrap_or_else(|_| panic!("opening the feature store took over 120 s ({START_HINT})"))
             .unwrap_or_else(|e| {
                 panic!(
                     "opening the feature store at {} ({e}): {START_HINT}",
@@ -929,6 +987,8 @@ struct ThroughputSample {
     /// CPU seconds per 1,000 requests.
     cpu_candidate: f64,
     cpu_broker: f64,
+    /// The realistic candidate's cache counters at the end of the run.
+    caches: Option<CacheCounts>,
 }
 
 fn throughput_run(
@@ -973,6 +1033,10 @@ fn throughput_run(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    let caches = running.metrics.as_deref().and_then(cache_counts);
+    if let Some(c) = &caches {
+        eprintln!("[e2e] {tag} {}: {}", candidate.name(), c.describe());
+    }
     running.stop();
     let arrivals = collector.finish();
     admin.delete(&[&t.results, &t.dlq], Some(&t.group));
@@ -983,6 +1047,7 @@ fn throughput_run(
             rate: f64::NAN,
             cpu_candidate: f64::NAN,
             cpu_broker: f64::NAN,
+            caches,
         };
     };
     let requests = (n - warm) as f64;
@@ -990,6 +1055,7 @@ fn throughput_run(
         rate: requests / b.at.duration_since(a.at).as_secs_f64(),
         cpu_candidate: (b.candidate - a.candidate) / requests * 1000.0,
         cpu_broker: (b.broker - a.broker) / requests * 1000.0,
+        caches,
     }
 }
 
@@ -1621,6 +1687,17 @@ fn run(s: &Settings, admin: &Admin) {
             c.name(),
             runs.join(", ")
         ));
+        let caches: Vec<String> = tp[ci]
+            .iter()
+            .filter_map(|x| x.caches.as_ref().map(CacheCounts::describe))
+            .collect();
+        if !caches.is_empty() {
+            report.line(format!(
+                "- throughput {}, whole runs (start-up included): {}",
+                c.name(),
+                caches.join("; ")
+            ));
+        }
     }
     for (li, load) in s.loads.iter().enumerate() {
         for (ci, c) in cands.iter().enumerate() {
