@@ -43,6 +43,7 @@
 //! or `cargo bench --bench e2e` once the peer's virtual environment exists. Under `cargo test`
 //! (no `--bench` argument) it does nothing. Settings (environment): `E2E_MESSAGES` (200000),
 //! `E2E_PAYLOAD_BYTES` (256), `E2E_PARTITIONS` (6), `E2E_REPEATS` (3), `E2E_LOADS` (10,50,80),
+//! `E2E_LOAD_RATES` (fixed loads in requests/s instead of `E2E_LOADS`, e.g. 3000,7000),
 //! `E2E_LATENCY_SECS` (8), `E2E_CANDIDATES` (passthrough,peer,inferflow,realistic),
 //! `E2E_ENTITIES` (1000), `E2E_REALISTIC_CONFIG` (benches/e2e/realistic.toml), `E2E_PYTHON`
 //! (.bench/venv/bin/python), `E2E_BOOTSTRAP` (127.0.0.1:9092), `E2E_BROKER_PID` (found by
@@ -140,6 +141,8 @@ struct Settings {
     partitions: i32,
     repeats: usize,
     loads: Vec<u32>,
+    /// Offered loads in requests per second, instead of `loads` when given.
+    load_rates: Vec<f64>,
     latency_secs: f64,
     candidates: Vec<Candidate>,
     inferflow_bin: PathBuf,
@@ -180,6 +183,16 @@ impl Settings {
                     .expect("E2E_LOADS: percentages, e.g. 10,50,80")
             })
             .collect();
+        let load_rates: Vec<f64> = std::env::var("E2E_LOAD_RATES")
+            .unwrap_or_default()
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .expect("E2E_LOAD_RATES: requests per second, e.g. 3000,7000")
+            })
+            .collect();
         let candidates = std::env::var("E2E_CANDIDATES")
             .unwrap_or_else(|_| "passthrough,peer,inferflow,realistic".into())
             .split(',')
@@ -196,6 +209,7 @@ impl Settings {
             partitions: env_or("E2E_PARTITIONS", 6i32).max(1),
             repeats: env_or("E2E_REPEATS", 3usize).max(1),
             loads,
+            load_rates,
             latency_secs: env_or("E2E_LATENCY_SECS", 8.0f64).max(1.0),
             candidates,
             inferflow_bin: path(
@@ -1477,16 +1491,32 @@ fn run(s: &Settings, admin: &Admin) {
         "the passthrough produced no throughput figure"
     );
 
-    // Phase 2: latency at fixed fractions of the passthrough maximum.
-    let mut lat: Vec<Vec<Vec<LatencySample>>> = vec![vec![Vec::new(); cands.len()]; s.loads.len()];
-    for (li, load) in s.loads.iter().enumerate() {
-        let rate = max_rate * f64::from(*load) / 100.0;
+    // Phase 2: latency at fixed fractions of the passthrough maximum (or at fixed rates).
+    // Each level: its label, its rate, and its percentage.
+    let levels: Vec<(String, f64, Option<u32>)> = if s.load_rates.is_empty() {
+        s.loads
+            .iter()
+            .map(|p| {
+                let rate = max_rate * f64::from(*p) / 100.0;
+                (format!("{p} % ({rate:.0}/s)"), rate, Some(*p))
+            })
+            .collect()
+    } else {
+        s.load_rates
+            .iter()
+            .map(|r| (format!("{r:.0}/s"), *r, None))
+            .collect()
+    };
+    let at_50 = levels.iter().position(|l| l.2 == Some(50));
+    let mut lat: Vec<Vec<Vec<LatencySample>>> = vec![vec![Vec::new(); cands.len()]; levels.len()];
+    for (li, (label, rate, _)) in levels.iter().enumerate() {
+        let rate = *rate;
         for round in 0..s.repeats {
             for (ci, c) in cands.iter().enumerate() {
-                let tag = format!("lat{load}r{round}");
+                let tag = format!("lat{li}r{round}");
                 let sample = latency_run(s, admin, *c, rate, &tag);
                 eprintln!(
-                    "[e2e] latency {load:>3} % ({rate:.0} req/s) round {}/{} {:<11}: p50 {} ms, p99 {} ms, p99.9 {} ms, missing {}",
+                    "[e2e] latency {label} round {}/{} {:<11}: p50 {} ms, p99 {} ms, p99.9 {} ms, missing {}",
                     round + 1,
                     s.repeats,
                     c.name(),
@@ -1581,17 +1611,20 @@ fn run(s: &Settings, admin: &Admin) {
     report.line("");
     report.line("### End-to-end latency at fixed offered loads (medians, ms)");
     report.line("");
-    report.line(format!("Loads are percentages of the passthrough's median throughput while the load generator produces at the same time, as fast as it can ({max_rate:.0} requests/s; all runs: {capacity:.0?}): a live stream has its production on the same cores."));
+    if s.load_rates.is_empty() {
+        report.line(format!("Loads are percentages of the passthrough's median throughput while the load generator produces at the same time, as fast as it can ({max_rate:.0} requests/s; all runs: {capacity:.0?}): a live stream has its production on the same cores."));
+    } else {
+        report.line(format!("Loads are fixed rates (`E2E_LOAD_RATES`); for scale, the passthrough's median throughput while the load generator produces at the same time was {max_rate:.0} requests/s (all runs: {capacity:.0?})."));
+    }
     report.line("");
     report.line("| load | candidate | p50 | p99 | p99.9 | p99 added over passthrough | CPU s / 1k req, processor | CPU s / 1k req, broker |");
     report.line("|---|---|---|---|---|---|---|---|");
-    for (li, load) in s.loads.iter().enumerate() {
-        let rate = max_rate * f64::from(*load) / 100.0;
+    for (li, (label, _, _)) in levels.iter().enumerate() {
         for (ci, c) in cands.iter().enumerate() {
             let runs = &lat[li][ci];
             let added = median(runs.iter().zip(&lat[li][pass]).map(|(x, y)| x.p99 - y.p99));
             report.line(format!(
-                "| {load} % ({rate:.0}/s) | {} | {} | {} | {} | {} | {:.4} | {:.4} |",
+                "| {label} | {} | {} | {} | {} | {} | {:.4} | {:.4} |",
                 c.name(),
                 ms(median(runs.iter().map(|x| x.p50))),
                 ms(median(runs.iter().map(|x| x.p99))),
@@ -1618,7 +1651,7 @@ fn run(s: &Settings, admin: &Admin) {
             ratio(r),
             yes(r >= 0.8)
         ));
-        if let Some(li) = s.loads.iter().position(|l| *l == 50) {
+        if let Some(li) = at_50 {
             let added = median(
                 lat[li][inf]
                     .iter()
@@ -1647,7 +1680,7 @@ fn run(s: &Settings, admin: &Admin) {
             ratio(r),
             yes(r >= 0.5)
         ));
-        if let Some(li) = s.loads.iter().position(|l| *l == 50) {
+        if let Some(li) = at_50 {
             let added = median(
                 lat[li][real]
                     .iter()
@@ -1699,7 +1732,7 @@ fn run(s: &Settings, admin: &Admin) {
             ));
         }
     }
-    for (li, load) in s.loads.iter().enumerate() {
+    for (li, (label, _, _)) in levels.iter().enumerate() {
         for (ci, c) in cands.iter().enumerate() {
             let runs: Vec<String> = lat[li][ci]
                 .iter()
@@ -1712,7 +1745,7 @@ fn run(s: &Settings, admin: &Admin) {
                 })
                 .collect();
             report.line(format!(
-                "- latency {load} % {}: {} (p50/p99/p99.9 ms)",
+                "- latency {label} {}: {} (p50/p99/p99.9 ms)",
                 c.name(),
                 runs.join(", ")
             ));
