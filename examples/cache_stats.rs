@@ -9,7 +9,7 @@
 //! spec has `cache` on through it. The key is the tenant, the model id, the input and the
 //! parameters, so:
 //!
-//! 1. round 1 computes three answers (three misses, three provider calls);
+//! 1. round 1 computes three answers (three misses, sent to the provider in one batched call);
 //! 2. round 2 asks again and gets all three from the cache (`cached=true`, three hits, no
 //!    provider call);
 //! 3. round 3 asks the first text again for another tenant: tenants never share answers, so

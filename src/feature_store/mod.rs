@@ -55,6 +55,7 @@ pub use self::model::{
     Feature, FeatureGroup, FeatureKey, FeatureUpdate, FeatureValue, FeatureVector, MAX_TTL_SECS,
     MAX_VERSION,
 };
+pub(crate) use self::scylla::prepare_idempotent;
 pub use self::scylla::{MAX_NAMES_PER_QUERY, ScyllaBackend, write_timestamp};
 
 use std::collections::BTreeMap;

@@ -85,6 +85,28 @@ pub struct ScyllaBackend {
     history_ttl_secs: i32,
 }
 
+/// Prepares `cql` (the statement `name`, on `keyspace`, for error messages) as idempotent:
+/// every write of the feature store and the replay store carries its own timestamp or
+/// identical content, so the driver may retry or speculate it.
+pub(crate) async fn prepare_idempotent(
+    session: &Session,
+    keyspace: &str,
+    name: &'static str,
+    cql: String,
+) -> Result<PreparedStatement, FeatureStoreError> {
+    let mut statement =
+        session
+            .prepare(cql)
+            .await
+            .map_err(|source| FeatureStoreError::Prepare {
+                statement: name,
+                keyspace: keyspace.to_owned(),
+                source: Box::new(source),
+            })?;
+    statement.set_is_idempotent(true);
+    Ok(statement)
+}
+
 impl ScyllaBackend {
     /// Connects with [`connect`], then does what [`ScyllaBackend::new`] does.
     pub async fn connect(cfg: &FeatureStoreConfig) -> Result<Self, FeatureStoreError> {
@@ -111,21 +133,7 @@ impl ScyllaBackend {
             )
         })?;
         let ks = &cfg.keyspace;
-        let prepare =
-            |name: &'static str, cql: String| {
-                let session = &session;
-                async move {
-                    let mut statement = session.prepare(cql).await.map_err(|source| {
-                        FeatureStoreError::Prepare {
-                            statement: name,
-                            keyspace: ks.clone(),
-                            source: Box::new(source),
-                        }
-                    })?;
-                    statement.set_is_idempotent(true);
-                    Ok::<_, FeatureStoreError>(statement)
-                }
-            };
+        let prepare = |name: &'static str, cql: String| prepare_idempotent(&session, ks, name, cql);
         let statements = Statements {
             insert_feature: prepare(
                 "feature insert",

@@ -13,7 +13,7 @@ use scylla::statement::prepared::PreparedStatement;
 
 use crate::config::FeatureStoreConfig;
 use crate::executor::ExecOutput;
-use crate::feature_store::{FeatureStoreError, connect, schema};
+use crate::feature_store::{FeatureStoreError, connect, prepare_idempotent, schema};
 
 /// Results and marks of one consumer group in a CQL database.
 pub struct CqlReplay {
@@ -54,22 +54,8 @@ impl CqlReplay {
             )
         })?;
         let ks = &cfg.keyspace;
-        let prepare =
-            |name: &'static str, cql: String| {
-                let session = &session;
-                async move {
-                    let mut statement = session.prepare(cql).await.map_err(|source| {
-                        FeatureStoreError::Prepare {
-                            statement: name,
-                            keyspace: ks.clone(),
-                            source: Box::new(source),
-                        }
-                    })?;
-                    // Writes carry their own timestamp or identical content: repeating one is safe.
-                    statement.set_is_idempotent(true);
-                    Ok::<_, FeatureStoreError>(statement)
-                }
-            };
+        // Writes carry their own timestamp or identical content: repeating one is safe.
+        let prepare = |name: &'static str, cql: String| prepare_idempotent(&session, ks, name, cql);
         Ok(CqlReplay {
             insert_result: prepare(
                 "replay result write",
