@@ -7,6 +7,10 @@
 //! `replay.store = "memory"`, shows the test can fail: there every redelivered request calls
 //! the model again.
 //!
+//! In exactly-once mode the first process dies with every result in an open transaction; the
+//! second one (same transactional id) aborts it, and a `read_committed` reader sees each
+//! request answered once, with no model called twice.
+//!
 //! Run alone: `cargo test --test faults replay -- --nocapture` (about a minute). It stops no
 //! server.
 
@@ -17,7 +21,7 @@ use serde_json::Value;
 
 use crate::fake_openai::{FakeOpenAi, Mode as FakeMode};
 use crate::harness::{Captured, Raw, Topics, collect, metric, produce};
-use crate::processes::{Mode, Proc};
+use crate::processes::{Mode, Proc, account};
 use crate::utils::{self, cql_contact, cql_session, free_port, unique_name};
 
 const N: usize = 400;
@@ -69,12 +73,9 @@ async fn wait_metric(port: u16, name: &str, labels: &str, at_least: f64, timeout
     panic!("{name}{{{labels}}} is {last:?} after {timeout:?}, wanted at least {at_least}");
 }
 
-/// Runs the crash scenario with `store`; returns (model calls before the crash, model calls
-/// by the second process, outputs by request id).
-async fn crash_and_redeliver(store: &str) -> (usize, usize, HashMap<String, Vec<Value>>) {
-    let fake = FakeOpenAi::start(FakeMode::Healthy).await;
-    let topics = Topics::create("replay", 2).await;
-    let group = unique_name("replay");
+/// A configuration file serving `chat@1` from `fake`, with `replay.store = store` in a fresh
+/// keyspace.
+fn replay_config(fake: &FakeOpenAi, store: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let keyspace = unique_name("replay_ks");
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("replay.toml");
@@ -100,6 +101,16 @@ store = "{store}"
         ),
     )
     .unwrap();
+    (dir, config)
+}
+
+/// Runs the crash scenario with `store`; returns (model calls before the crash, model calls
+/// by the second process, outputs by request id).
+async fn crash_and_redeliver(store: &str) -> (usize, usize, HashMap<String, Vec<Value>>) {
+    let fake = FakeOpenAi::start(FakeMode::Healthy).await;
+    let topics = Topics::create("replay", 2).await;
+    let group = unique_name("replay");
+    let (_dir, config) = replay_config(&fake, store);
     // Nothing is committed before the kill: every request is delivered again.
     let extra = |port: u16| {
         vec![
@@ -205,4 +216,84 @@ async fn requests_redelivered_after_a_crash_reuse_their_stored_results() {
         "without the database every request is computed again"
     );
     assert_eq!(by_id.len(), N);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_after_a_crash_repeats_neither_a_result_nor_a_model_call() {
+    utils::init_tracing();
+    utils::require_kafka().await;
+    drop(cql_session().await);
+    let fake = FakeOpenAi::start(FakeMode::Healthy).await;
+    let topics = Topics::create("replayeo", 2).await;
+    let group = unique_name("replayeo");
+    let (_dir, config) = replay_config(&fake, "cql");
+    let prefix = "eo-";
+    let requests: Vec<Raw> = (0..N).map(|i| request(prefix, i)).collect();
+    produce(&topics.requests, &requests).await;
+
+    // A commit interval longer than the test: the transaction holding every result is still
+    // open when the process dies.
+    let port = free_port();
+    let first = Proc::spawn_with_config(
+        &topics,
+        &group,
+        Mode::ExactlyOnce,
+        "solo",
+        false,
+        Some(&config),
+        &[
+            ("KAFKA__COMMIT_INTERVAL_MS", "60000".to_owned()),
+            ("PROCESSING__TRANSACTION_TIMEOUT_MS", "120000".to_owned()),
+            ("HTTP__LISTEN", format!("127.0.0.1:{port}")),
+        ],
+    );
+    wait_metric(
+        port,
+        "inferflow_replay_writes_total",
+        "outcome=\"ok\"",
+        N as f64,
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_eq!(fake.calls().len(), N, "one model call per request");
+    first.kill();
+
+    // The same transactional id: the second process fences the first and aborts its open
+    // transaction, consumes every request again and answers from the stored results.
+    let port = free_port();
+    let second = Proc::spawn_with_config(
+        &topics,
+        &group,
+        Mode::ExactlyOnce,
+        "solo",
+        false,
+        Some(&config),
+        &[("HTTP__LISTEN", format!("127.0.0.1:{port}"))],
+    );
+    let accounting = account(&topics, prefix, N, Duration::from_secs(90)).await;
+    eprintln!(
+        "exactly once, replay.store = cql: {} outputs for {N} requests, {} model calls in all",
+        accounting.outputs,
+        fake.calls().len()
+    );
+    assert!(accounting.lost.is_empty(), "lost: {:?}", accounting.lost);
+    assert_eq!(
+        accounting.duplicates, 0,
+        "a read_committed reader sees each result once"
+    );
+    assert_eq!(
+        fake.calls().len(),
+        N,
+        "the redelivered requests were answered from the stored results"
+    );
+    // They were redelivered (nothing was committed before the crash) and found in the database.
+    wait_metric(
+        port,
+        "inferflow_replay_lookups_total",
+        "outcome=\"hit\",tier=\"cql\"",
+        N as f64,
+        Duration::from_secs(10),
+    )
+    .await;
+    second.stop(Duration::from_secs(30));
 }
