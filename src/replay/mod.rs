@@ -38,8 +38,9 @@ use futures::StreamExt as _;
 use tokio::sync::Semaphore;
 
 use self::cql::CqlReplay;
-use crate::config::{Config, ReplayConfig, ReplayStoreKind};
+use crate::config::{Config, ReplayStoreKind};
 use crate::executor::ExecOutput;
+use crate::kafka::source::lock;
 use crate::metrics as m;
 
 /// How long a partition whose mark could not be read goes without database lookups before
@@ -146,17 +147,6 @@ impl ReplayStore {
             }));
         }
         Ok(Some(store))
-    }
-
-    /// The in-process store `config` describes (`replay.store` aside), or `None` when replay
-    /// is turned off.
-    pub fn from_config(config: &ReplayConfig) -> Option<ReplayStore> {
-        config.enabled.then(|| {
-            ReplayStore::new(
-                config.max_entries.get(),
-                Duration::from_secs(config.ttl_secs.get()),
-            )
-        })
     }
 
     /// An in-process store of at most `max_entries` results, each kept for `ttl`.
@@ -385,12 +375,6 @@ async fn lookup(durable: &Durable, record: &Redelivery<'_>, below: bool) -> Opti
             None
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -11,24 +11,9 @@ use inferflow::model::InferenceResult;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::harness::{Captured, Raw, Running, Topics, collect, collect_until, config, produce};
+use crate::processes::requests;
 use crate::servers::{Outage, Server};
 use crate::utils::{self, kafka_config, unique_name};
-
-fn requests(prefix: &str, range: std::ops::Range<usize>) -> Vec<Raw> {
-    range
-        .map(|i| {
-            (
-                Some(format!("k{i}").into_bytes()),
-                Some(
-                    format!(
-                        r#"{{"request_id":"{prefix}{i}","pipeline":"identity","data":{{"i":{i}}}}}"#
-                    )
-                    .into_bytes(),
-                ),
-            )
-        })
-        .collect()
-}
 
 /// Records in the results topic: the sum of its partitions' high watermarks.
 async fn results_written(topic: &str) -> i64 {

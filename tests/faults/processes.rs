@@ -58,26 +58,9 @@ impl Proc {
         config: Option<&std::path::Path>,
         extra: &[(&str, String)],
     ) -> Proc {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferflow"));
-        cmd.arg("run");
-        if let Some(config) = config {
-            cmd.arg("--config").arg(config);
-        }
-        cmd.env_remove("INFERFLOW_CONFIG")
-            .env(
-                "RUST_LOG",
-                std::env::var("INFERFLOW_TEST_CHILD_LOG")
-                    .unwrap_or_else(|_| "warn,librdkafka=error".to_owned()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        for (key, _) in std::env::vars() {
-            if key.starts_with("INFERFLOW__") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.envs(topics.env(group));
+        let log = std::env::var("INFERFLOW_TEST_CHILD_LOG")
+            .unwrap_or_else(|_| "warn,librdkafka=error".to_owned());
+        let mut cmd = crate::harness::inferflow_run(topics, group, config, &log);
         let mut vars: Vec<(&str, String)> = vec![
             ("INGEST__ENABLED", "false".into()),
             ("KAFKA__SESSION_TIMEOUT_MS", "6000".into()),

@@ -26,18 +26,7 @@ const OPEN_MS: u64 = 6_000;
 const MAX_ATTEMPTS: usize = 3;
 
 fn spawn(topics: &Topics, group: &str, config: &std::path::Path, port: u16) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferflow"));
-    cmd.args(["run", "--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "warn,inferflow=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    for (key, _) in std::env::vars() {
-        if key.starts_with("INFERFLOW__") || key == "INFERFLOW_CONFIG" {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.envs(topics.env(group));
+    let mut cmd = crate::harness::inferflow_run(topics, group, Some(config), "warn,inferflow=info");
     cmd.env("INFERFLOW__HTTP__LISTEN", format!("127.0.0.1:{port}"));
     cmd.spawn().expect("start inferflow run")
 }

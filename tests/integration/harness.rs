@@ -432,3 +432,31 @@ pub fn metric(body: &str, name: &str, labels: &str) -> Option<f64> {
         .and_then(|l| l.rsplit_once(' '))
         .and_then(|(_, v)| v.parse().ok())
 }
+
+/// `inferflow run` (with `--config config` when given) on `topics` in `group`, logging at
+/// `rust_log` to the test's stderr. The test's own `INFERFLOW__…` variables and
+/// `INFERFLOW_CONFIG` are removed, so only what the caller sets applies.
+#[allow(dead_code)]
+pub fn inferflow_run(
+    topics: &Topics,
+    group: &str,
+    config: Option<&std::path::Path>,
+    rust_log: &str,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_inferflow"));
+    cmd.arg("run");
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    cmd.env("RUST_LOG", rust_log)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("INFERFLOW__") || key == "INFERFLOW_CONFIG" {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.envs(topics.env(group));
+    cmd
+}

@@ -225,19 +225,8 @@ transforms = [{{ op = "set", field = "version", value = {version} }}]
 }
 
 fn spawn(topics: &Topics, group: &str, dir: &std::path::Path, port: u16) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferflow"));
-    cmd.arg("run")
-        .env("RUST_LOG", "warn,inferflow::app=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    for (key, _) in std::env::vars() {
-        if key.starts_with("INFERFLOW__") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.envs(topics.env(group))
-        .env("INFERFLOW__PIPELINES__DIR", dir)
+    let mut cmd = crate::harness::inferflow_run(topics, group, None, "warn,inferflow::app=info");
+    cmd.env("INFERFLOW__PIPELINES__DIR", dir)
         .env("INFERFLOW__HTTP__LISTEN", format!("127.0.0.1:{port}"));
     cmd.spawn().expect("start inferflow run")
 }
@@ -543,20 +532,13 @@ async fn the_file_watch_reloads_pipelines_and_models() {
     );
     std::fs::write(&config_file, &base).unwrap();
     let port = crate::utils::free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferflow"));
-    cmd.args(["run", "--config"])
-        .arg(&config_file)
-        .env("RUST_LOG", "warn,inferflow::app=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    for (key, _) in std::env::vars() {
-        if key.starts_with("INFERFLOW__") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.envs(topics.env(&group))
-        .env("INFERFLOW__HTTP__LISTEN", format!("127.0.0.1:{port}"));
+    let mut cmd = crate::harness::inferflow_run(
+        &topics,
+        &group,
+        Some(&config_file),
+        "warn,inferflow::app=info",
+    );
+    cmd.env("INFERFLOW__HTTP__LISTEN", format!("127.0.0.1:{port}"));
     let mut child = cmd.spawn().expect("start inferflow run");
     let http = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}");

@@ -8,23 +8,12 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use crate::harness::{Raw, Topics, collect, collect_until, produce};
+use crate::harness::{Raw, Topics, collect, collect_until, inferflow_run, produce};
 use crate::utils::{self, kafka_config, unique_name};
 
 /// Starts `inferflow run` on `topics` in `group`, with extra environment overrides.
 fn spawn(topics: &Topics, group: &str, extra: &[(&str, String)]) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferflow"));
-    cmd.arg("run")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    for (key, _) in std::env::vars() {
-        if key.starts_with("INFERFLOW__") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.envs(topics.env(group));
+    let mut cmd = inferflow_run(topics, group, None, "warn");
     for (k, v) in extra {
         cmd.env(format!("INFERFLOW__{k}"), v);
     }
