@@ -10,7 +10,7 @@ use inferflow::executor::Builtins;
 use inferflow::model::InferenceResult;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use crate::harness::{Captured, Raw, Running, Topics, collect, collect_until, config, produce};
+use crate::harness::{Captured, Running, Topics, collect, collect_until, config, produce};
 use crate::processes::requests;
 use crate::servers::{Outage, Server};
 use crate::utils::{self, kafka_config, unique_name};

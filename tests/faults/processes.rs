@@ -3,7 +3,7 @@
 //! stop only the processes they start, never the shared servers.
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use inferflow::model::InferenceResult;

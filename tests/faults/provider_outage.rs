@@ -12,7 +12,7 @@
 //! server, but its timing is easier to trust with nothing else running beside it.
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;

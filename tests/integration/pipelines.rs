@@ -3,7 +3,7 @@
 //! `inferflow run` under load that loses and fails nothing.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
