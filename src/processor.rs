@@ -28,19 +28,20 @@ use anyhow::Context as _;
 use futures::FutureExt as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode as Code};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::runtime::Handle;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::batching::{Batch, BatchLimits};
 use crate::config::{Config, Guarantee, KeyOrdering};
 use crate::decode::{DecodeRules, Decoded, decode};
 use crate::executor::{ExecOutput, ExecRequest, ExecResult, Executor};
-use crate::kafka::sink::{DeliverError, OutRecord, Sink};
-use crate::kafka::source::{self, BatchHandler, SourceCore, SourceSpec, lock, source_ref};
+use crate::kafka::sink::{Acknowledge, Borrowed, DeliverError, OutRecord, QUEUE_FULL_WAIT, Sink};
+use crate::kafka::source::{self, BatchHandler, Record, SourceCore, SourceSpec, lock, source_ref};
 use crate::kafka::transactional::{self, Transactions};
 use crate::metrics as m;
 use crate::model::{ErrorBody, ErrorKind, InferenceResult, SourceRef, Status, Target};
@@ -60,9 +61,10 @@ struct Shared {
     /// `executor.ordering = "per_key"`.
     per_key: bool,
     /// Per-key mode: one sender per lane worker (empty when unordered). Cleared at shutdown so
-    /// the workers end. Unbounded in batches, but the records they hold are bounded by
-    /// `max_in_flight_records` (consumption stops there), and the consumer thread never blocks.
-    lanes: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<Vec<OwnedMessage>>>>,
+    /// the workers end. Each lane's channel holds at most `max_in_flight_records` batches (a
+    /// batch has at least one record, and consumption stops at that many records), so a send
+    /// never finds it full and the consumer thread never blocks.
+    lanes: Mutex<Vec<tokio::sync::mpsc::Sender<Vec<Record>>>>,
     runtime: Handle,
     /// Earlier results by request id, for redelivered requests (`[replay]`).
     replay: Option<ReplayStore>,
@@ -99,8 +101,12 @@ impl Handles {
 }
 
 impl BatchHandler for Shared {
-    fn dispatch(self: &Arc<Self>, batch: Batch<OwnedMessage>) {
+    fn dispatch(self: &Arc<Self>, batch: Batch<Record>) {
         Shared::dispatch(self, batch);
+    }
+
+    fn ready(&self) -> bool {
+        self.batch_permits.available_permits() > 0
     }
 
     fn hold(&self) -> Option<String> {
@@ -124,15 +130,17 @@ impl Shared {
     /// Unordered, each batch gets its own task. Per key, the batch is split into lanes by key
     /// hash and each lane's worker runs its batches one after another, so records with the same
     /// key run in consumption order while different keys still run concurrently.
-    fn dispatch(self: &Arc<Self>, batch: Batch<OwnedMessage>) {
+    fn dispatch(self: &Arc<Self>, batch: Batch<Record>) {
         self.metrics.batch_size.record(batch.items.len() as f64);
         self.metrics
             .batch_linger
             .record(batch.lingered.as_secs_f64());
         if !self.per_key {
+            // Taken here, on the consumer thread, so `ready` sees it at once.
+            let permit = Arc::clone(&self.batch_permits).try_acquire_owned().ok();
             let shared = Arc::clone(self);
             self.runtime
-                .spawn(async move { shared.process_batch(batch.items).await });
+                .spawn(async move { shared.process_batch(batch.items, permit).await });
             return;
         }
         let lanes = lock(&self.lanes).clone();
@@ -142,23 +150,45 @@ impl Shared {
             tracing::warn!("per-key lanes are closed; the batch will be redelivered");
             return;
         }
-        let mut split: Vec<Vec<OwnedMessage>> = vec![Vec::new(); lanes.len()];
+        let mut split: Vec<Vec<Record>> = vec![Vec::new(); lanes.len()];
         for message in batch.items {
             let lane = lane_of(message.key(), lanes.len());
             split[lane].push(message);
         }
         for (lane, items) in lanes.iter().zip(split) {
-            if !items.is_empty() && lane.send(items).is_err() {
-                // Only after shutdown cleared the lanes: the records stay pending, their offsets
-                // are not stored, and they are redelivered after the restart.
-                tracing::warn!("a lane worker has stopped; its records will be redelivered");
+            if items.is_empty() {
+                continue;
+            }
+            match lane.try_send(items) {
+                Ok(()) => {}
+                Err(tokio::sync::mpsc::error::TrySendError::Full(items)) => {
+                    // Cannot happen while the channel's capacity is the record budget; should
+                    // it, wait in a task rather than block the consumer thread.
+                    let lane = lane.clone();
+                    self.runtime.spawn(async move {
+                        let _ = lane.send(items).await;
+                    });
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    // Only after shutdown cleared the lanes: the records stay pending, their
+                    // offsets are not stored, and they are redelivered after the restart.
+                    tracing::warn!("a lane worker has stopped; its records will be redelivered");
+                }
             }
         }
     }
 
-    async fn process_batch(self: Arc<Self>, messages: Vec<OwnedMessage>) {
-        let Ok(permit) = Arc::clone(&self.batch_permits).acquire_owned().await else {
-            return; // The semaphore is never closed.
+    async fn process_batch(
+        self: Arc<Self>,
+        messages: Vec<Record>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        let permit = match permit {
+            Some(permit) => permit,
+            None => match Arc::clone(&self.batch_permits).acquire_owned().await {
+                Ok(permit) => permit,
+                Err(_) => return, // The semaphore is never closed.
+            },
         };
         let arrived = Instant::now();
         // Executors are pluggable code: a panic must not lose the batch's records (they would
@@ -180,26 +210,46 @@ impl Shared {
         };
         drop(permit);
         let latency = arrived.elapsed();
-        let deliveries = messages
-            .iter()
-            .zip(&mut outcomes)
-            .map(|(msg, (outcome, reply_to))| self.answer(msg, outcome, reply_to.take(), latency));
-        futures::future::join_all(deliveries).await;
-        if let Some(store) = &self.replay {
-            // After the answers, so the outputs move into the store instead of being copied.
-            let executed: Vec<(String, u64, ExecOutput)> = fingerprints
-                .into_iter()
-                .zip(outcomes)
-                .filter_map(|(fingerprint, (outcome, _))| match (fingerprint, outcome) {
-                    (Some(fingerprint), Outcome::Answer(id, _, Ok(output))) => {
-                        Some((id, fingerprint, output))
-                    }
-                    _ => None,
-                })
-                .collect();
-            if !executed.is_empty() {
-                store.keep(executed, next_offsets(&messages)).await;
+        if let Some(txn) = self.core.transactions() {
+            for (msg, (outcome, reply_to)) in messages.iter().zip(&mut outcomes) {
+                let source = source_ref(msg);
+                self.hold_output(txn, msg, outcome, reply_to.take(), &source, latency);
             }
+            self.keep_for_replay(messages, outcomes, fingerprints).await;
+            return;
+        }
+        let answers = Arc::new(Answers {
+            shared: Arc::clone(&self),
+            messages,
+            outcomes,
+            fingerprints,
+            latency,
+        });
+        answers.send().await;
+    }
+
+    /// Keeps the executed outputs of a batch for redeliveries (they move into the store).
+    async fn keep_for_replay(
+        &self,
+        messages: Vec<Record>,
+        outcomes: Vec<(Outcome, Option<String>)>,
+        fingerprints: Vec<Option<u64>>,
+    ) {
+        let Some(store) = &self.replay else {
+            return;
+        };
+        let executed: Vec<(String, u64, ExecOutput)> = fingerprints
+            .into_iter()
+            .zip(outcomes)
+            .filter_map(|(fingerprint, (outcome, _))| match (fingerprint, outcome) {
+                (Some(fingerprint), Outcome::Answer(id, _, Ok(output))) => {
+                    Some((id, fingerprint, output))
+                }
+                _ => None,
+            })
+            .collect();
+        if !executed.is_empty() {
+            store.keep(executed, next_offsets(&messages)).await;
         }
     }
 
@@ -208,7 +258,7 @@ impl Shared {
     /// for a redelivery; empty without a replay store).
     async fn compute(
         &self,
-        messages: &[OwnedMessage],
+        messages: &[Record],
     ) -> (Vec<(Outcome, Option<String>)>, Vec<Option<u64>>) {
         let now_ms = unix_ms();
         let mut outcomes: Vec<(Outcome, Option<String>)> = Vec::with_capacity(messages.len());
@@ -402,7 +452,7 @@ impl Shared {
 
     /// Outcomes for a batch whose processing panicked: an `internal` error result for every
     /// record whose request id can be read, a dead letter for the others.
-    fn after_panic(&self, messages: &[OwnedMessage], what: &str) -> Vec<(Outcome, Option<String>)> {
+    fn after_panic(&self, messages: &[Record], what: &str) -> Vec<(Outcome, Option<String>)> {
         let error = ErrorBody::new(
             ErrorKind::Internal,
             format!("inferflow failed while processing this request: {what}"),
@@ -428,19 +478,18 @@ impl Shared {
             .collect()
     }
 
-    /// Delivers the output for one record and marks it done.
-    async fn answer(
+    /// Delivers the output for one record, waiting for the broker and retrying, and marks it
+    /// done: the slow path, for dead letters and for results whose first send failed. A result
+    /// Kafka refuses for good becomes an error result on the default topic, and if that is
+    /// refused too, a dead letter.
+    async fn answer_slowly(
         &self,
-        msg: &OwnedMessage,
+        msg: &Record,
         outcome: &Outcome,
         reply_to: Option<String>,
         latency: Duration,
     ) {
         let source = source_ref(msg);
-        if let Some(txn) = self.core.transactions() {
-            self.hold_output(txn, msg, outcome, reply_to, &source, latency);
-            return;
-        }
         let delivered = match outcome {
             Outcome::Answer(request_id, target, result) => {
                 let error_kind = error_kind(result);
@@ -505,7 +554,7 @@ impl Shared {
     fn hold_output(
         &self,
         txn: &Transactions,
-        msg: &OwnedMessage,
+        msg: &Record,
         outcome: &Outcome,
         reply_to: Option<String>,
         source: &SourceRef,
@@ -586,9 +635,186 @@ impl Shared {
     }
 }
 
+/// The answers of one batch on their way to Kafka (at least once). Each result is enqueued
+/// with a token naming this batch and its index; the producer's delivery callback finishes
+/// the record ([`Acknowledge`]), so no future or task exists per record. A record whose send
+/// fails, and every dead letter, takes the slow path ([`Shared::answer_slowly`]) in a task.
+/// When the last delivery report has come in, the batch's executed outputs move into the
+/// replay store (see `Drop`).
+struct Answers {
+    shared: Arc<Shared>,
+    messages: Vec<Record>,
+    outcomes: Vec<(Outcome, Option<String>)>,
+    fingerprints: Vec<Option<u64>>,
+    latency: Duration,
+}
+
+impl Answers {
+    /// Enqueues every result of the batch, and starts the slow path for the others.
+    async fn send(self: Arc<Self>) {
+        let shared = &self.shared;
+        let ack: Arc<dyn Acknowledge> = Arc::clone(&self) as Arc<dyn Acknowledge>;
+        // One buffer for every result of the batch: librdkafka copies what it is given.
+        let mut value = Vec::with_capacity(RESULT_BUFFER_BYTES);
+        let mut partition = itoa::Buffer::new();
+        let mut offset = itoa::Buffer::new();
+        for (i, (msg, (outcome, reply_to))) in self.messages.iter().zip(&self.outcomes).enumerate()
+        {
+            let Outcome::Answer(request_id, target, result) = outcome else {
+                self.slow_path(i);
+                continue;
+            };
+            value.clear();
+            write_result(
+                &mut value,
+                request_id,
+                target.as_ref(),
+                result,
+                Some(SourceView::of(msg)),
+                self.latency,
+            );
+            let topic = reply_to.as_deref().unwrap_or(&shared.results_topic);
+            loop {
+                let mut headers = OwnedHeaders::new_with_capacity(6)
+                    .insert(header(headers::REQUEST_ID, request_id.as_bytes()))
+                    .insert(header(
+                        headers::STATUS,
+                        if result.is_ok() {
+                            Status::Ok
+                        } else {
+                            Status::Error
+                        }
+                        .as_str()
+                        .as_bytes(),
+                    ))
+                    .insert(header(headers::SOURCE_TOPIC, msg.topic().as_bytes()))
+                    .insert(header(
+                        headers::SOURCE_PARTITION,
+                        partition.format(msg.partition()).as_bytes(),
+                    ))
+                    .insert(header(
+                        headers::SOURCE_OFFSET,
+                        offset.format(msg.offset()).as_bytes(),
+                    ));
+                if let Err(error) = result {
+                    headers =
+                        headers.insert(header(headers::ERROR_KIND, error.kind.as_str().as_bytes()));
+                }
+                let record = Borrowed {
+                    topic,
+                    key: Some(request_id.as_bytes()),
+                    value: &value,
+                    headers,
+                };
+                match shared.core.sink.send(record, Arc::clone(&ack), i) {
+                    Ok(()) => break,
+                    Err(KafkaError::MessageProduction(Code::QueueFull))
+                        if !shared.core.abort.is_cancelled() =>
+                    {
+                        // Backpressure: the queue drains as the broker acknowledges.
+                        tokio::time::sleep(QUEUE_FULL_WAIT).await;
+                    }
+                    Err(_) => {
+                        self.slow_path(i);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers record `i`'s output the slow way, in a task of its own.
+    fn slow_path(self: &Arc<Self>, i: usize) {
+        let this = Arc::clone(self);
+        self.shared.runtime.spawn(async move {
+            let (outcome, reply_to) = &this.outcomes[i];
+            this.shared
+                .answer_slowly(&this.messages[i], outcome, reply_to.clone(), this.latency)
+                .await;
+        });
+    }
+}
+
+fn header<'a>(key: &'a str, value: &'a [u8]) -> Header<'a, &'a [u8]> {
+    Header {
+        key,
+        value: Some(value),
+    }
+}
+
+impl Acknowledge for Answers {
+    fn acknowledged(self: Arc<Self>, index: usize, result: Result<(), KafkaError>) {
+        match result {
+            Ok(()) => {
+                let msg = &self.messages[index];
+                if let Outcome::Answer(_, _, result) = &self.outcomes[index].0 {
+                    self.shared.metrics.count_result(error_kind(result));
+                }
+                if let Some(ts) = msg.timestamp().to_millis() {
+                    let e2e = unix_ms().saturating_sub(ts).max(0) as f64 / 1000.0;
+                    self.shared.metrics.end_to_end.record(e2e);
+                }
+                self.shared.core.finish(msg, true);
+            }
+            // librdkafka gave up on it (its own retries included): the slow path retries,
+            // falls back to an error result or a dead letter, and finishes the record.
+            Err(_) => self.slow_path(index),
+        }
+    }
+}
+
+impl Drop for Answers {
+    fn drop(&mut self) {
+        // Every delivery report is in: the outputs move into the replay store now.
+        if self.shared.replay.is_none() || self.fingerprints.iter().all(Option::is_none) {
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        let messages = std::mem::take(&mut self.messages);
+        let outcomes = std::mem::take(&mut self.outcomes);
+        let fingerprints = std::mem::take(&mut self.fingerprints);
+        self.shared.runtime.spawn(async move {
+            shared
+                .keep_for_replay(messages, outcomes, fingerprints)
+                .await;
+        });
+    }
+}
+
 /// The error kind of an outcome, if it is an error.
 fn error_kind(result: &ExecResult) -> Option<ErrorKind> {
     result.as_ref().err().map(|e| e.kind)
+}
+
+/// Where a consumed record came from, borrowed: serialises exactly like [`SourceRef`].
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct SourceView<'a> {
+    /// Source topic.
+    pub topic: &'a str,
+    /// Source partition.
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+}
+
+impl<'a> SourceView<'a> {
+    /// The source of a consumed record.
+    pub fn of(msg: &'a Record) -> Self {
+        SourceView {
+            topic: msg.topic(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+        }
+    }
+
+    /// A [`SourceRef`]'s view.
+    pub fn from_ref(source: &'a SourceRef) -> Self {
+        SourceView {
+            topic: &source.topic,
+            partition: source.partition,
+            offset: source.offset,
+        }
+    }
 }
 
 /// The result document as it is written to Kafka: the same JSON as serialising
@@ -601,6 +827,27 @@ pub fn result_bytes(
     source: Option<&SourceRef>,
     latency: Duration,
 ) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(RESULT_BUFFER_BYTES);
+    write_result(
+        &mut buf,
+        request_id,
+        target,
+        result,
+        source.map(SourceView::from_ref),
+        latency,
+    );
+    buf
+}
+
+/// Appends the result document (as [`result_bytes`]) to `buf`.
+pub fn write_result(
+    buf: &mut Vec<u8>,
+    request_id: &str,
+    target: Option<&Target>,
+    result: &ExecResult,
+    source: Option<SourceView<'_>>,
+    latency: Duration,
+) {
     /// Mirrors [`InferenceResult`]'s fields, order and omissions.
     #[derive(serde::Serialize)]
     struct View<'a> {
@@ -620,7 +867,7 @@ pub fn result_bytes(
         latency_ms: u64,
         steps: &'a [crate::model::StepRecord],
         #[serde(skip_serializing_if = "Option::is_none")]
-        source: Option<&'a SourceRef>,
+        source: Option<SourceView<'a>>,
     }
     let (pipeline, model) = match target {
         Some(Target::Pipeline(p)) => (Some(p.as_str()), None),
@@ -652,12 +899,12 @@ pub fn result_bytes(
             view.error = Some(error);
         }
     }
-    let mut buf = Vec::with_capacity(RESULT_BUFFER_BYTES);
+    let start = buf.len();
     // Serialising these types cannot fail (string keys, no non-finite floats from JSON).
-    match serde_json::to_writer(&mut buf, &view) {
-        Ok(()) => buf,
-        Err(e) => format!(r#"{{"request_id":{},"status":"error","error":{{"kind":"internal","message":"result could not be serialised: {e}"}},"cached":false,"latency_ms":0,"steps":[]}}"#,
-            serde_json::Value::from(request_id)).into_bytes(),
+    if let Err(e) = serde_json::to_writer(&mut *buf, &view) {
+        buf.truncate(start);
+        buf.extend_from_slice(format!(r#"{{"request_id":{},"status":"error","error":{{"kind":"internal","message":"result could not be serialised: {e}"}},"cached":false,"latency_ms":0,"steps":[]}}"#,
+            serde_json::Value::from(request_id)).as_bytes());
     }
 }
 
@@ -738,7 +985,7 @@ fn not_executed(request_id: &str, target: &Target) -> (Outcome, Option<String>) 
 }
 
 /// Per topic and partition of `messages`: the offset after the last of them.
-fn next_offsets(messages: &[OwnedMessage]) -> Vec<(String, i32, i64)> {
+fn next_offsets(messages: &[Record]) -> Vec<(String, i32, i64)> {
     let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     for msg in messages {
         let entry = next.entry((msg.topic(), msg.partition())).or_insert(0);
@@ -848,11 +1095,9 @@ pub async fn start(
 ) -> anyhow::Result<ProcessorHandle> {
     preflight(config).await?;
     ensure_topics(config).await?;
-    let producer: FutureProducer = crate::kafka::producer_config(&config.kafka)
-        .set("linger.ms", "5")
-        .create()
+    let producer = Sink::create(crate::kafka::producer_config(&config.kafka).set("linger.ms", "5"))
         .context("creating the Kafka producer")?;
-    let mut core = SourceCore::new("requests", Sink::new(producer), config.topics.dlq.clone());
+    let mut core = SourceCore::new("requests", producer, config.topics.dlq.clone());
     if config.processing.guarantee == Guarantee::ExactlyOnce {
         core = core.with_transactions(Arc::new(start_transactions(config).await?));
     }
@@ -882,11 +1127,13 @@ pub async fn start(
         let lanes = config.executor.max_in_flight_batches.get();
         let mut senders = Vec::with_capacity(lanes);
         for _ in 0..lanes {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<OwnedMessage>>();
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Record>>(
+                config.executor.max_in_flight_records.get(),
+            );
             let worker = Arc::clone(&shared);
             tokio::spawn(async move {
                 while let Some(items) = rx.recv().await {
-                    Arc::clone(&worker).process_batch(items).await;
+                    Arc::clone(&worker).process_batch(items, None).await;
                 }
             });
             senders.push(tx);
@@ -918,15 +1165,7 @@ mod tests {
     #[test]
     fn next_offsets_are_one_past_the_last_record_per_partition() {
         let msg = |topic: &str, partition: i32, offset: i64| {
-            OwnedMessage::new(
-                None,
-                None,
-                topic.to_owned(),
-                rdkafka::Timestamp::NotAvailable,
-                partition,
-                offset,
-                None,
-            )
+            Record::untracked(topic, partition, offset, None, None)
         };
         let batch = [
             msg("a", 0, 7),

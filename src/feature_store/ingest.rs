@@ -27,8 +27,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::kafka::source::Record;
 use futures::StreamExt as _;
-use rdkafka::message::{Message, OwnedMessage};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
@@ -164,7 +164,7 @@ struct Ingest {
 }
 
 impl BatchHandler for Ingest {
-    fn dispatch(self: &Arc<Self>, batch: Batch<OwnedMessage>) {
+    fn dispatch(self: &Arc<Self>, batch: Batch<Record>) {
         metrics::histogram!(m::BATCH_SIZE_RECORDS, "source" => "features")
             .record(batch.items.len() as f64);
         let this = Arc::clone(self);
@@ -183,7 +183,7 @@ impl BatchHandler for Ingest {
 }
 
 impl Ingest {
-    async fn process_batch(self: Arc<Self>, messages: Vec<OwnedMessage>) {
+    async fn process_batch(self: Arc<Self>, messages: Vec<Record>) {
         let this: &Ingest = &self;
         let Ok(_permit) = Arc::clone(&self.permits).acquire_owned().await else {
             return; // Never closed.
@@ -214,7 +214,7 @@ impl Ingest {
             .collect::<Vec<_>>();
         let (_, written) = futures::join!(dead_letters, written);
 
-        let mut done: Vec<(&OwnedMessage, FeatureUpdate)> = Vec::with_capacity(written.len());
+        let mut done: Vec<(&Record, FeatureUpdate)> = Vec::with_capacity(written.len());
         for (i, update, outcome) in written {
             let msg = &messages[i];
             match outcome {
@@ -334,13 +334,11 @@ pub fn start(
     stop: CancellationToken,
 ) -> anyhow::Result<SourceHandle> {
     use anyhow::Context as _;
-    let producer = crate::kafka::producer_config(&config.kafka)
-        .set("linger.ms", "5")
-        .create()
+    let producer = Sink::create(crate::kafka::producer_config(&config.kafka).set("linger.ms", "5"))
         .context("creating the Kafka producer of feature ingestion")?;
     let core = Arc::new(SourceCore::new(
         "features",
-        Sink::new(producer),
+        producer,
         config.topics.dlq.clone(),
     ));
     let cfg = &config.ingest;

@@ -1,15 +1,26 @@
 //! Producing results and dead letters: nothing is dropped.
 //!
-//! [`Sink::deliver`] sends one record and waits for the broker's acknowledgement. A full local
-//! queue is backpressure (wait and try again), a failed delivery is retried with capped
-//! exponential backoff, and only errors that no retry can fix (the record is too large, the
-//! topic does not exist) are returned, so the caller can fall back to another record.
+//! One idempotent producer per source, polled by its own thread (rdkafka's
+//! `ThreadedProducer`), with two ways to send:
+//!
+//! - [`Sink::send`] is the request path's: it enqueues a record with a small token, and the
+//!   producer's **delivery callback** hands the broker's answer to the token's
+//!   [`Acknowledge`] implementation, which finishes the record (or, on a failure, starts the slow
+//!   path). No future, channel or task per record.
+//! - [`Sink::deliver`] sends one record and waits for the broker's acknowledgement, for the
+//!   rarer outputs (dead letters, fallbacks, invalidations). A full local queue is backpressure
+//!   (wait and try again), a failed delivery is retried with capped exponential backoff, and
+//!   only errors that no retry can fix (the record is too large, the topic does not exist) are
+//!   returned, so the caller can fall back to another record.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{PRODUCE_RETRIES_TOTAL, PRODUCER_QUEUE_FULL_TOTAL};
@@ -28,7 +39,8 @@ pub struct OutRecord {
 }
 
 impl OutRecord {
-    pub(crate) fn future_record(&self) -> FutureRecord<'_, [u8], [u8]> {
+    /// The record's headers as librdkafka takes them.
+    pub(crate) fn owned_headers(&self) -> OwnedHeaders {
         let mut headers = OwnedHeaders::new_with_capacity(self.headers.len());
         for (key, value) in &self.headers {
             headers = headers.insert(Header {
@@ -36,9 +48,14 @@ impl OutRecord {
                 value: Some(value.as_bytes()),
             });
         }
-        let mut record = FutureRecord::to(&self.topic)
+        headers
+    }
+
+    /// The record for a `FutureProducer` (the exactly-once stage's transactional producer).
+    pub(crate) fn future_record(&self) -> rdkafka::producer::FutureRecord<'_, [u8], [u8]> {
+        let mut record = rdkafka::producer::FutureRecord::to(&self.topic)
             .payload(self.value.as_slice())
-            .headers(headers);
+            .headers(self.owned_headers());
         if let Some(key) = &self.key {
             record = record.key(key.as_slice());
         }
@@ -79,18 +96,109 @@ fn is_permanent(err: &KafkaError) -> bool {
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
+/// How long a sender waits before trying again when the producer's local queue is full.
+pub const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
+
+/// Receives the broker's answer for records sent with [`Sink::send`]. Called on the producer's
+/// polling thread: it must be quick and must not block (hand slow work to a task).
+pub trait Acknowledge: Send + Sync + 'static {
+    /// The record sent with token `index` was acknowledged (`Ok`) or failed for good after
+    /// librdkafka's own retries (`Err`).
+    fn acknowledged(self: Arc<Self>, index: usize, result: Result<(), KafkaError>);
+}
+
+/// What the delivery callback does with a record's answer.
+pub enum Delivery {
+    /// Someone awaits it ([`Sink::deliver`]).
+    Waiter(tokio::sync::oneshot::Sender<Result<(), KafkaError>>),
+    /// A token: the record `index` of a group of records sent together.
+    Token(Arc<dyn Acknowledge>, usize),
+}
+
+/// The producer's context: routes each delivery report to its [`Delivery`].
+pub struct SinkContext;
+
+impl ClientContext for SinkContext {}
+
+impl ProducerContext for SinkContext {
+    type DeliveryOpaque = Box<Delivery>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
+        let outcome = match result {
+            Ok(_) => Ok(()),
+            Err((err, _)) => Err(err.clone()),
+        };
+        match *opaque {
+            Delivery::Waiter(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Delivery::Token(ack, index) => ack.acknowledged(index, outcome),
+        }
+    }
+}
 
 /// The producer of results and dead letters.
 #[derive(Clone)]
 pub struct Sink {
-    producer: FutureProducer,
+    producer: ThreadedProducer<SinkContext>,
+}
+
+/// A record for [`Sink::send`], borrowing its parts.
+pub struct Borrowed<'a> {
+    /// Destination topic.
+    pub topic: &'a str,
+    /// Message key.
+    pub key: Option<&'a [u8]>,
+    /// Message value (librdkafka copies it, so the caller may reuse the buffer).
+    pub value: &'a [u8],
+    /// Headers.
+    pub headers: OwnedHeaders,
 }
 
 impl Sink {
-    /// Wraps an idempotent producer (see [`super::producer_config`]).
-    pub fn new(producer: FutureProducer) -> Self {
-        Sink { producer }
+    /// An idempotent producer (see [`super::producer_config`]) from `config`.
+    pub fn create(config: &ClientConfig) -> KafkaResult<Sink> {
+        Ok(Sink {
+            producer: config.create_with_context(SinkContext)?,
+        })
+    }
+
+    /// Enqueues `record`; its delivery report goes to `ack` with `index`. A full local queue
+    /// returns `QueueFull` with nothing enqueued (wait [`QUEUE_FULL_WAIT`] and try again);
+    /// any other error means the record was not enqueued either.
+    pub fn send(
+        &self,
+        record: Borrowed<'_>,
+        ack: Arc<dyn Acknowledge>,
+        index: usize,
+    ) -> Result<(), KafkaError> {
+        let mut base =
+            BaseRecord::with_opaque_to(record.topic, Box::new(Delivery::Token(ack, index)))
+                .payload(record.value)
+                .headers(record.headers);
+        if let Some(key) = record.key {
+            base = base.key(key);
+        }
+        match self.producer.send(base) {
+            Ok(()) => Ok(()),
+            Err((err, _)) => {
+                if matches!(
+                    err,
+                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
+                ) {
+                    metrics::counter!(PRODUCER_QUEUE_FULL_TOTAL).increment(1);
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// The producer's fatal error, if it has one (then nothing can be sent any more).
+    pub fn fatal_error(&self) -> Option<String> {
+        self.producer
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| format!("{code}: {reason}"))
     }
 
     /// Sends `record` and waits until the broker acknowledges it, retrying transient failures
@@ -102,17 +210,25 @@ impl Sink {
     ) -> Result<(), DeliverError> {
         let mut backoff = Duration::from_millis(50);
         loop {
-            let error = match self.producer.send_result(record.future_record()) {
-                Ok(delivery) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let mut base =
+                BaseRecord::with_opaque_to(&record.topic, Box::new(Delivery::Waiter(tx)))
+                    .payload(record.value.as_slice())
+                    .headers(record.owned_headers());
+            if let Some(key) = &record.key {
+                base = base.key(key.as_slice());
+            }
+            let error = match self.producer.send(base) {
+                Ok(()) => {
                     let outcome = tokio::select! {
-                        outcome = delivery => outcome,
+                        outcome = rx => outcome,
                         () = stop.cancelled() => {
                             return Err(DeliverError::Stopped("awaiting the broker's acknowledgement".into()));
                         }
                     };
                     match outcome {
-                        Ok(Ok(_)) => return Ok(()),
-                        Ok(Err((err, _))) => err,
+                        Ok(Ok(())) => return Ok(()),
+                        Ok(Err(err)) => err,
                         Err(_canceled) => KafkaError::Canceled,
                     }
                 }
@@ -127,8 +243,8 @@ impl Sink {
                 }
                 Err((err, _)) => err,
             };
-            if let Some((code, reason)) = self.producer.client().fatal_error() {
-                return Err(DeliverError::Fatal(format!("{code}: {reason}")));
+            if let Some(reason) = self.fatal_error() {
+                return Err(DeliverError::Fatal(reason));
             }
             if is_permanent(&error) {
                 return Err(DeliverError::Permanent(error));

@@ -33,18 +33,19 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use rdkafka::Timestamp;
 use rdkafka::TopicPartitionList;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use tokio_util::sync::CancellationToken;
 
 use crate::batching::{Batch, BatchLimits, Batcher};
 use crate::config::KafkaConfig;
-use crate::kafka::offsets::{OffsetTracker, TopicPartition};
+use crate::kafka::offsets::{OffsetTracker, Ticket, TopicPartition};
 use crate::kafka::sink::{DeliverError, OutRecord, Sink};
 use crate::kafka::transactional::Transactions;
 use crate::metrics as m;
@@ -74,6 +75,94 @@ pub mod headers {
 /// Bytes kept of a value too large for the dead-letter topic.
 pub const TRUNCATED_VALUE_BYTES: usize = 65_536;
 
+/// A consumed record, as batch handlers see it: its bytes, where it came from, and the ticket
+/// that finishes it in the offset tracker. The topic name is shared by every record of the
+/// partition (no string per record).
+#[derive(Debug, Clone)]
+pub struct Record {
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    timestamp: Timestamp,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    ticket: Option<Ticket>,
+}
+
+impl Record {
+    /// A record that is not tracked by any source: for tests, benchmarks and tools that feed a
+    /// handler directly. Finishing it changes no offset.
+    pub fn untracked(
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: Option<Vec<u8>>,
+        payload: Option<Vec<u8>>,
+    ) -> Record {
+        Record {
+            topic: Arc::from(topic),
+            partition,
+            offset,
+            timestamp: Timestamp::NotAvailable,
+            key,
+            payload,
+            ticket: None,
+        }
+    }
+
+    fn consumed(message: &BorrowedMessage<'_>, ticket: Ticket, topic: Arc<str>) -> Record {
+        Record {
+            topic,
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp: message.timestamp(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            ticket: Some(ticket),
+        }
+    }
+
+    /// The source topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The source topic, shared.
+    pub fn topic_shared(&self) -> &Arc<str> {
+        &self.topic
+    }
+
+    /// The source partition.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// The record's offset in its partition.
+    pub fn offset(&self) -> i64 {
+        self.offset
+    }
+
+    /// The record's Kafka timestamp.
+    pub fn timestamp(&self) -> Timestamp {
+        self.timestamp
+    }
+
+    /// The record's key.
+    pub fn key(&self) -> Option<&[u8]> {
+        self.key.as_deref()
+    }
+
+    /// The record's value.
+    pub fn payload(&self) -> Option<&[u8]> {
+        self.payload.as_deref()
+    }
+
+    /// The record's ticket in its source's offset tracker (none for an untracked record).
+    pub(crate) fn ticket(&self) -> Option<Ticket> {
+        self.ticket
+    }
+}
+
 /// How often the consumer thread wakes up at the latest (to store offsets, flush lingering
 /// batches and notice shutdown or holds).
 const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
@@ -98,11 +187,28 @@ const FETCH_QUEUE_BACKOFF_MS: &str = "20";
 /// per record: a hold check may take a lock and build a string).
 const HOLD_CHECK_EVERY: Duration = Duration::from_millis(100);
 
+/// While a batch is open and every executor permit is busy, how often the consumer thread
+/// looks again whether one has come free (it cannot be woken inside librdkafka's poll).
+const PERMIT_CHECK_EVERY: Duration = Duration::from_millis(1);
+
+/// Records the consumer thread takes from librdkafka in one pass at most, before it looks at
+/// the clock, the batcher and the budget again.
+const DRAIN_AT_MOST: usize = 1024;
+
 /// What a source does with its batches.
 pub trait BatchHandler: Send + Sync + 'static {
     /// Takes a closed batch and starts its work without blocking (the consumer thread calls
     /// this). Every record must end in exactly one [`SourceCore::finish`] call.
-    fn dispatch(self: &Arc<Self>, batch: Batch<OwnedMessage>);
+    fn dispatch(self: &Arc<Self>, batch: Batch<Record>);
+
+    /// Whether a batch dispatched now would start at once (an executor permit is free). The
+    /// consumer thread dispatches the open batch as soon as nothing more is ready in
+    /// librdkafka and this says yes; while it says no, the batch keeps growing until its
+    /// limits or its linger time. Called on every pass of the consumer loop: must be cheap.
+    /// The default is always ready.
+    fn ready(&self) -> bool {
+        true
+    }
 
     /// Why consumption must pause now, apart from backpressure; polled about ten times a
     /// second by the consumer thread, so it must be cheap.
@@ -177,12 +283,7 @@ impl SourceCore {
     /// outputs are committed or dropped).
     pub(crate) fn release(&self, n: usize) {
         if n > 0 {
-            // Saturating: a miscount must not wrap the counter and pause consumption for good.
-            let _ = self
-                .in_flight
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                    Some(v.saturating_sub(n))
-                });
+            self.take_off(n);
         }
     }
 
@@ -195,18 +296,42 @@ impl SourceCore {
     /// Ends the work on one record. `done` means its output was acknowledged, so its offset may
     /// be stored; otherwise (only on shutdown or a fatal error) it stays pending and is
     /// redelivered after the restart.
-    pub fn finish(&self, msg: &OwnedMessage, done: bool) {
-        if done {
-            self.tracker
-                .complete(&(msg.topic().to_owned(), msg.partition()), msg.offset());
+    pub fn finish(&self, msg: &Record, done: bool) {
+        if let (true, Some(ticket)) = (done, msg.ticket) {
+            self.tracker.complete(ticket);
         }
-        let left = self.in_flight.fetch_sub(1, Ordering::SeqCst) - 1;
+        self.finished(1);
+    }
+
+    /// Takes `n` finished records off the in-flight count, and wakes the consumer thread if it
+    /// waits for room below the new count.
+    fn finished(&self, n: usize) {
+        let before = self.take_off(n);
+        debug_assert!(
+            before >= n,
+            "{} source: {n} records finished with only {before} in flight (a record finished twice?)",
+            self.name
+        );
+    }
+
+    /// Takes `n` off the in-flight count, saturating at zero: a record finished twice (a bug)
+    /// must not wrap the counter, which would stop consumption for good. Wakes the consumer
+    /// thread if it waits for room below the new count. Returns the count before.
+    fn take_off(&self, n: usize) -> usize {
+        let before = self
+            .in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                Some(v.saturating_sub(n))
+            })
+            .unwrap_or(0);
+        let left = before.saturating_sub(n);
         let wake_below = self.wake_below.load(Ordering::SeqCst);
         if left < wake_below && self.wake_below.swap(0, Ordering::SeqCst) != 0 {
             if let Some(thread) = self.consumer_thread.get() {
                 thread.unpark();
             }
         }
+        before
     }
 
     /// Called on the consumer thread: blocks until fewer than `below` records are in flight,
@@ -235,11 +360,7 @@ impl SourceCore {
     /// Dead-letters `msg`: its key and bytes to the dead-letter topic, with the error and the
     /// source in headers. A dead letter Kafka refuses for good cannot be dropped either: it is
     /// retried every 5 s, loudly, until accepted or the shutdown deadline passes.
-    pub async fn dead_letter(
-        &self,
-        msg: &OwnedMessage,
-        error: &ErrorBody,
-    ) -> Result<(), DeliverError> {
+    pub async fn dead_letter(&self, msg: &Record, error: &ErrorBody) -> Result<(), DeliverError> {
         let source = source_ref(msg);
         let mut record = OutRecord {
             topic: self.dlq_topic.clone(),
@@ -287,7 +408,7 @@ impl SourceCore {
 
     /// Finishes a record after its delivery: stores nothing and stops the source on a fatal
     /// producer error, leaves the record pending on shutdown.
-    pub fn finish_delivered(&self, msg: &OwnedMessage, delivered: Result<(), DeliverError>) {
+    pub fn finish_delivered(&self, msg: &Record, delivered: Result<(), DeliverError>) {
         match delivered {
             Ok(()) => self.finish(msg, true),
             Err(DeliverError::Fatal(reason)) => {
@@ -313,7 +434,7 @@ fn is_size_error(err: &rdkafka::error::KafkaError) -> bool {
 }
 
 /// Where a consumed record came from.
-pub fn source_ref(msg: &OwnedMessage) -> SourceRef {
+pub fn source_ref(msg: &Record) -> SourceRef {
     SourceRef {
         topic: msg.topic().to_owned(),
         partition: msg.partition(),
@@ -449,7 +570,7 @@ fn topic_partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
 struct SourceContext<H> {
     core: Arc<SourceCore>,
     handler: Arc<H>,
-    batcher: Mutex<Batcher<OwnedMessage>>,
+    batcher: Mutex<Batcher<Record>>,
     /// True while every assigned partition is paused (a long backpressure stall or a hold).
     paused: AtomicBool,
     /// Set once shutdown has drained what it could: revokes then give up at once.
@@ -571,6 +692,18 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The consumer thread's loop, then its orderly shutdown.
+///
+/// # Batching rule
+///
+/// Each pass polls librdkafka (blocking at most until something is due), then takes every
+/// record that is ready without waiting, up to [`DRAIN_AT_MOST`] or the in-flight budget. When
+/// nothing more is ready and the handler has a free permit ([`BatchHandler::ready`]), the open
+/// batch is dispatched at once: an idle processor answers without delay, and under load
+/// batches grow by themselves from what queued while the permits were busy. While every
+/// permit is busy the batch keeps growing, up to its record and byte limits, and is dispatched
+/// when a permit comes free (checked every [`PERMIT_CHECK_EVERY`]) or when `linger` has passed
+/// since its first record, whichever comes first. So `batch.linger_ms` bounds the wait; it is
+/// not a fixed delay.
 fn consume<H: BatchHandler>(
     consumer: BaseConsumer<SourceContext<H>>,
     spec: &SourceSpec,
@@ -584,12 +717,15 @@ fn consume<H: BatchHandler>(
     let mut full_since: Option<Instant> = None;
     let mut held: Option<String> = None;
     let mut paused_count = 0usize;
-    let mut last_store = Instant::now();
-    let mut last_poll = Instant::now();
+    let mut now = Instant::now();
+    let mut last_store = now;
+    let mut last_poll = now;
     let mut last_hold_check: Option<Instant> = None;
     // Looked up once: the macro hashes the key and searches the registry on every call.
     let consumed = metrics::counter!(spec.consumed_metric);
     while !stop.is_cancelled() && !core.fatal.is_cancelled() {
+        // One clock read per pass: everything below that needs the time uses this one.
+        now = Instant::now();
         // Backpressure: at the budget, stop taking records (they wait in librdkafka's bounded
         // queue); only a stall longer than PAUSE_AFTER_STALL pauses the partitions. A hold from
         // the handler pauses them too, for as long as it lasts.
@@ -602,12 +738,12 @@ fn consume<H: BatchHandler>(
         if !full {
             full_since = None;
         } else if full_since.is_none() {
-            full_since = Some(Instant::now());
+            full_since = Some(now);
         }
-        let stalled = full_since.is_some_and(|t| t.elapsed() >= PAUSE_AFTER_STALL);
-        let check_hold = last_hold_check.is_none_or(|t| t.elapsed() >= HOLD_CHECK_EVERY);
+        let stalled = full_since.is_some_and(|t| now.duration_since(t) >= PAUSE_AFTER_STALL);
+        let check_hold = last_hold_check.is_none_or(|t| now.duration_since(t) >= HOLD_CHECK_EVERY);
         if check_hold {
-            last_hold_check = Some(Instant::now());
+            last_hold_check = Some(now);
             let hold = context.handler.hold();
             // Logged when a hold starts or ends, not each time its reason's wording changes.
             if hold.is_some() != held.is_some() {
@@ -633,57 +769,100 @@ fn consume<H: BatchHandler>(
             });
         }
 
-        let mut wait = lock(&context.batcher)
-            .deadline()
-            .map(|d| d.saturating_duration_since(Instant::now()))
-            .unwrap_or(MAX_POLL_WAIT)
-            .min(MAX_POLL_WAIT);
+        let mut wait = match lock(&context.batcher).deadline() {
+            // A batch waits for a permit: look again soon, and never past its linger.
+            Some(deadline) => deadline
+                .saturating_duration_since(now)
+                .min(PERMIT_CHECK_EVERY),
+            None => MAX_POLL_WAIT,
+        };
         if full && !want_paused {
             // Leave the records in librdkafka until finished ones make room, but poll (without
             // waiting) at least every LIVENESS_POLL_EVERY for the rebalance callbacks.
-            let poll_due = LIVENESS_POLL_EVERY.saturating_sub(last_poll.elapsed());
+            let poll_due = LIVENESS_POLL_EVERY.saturating_sub(now.duration_since(last_poll));
             if !poll_due.is_zero() {
                 core.wait_below(resume_below, wait.min(poll_due));
-                let lingered = lock(&context.batcher).poll_linger(Instant::now());
-                if let Some(batch) = lingered {
-                    context.handler.dispatch(batch);
-                }
-                store_due(&consumer, &core, &mut last_store);
+                dispatch_due(context, Instant::now(), false);
+                store_due(&consumer, &core, &mut last_store, now);
                 continue;
             }
             wait = Duration::ZERO;
         }
-        last_poll = Instant::now();
-        match consumer.poll(wait) {
-            Some(Ok(message)) => {
-                let message = message.detach();
-                consumed.increment(1);
-                let tp = (message.topic().to_owned(), message.partition());
-                if core.tracker.begin(&tp, message.offset()) {
-                    core.in_flight.fetch_add(1, Ordering::AcqRel);
-                    let size = message.payload().map_or(0, <[u8]>::len);
-                    let closed = lock(&context.batcher).push(message, size, Instant::now());
-                    if let Some((batch, _)) = closed {
-                        context.handler.dispatch(batch);
+        last_poll = now;
+        // The first poll may wait; then take what is ready without waiting, within the budget.
+        let mut taken = 0usize;
+        let mut drained = false;
+        loop {
+            match consumer.poll(if taken == 0 { wait } else { Duration::ZERO }) {
+                Some(Ok(message)) => {
+                    if taken == 0 && !wait.is_zero() {
+                        // The poll may have waited: the batch's clock starts now.
+                        now = Instant::now();
+                    }
+                    consumed.increment(1);
+                    if let Some((ticket, topic)) =
+                        core.tracker
+                            .begin(message.topic(), message.partition(), message.offset())
+                    {
+                        let record = Record::consumed(&message, ticket, topic);
+                        drop(message);
+                        core.in_flight.fetch_add(1, Ordering::AcqRel);
+                        let size = record.payload.as_ref().map_or(0, Vec::len);
+                        let closed = lock(&context.batcher).push(record, size, now);
+                        if let Some((batch, _)) = closed {
+                            context.handler.dispatch(batch);
+                        }
                     }
                 }
-            }
-            Some(Err(err)) => {
-                if let Some((code, reason)) = consumer.client().fatal_error() {
-                    core.fail(format!("consumer: {code}: {reason}"));
-                } else {
-                    tracing::warn!(error = %err, source = core.name, "consumer error");
+                Some(Err(err)) => {
+                    if let Some((code, reason)) = consumer.client().fatal_error() {
+                        core.fail(format!("consumer: {code}: {reason}"));
+                    } else {
+                        tracing::warn!(error = %err, source = core.name, "consumer error");
+                    }
+                    break;
+                }
+                None => {
+                    drained = true;
+                    break;
                 }
             }
-            None => {}
+            taken += 1;
+            if taken >= DRAIN_AT_MOST
+                || core.in_flight() >= spec.max_in_flight
+                || stop.is_cancelled()
+            {
+                break;
+            }
         }
-        let lingered = lock(&context.batcher).poll_linger(Instant::now());
-        if let Some(batch) = lingered {
-            context.handler.dispatch(batch);
-        }
-        store_due(&consumer, &core, &mut last_store);
+        // Nothing more is ready: a free permit takes the open batch now.
+        dispatch_due(
+            context,
+            if taken > 0 { now } else { Instant::now() },
+            drained,
+        );
+        store_due(&consumer, &core, &mut last_store, now);
     }
     shutdown(consumer, spec)
+}
+
+/// Dispatches the open batch when nothing more is ready (`drained`) and the handler has a
+/// free permit, or when its linger time has passed by `now`.
+fn dispatch_due<H: BatchHandler>(context: &SourceContext<H>, now: Instant, drained: bool) {
+    let batch = {
+        let mut batcher = lock(&context.batcher);
+        if batcher.is_empty() {
+            return;
+        }
+        if drained && context.handler.ready() {
+            batcher.flush(now)
+        } else {
+            batcher.poll_linger(now)
+        }
+    };
+    if let Some(batch) = batch {
+        context.handler.dispatch(batch);
+    }
 }
 
 /// Stores the positions that advanced (at least once; auto-commit commits them) or commits a
@@ -707,9 +886,10 @@ fn store_due<H: BatchHandler>(
     consumer: &BaseConsumer<SourceContext<H>>,
     core: &SourceCore,
     last_store: &mut Instant,
+    now: Instant,
 ) {
-    if last_store.elapsed() >= STORE_EVERY {
-        *last_store = Instant::now();
+    if now.duration_since(*last_store) >= STORE_EVERY {
+        *last_store = now;
         store_progress(core, consumer);
     }
 }
@@ -854,28 +1034,17 @@ fn shutdown<H: BatchHandler>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rdkafka::Timestamp;
-    use rdkafka::producer::FutureProducer;
 
     fn core() -> Arc<SourceCore> {
         // Creating a producer does not connect; nothing is sent in these tests.
-        let producer: FutureProducer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", "127.0.0.1:1")
-            .create()
-            .unwrap();
-        Arc::new(SourceCore::new("test", Sink::new(producer), "dlq".into()))
+        let producer =
+            Sink::create(rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:1"))
+                .unwrap();
+        Arc::new(SourceCore::new("test", producer, "dlq".into()))
     }
 
-    fn message(offset: i64) -> OwnedMessage {
-        OwnedMessage::new(
-            None,
-            None,
-            "t".into(),
-            Timestamp::NotAvailable,
-            0,
-            offset,
-            None,
-        )
+    fn message(offset: i64) -> Record {
+        Record::untracked("t", 0, offset, None, None)
     }
 
     #[test]

@@ -46,9 +46,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::kafka::source::Record;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
@@ -76,7 +76,7 @@ pub fn fits(record: &OutRecord) -> bool {
 
 /// The dead letter of `msg`: its key and bytes (the first [`TRUNCATED_VALUE_BYTES`] of a value
 /// too large for a transaction, with its size in a header), the error and the source.
-pub fn dead_letter_record(core: &SourceCore, msg: &OwnedMessage, error: &ErrorBody) -> OutRecord {
+pub fn dead_letter_record(core: &SourceCore, msg: &Record, error: &ErrorBody) -> OutRecord {
     let source = source_ref(msg);
     let mut record = OutRecord {
         topic: core.dlq_topic.clone(),
@@ -197,7 +197,7 @@ impl Transactions {
 
     /// Holds the outputs of `msg` for the next transaction, then marks the record complete.
     /// Outputs of partitions not owned, or below the last committed position, are dropped.
-    pub fn hold(&self, core: &SourceCore, msg: &OwnedMessage, records: Vec<OutRecord>) {
+    pub fn hold(&self, core: &SourceCore, msg: &Record, records: Vec<OutRecord>) {
         let tp = (msg.topic().to_owned(), msg.partition());
         let offset = msg.offset();
         let output = Output {
@@ -222,7 +222,9 @@ impl Transactions {
                 _ => 1,
             }
         };
-        core.tracker.complete(&tp, offset);
+        if let Some(ticket) = msg.ticket() {
+            core.tracker.complete(ticket);
+        }
         if released > 0 {
             core.release(released);
         }
