@@ -291,9 +291,8 @@ impl Shared {
                             )
                         }
                         None if durable.is_some() => {
-                            let placeholder = not_executed(&request.request_id, &target);
                             unseen.push((i, request, target));
-                            placeholder
+                            (Outcome::Running, None)
                         }
                         None => self.runnable(&mut runnable, i, request, target),
                     }
@@ -349,9 +348,9 @@ impl Shared {
     ) -> (Outcome, Option<String>) {
         runnable.push((
             i,
-            target.clone(),
+            target,
             ExecRequest {
-                request_id: request.request_id.clone(),
+                request_id: request.request_id,
                 data: request.data,
                 parameters: request.parameters,
                 entity: request.entity,
@@ -359,14 +358,7 @@ impl Shared {
             },
         ));
         // Replaced by the execution's outcome.
-        (
-            Outcome::Answer(
-                request.request_id,
-                Some(target),
-                Err(ErrorBody::new(ErrorKind::Internal, "not executed")),
-            ),
-            request.reply_to,
-        )
+        (Outcome::Running, request.reply_to)
     }
 
     /// Runs the queued requests, grouped by target, and puts their outcomes in place.
@@ -541,6 +533,12 @@ impl Shared {
                 }
             }
             Outcome::DeadLetter(error) => self.core.dead_letter(msg, error).await,
+            Outcome::Running => {
+                // Never sent (every queued request gets its answer first); should a bug let
+                // one through, the record still gets exactly one output.
+                let error = ErrorBody::new(ErrorKind::Internal, "the request was not executed");
+                self.core.dead_letter(msg, &error).await
+            }
         };
         if let (true, Some(ts)) = (delivered.is_ok(), msg.timestamp().to_millis()) {
             let e2e = unix_ms().saturating_sub(ts).max(0) as f64 / 1000.0;
@@ -592,6 +590,11 @@ impl Shared {
                 }
             }
             Outcome::DeadLetter(error) => transactional::dead_letter_record(&self.core, msg, error),
+            Outcome::Running => transactional::dead_letter_record(
+                &self.core,
+                msg,
+                &ErrorBody::new(ErrorKind::Internal, "the request was not executed"),
+            ),
         };
         txn.hold(&self.core, msg, vec![record]);
     }
@@ -970,18 +973,8 @@ enum Outcome {
     Answer(String, Option<Target>, ExecResult),
     /// No request id: a dead letter.
     DeadLetter(ErrorBody),
-}
-
-/// The placeholder outcome of a request not executed yet.
-fn not_executed(request_id: &str, target: &Target) -> (Outcome, Option<String>) {
-    (
-        Outcome::Answer(
-            request_id.to_owned(),
-            Some(target.clone()),
-            Err(ErrorBody::new(ErrorKind::Internal, "not executed")),
-        ),
-        None,
-    )
+    /// Queued for the executor; replaced by its answer before anything is sent.
+    Running,
 }
 
 /// Per topic and partition of `messages`: the offset after the last of them.

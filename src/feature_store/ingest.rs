@@ -167,9 +167,15 @@ impl BatchHandler for Ingest {
     fn dispatch(self: &Arc<Self>, batch: Batch<Record>) {
         metrics::histogram!(m::BATCH_SIZE_RECORDS, "source" => "features")
             .record(batch.items.len() as f64);
+        // Taken here, on the consumer thread, so `ready` sees it at once.
+        let permit = Arc::clone(&self.permits).try_acquire_owned().ok();
         let this = Arc::clone(self);
         self.runtime
-            .spawn(async move { this.process_batch(batch.items).await });
+            .spawn(async move { this.process_batch(batch.items, permit).await });
+    }
+
+    fn ready(&self) -> bool {
+        self.permits.available_permits() > 0
     }
 
     fn hold(&self) -> Option<String> {
@@ -183,10 +189,18 @@ impl BatchHandler for Ingest {
 }
 
 impl Ingest {
-    async fn process_batch(self: Arc<Self>, messages: Vec<Record>) {
+    async fn process_batch(
+        self: Arc<Self>,
+        messages: Vec<Record>,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
         let this: &Ingest = &self;
-        let Ok(_permit) = Arc::clone(&self.permits).acquire_owned().await else {
-            return; // Never closed.
+        let _permit = match permit {
+            Some(permit) => permit,
+            None => match Arc::clone(&self.permits).acquire_owned().await {
+                Ok(permit) => permit,
+                Err(_) => return, // Never closed.
+            },
         };
         let mut writes: Vec<(usize, FeatureUpdate)> = Vec::with_capacity(messages.len());
         let mut rejects: Vec<(usize, ErrorBody)> = Vec::new();

@@ -5,6 +5,7 @@
 //! here and nowhere else; rdkafka 0.39 and later redact them in `ClientConfig`'s `Debug`, and
 //! inferflow never logs a `ClientConfig` anyway.
 
+pub mod commit;
 pub mod offsets;
 pub mod preflight;
 pub mod sink;

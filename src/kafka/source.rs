@@ -45,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batching::{Batch, BatchLimits, Batcher};
 use crate::config::KafkaConfig;
+use crate::kafka::commit::Commits;
 use crate::kafka::offsets::{OffsetTracker, Ticket, TopicPartition};
 use crate::kafka::sink::{DeliverError, OutRecord, Sink};
 use crate::kafka::transactional::Transactions;
@@ -245,8 +246,8 @@ pub struct SourceCore {
     /// Cancelled on a fatal error; the consumer thread then shuts down and reports it.
     fatal: CancellationToken,
     fatal_reason: Mutex<Option<String>>,
-    /// Exactly-once mode: outputs are held and committed in transactions instead of sent.
-    transactions: Option<Arc<Transactions>>,
+    /// How progress is made durable: stored offsets, or transactions (exactly once).
+    commits: Commits,
 }
 
 impl SourceCore {
@@ -263,20 +264,20 @@ impl SourceCore {
             abort: CancellationToken::new(),
             fatal: CancellationToken::new(),
             fatal_reason: Mutex::new(None),
-            transactions: None,
+            commits: Commits::Stored,
         }
     }
 
     /// Makes this an exactly-once source: offsets are committed in `transactions`, never
     /// stored or auto-committed.
     pub fn with_transactions(mut self, transactions: Arc<Transactions>) -> Self {
-        self.transactions = Some(transactions);
+        self.commits = Commits::Transactional(transactions);
         self
     }
 
     /// The transactional output stage, in exactly-once mode.
     pub fn transactions(&self) -> Option<&Arc<Transactions>> {
-        self.transactions.as_ref()
+        self.commits.transactions()
     }
 
     /// Finishes `n` records without touching the tracker (exactly-once mode: once their
@@ -503,13 +504,7 @@ pub fn start<H: BatchHandler>(
         rebalance_drain_timeout: spec.rebalance_drain_timeout,
     };
     let mut client = crate::kafka::consumer_config(kafka, &spec.group_id);
-    if core.transactions().is_some() {
-        // Offsets are committed only in transactions; requests written transactionally are
-        // read once committed.
-        client
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed");
-    }
+    core.commits.configure(&mut client);
     client
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set(
@@ -607,10 +602,7 @@ impl<H: BatchHandler> ConsumerContext for SourceContext<H> {
                 source = core.name,
                 "assignment lost; in-flight work of these partitions will be redelivered"
             );
-            core.tracker.revoke(&partitions);
-            if let Some(txn) = core.transactions() {
-                txn.revoke(core, &partitions);
-            }
+            core.commits.lost(core, &partitions);
             return;
         }
         metrics::counter!(m::REBALANCES_TOTAL, "kind" => "revoke", "source" => core.name)
@@ -632,15 +624,7 @@ impl<H: BatchHandler> ConsumerContext for SourceContext<H> {
                 "revoked partitions did not drain in time; their unfinished records will be redelivered"
             );
         }
-        if let Some(txn) = core.transactions() {
-            if let Err(err) = txn.commit(core, consumer, true) {
-                tracing::warn!(error = %err, source = core.name, "transaction before giving up partitions failed");
-            }
-            txn.revoke(core, &partitions);
-        } else if let Err(err) = core.tracker.commit_now(consumer, Some(&partitions)) {
-            tracing::warn!(error = %err, source = core.name, "commit before giving up partitions failed");
-        }
-        core.tracker.revoke(&partitions);
+        core.commits.revoked(core, consumer, &partitions);
         tracing::info!(?partitions, source = core.name, "partitions revoked");
     }
 
@@ -651,11 +635,8 @@ impl<H: BatchHandler> ConsumerContext for SourceContext<H> {
                     .increment(1);
                 let partitions = topic_partitions(tpl);
                 tracing::info!(?partitions, source = self.core.name, "partitions assigned");
-                if let Some(txn) = self.core.transactions() {
-                    txn.assign(&self.core, &partitions);
-                }
                 self.handler.assigned(&partitions);
-                self.core.tracker.assign(partitions);
+                self.core.commits.assigned(&self.core, partitions);
                 // librdkafka keeps an application pause across unassign and reassign, so a
                 // partition paused before it was revoked would come back paused: set the state
                 // explicitly either way.
@@ -868,17 +849,7 @@ fn dispatch_due<H: BatchHandler>(context: &SourceContext<H>, now: Instant, drain
 /// Stores the positions that advanced (at least once; auto-commit commits them) or commits a
 /// transaction when one is due (exactly once).
 fn store_progress<H: BatchHandler>(core: &SourceCore, consumer: &BaseConsumer<SourceContext<H>>) {
-    match core.transactions() {
-        Some(txn) => {
-            // Failures are logged, and handled (rewind or stop), inside.
-            let _ = txn.commit(core, consumer, false);
-        }
-        None => {
-            if let Err(err) = core.tracker.store(consumer) {
-                tracing::warn!(error = %err, source = core.name, "storing offsets failed; retrying");
-            }
-        }
-    }
+    core.commits.progress(core, consumer);
 }
 
 /// Stores the positions that advanced, at most every [`STORE_EVERY`].
@@ -892,22 +863,6 @@ fn store_due<H: BatchHandler>(
         *last_store = now;
         store_progress(core, consumer);
     }
-}
-
-/// Commit errors that clear up once this member has caught up with the group.
-fn commit_retriable(err: &rdkafka::error::KafkaError) -> bool {
-    use RDKafkaErrorCode as C;
-    matches!(
-        err.rdkafka_error_code(),
-        Some(
-            C::RebalanceInProgress
-                | C::IllegalGeneration
-                | C::CoordinatorLoadInProgress
-                | C::NotCoordinator
-                | C::CoordinatorNotAvailable
-                | C::RequestTimedOut
-        )
-    )
 }
 
 /// Pauses (or resumes) every assigned partition; returns how many.
@@ -973,46 +928,9 @@ fn shutdown<H: BatchHandler>(
     }
     core.abort.cancel();
     context.shutting_down.store(true, Ordering::Release);
-    // The group may be mid-rebalance (another member joining or leaving): the broker then
-    // refuses commits until this member has rejoined, which needs polls. Keep serving the group
-    // and retry until the commit lands or the deadline passes.
-    if let Some(txn) = core.transactions() {
-        // One last transaction; if it aborts, its records are consumed again after the restart.
-        // Offsets refused while the group rebalances are retried, serving the group meanwhile.
-        loop {
-            match txn.commit(&core, &consumer, true) {
-                Ok(_) => break,
-                Err(crate::kafka::transactional::TxnError::Refused(err))
-                    if Instant::now() < deadline =>
-                {
-                    tracing::debug!(error = %err, "final transaction refused for now; polling and retrying");
-                    let _ = consumer.poll(Duration::from_millis(100));
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, source = core.name, "final transaction failed; the last records will be processed again");
-                    break;
-                }
-            }
-        }
-    }
-    while core.transactions().is_none() {
-        match core.tracker.commit_now(&consumer, None) {
-            Ok(()) => break,
-            Err(err) if Instant::now() < deadline && commit_retriable(&err) => {
-                tracing::debug!(error = %err, "final commit refused for now; polling and retrying");
-                let _ = consumer.poll(Duration::from_millis(100));
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, source = core.name, "final commit failed; the last records may be redelivered");
-                break;
-            }
-        }
-    }
-    // Nothing more will be stored; the revoke callback run by the close must not wait again.
-    core.tracker.revoke_all();
-    if let Some(txn) = core.transactions() {
-        txn.revoke_all(&core);
-    }
+    // The last commit, then nothing more is stored; the revoke callback run by the close
+    // must not wait again.
+    core.commits.finish(&core, &consumer, deadline);
     context.handler.close();
     if let Err(err) = core.sink.flush(
         deadline

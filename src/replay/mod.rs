@@ -86,6 +86,9 @@ pub struct Computed {
 pub struct ReplayStore {
     cache: moka::future::Cache<String, Arc<(u64, ExecOutput)>>,
     durable: Option<Arc<Durable>>,
+    /// Lookups in the in-process tier by outcome, looked up once (not per request).
+    memory_hits: metrics::Counter,
+    memory_misses: metrics::Counter,
 }
 
 struct Durable {
@@ -157,6 +160,8 @@ impl ReplayStore {
                 .time_to_live(ttl)
                 .build(),
             durable: None,
+            memory_hits: metrics::counter!(m::REPLAY_LOOKUPS_TOTAL, "outcome" => "hit", "tier" => "memory"),
+            memory_misses: metrics::counter!(m::REPLAY_LOOKUPS_TOTAL, "outcome" => "miss", "tier" => "memory"),
         }
     }
 
@@ -173,9 +178,11 @@ impl ReplayStore {
             .await
             .filter(|entry| entry.0 == fingerprint)
             .map(|entry| entry.1.clone());
-        let outcome = if found.is_some() { "hit" } else { "miss" };
-        metrics::counter!(m::REPLAY_LOOKUPS_TOTAL, "outcome" => outcome, "tier" => "memory")
-            .increment(1);
+        if found.is_some() {
+            self.memory_hits.increment(1);
+        } else {
+            self.memory_misses.increment(1);
+        }
         found
     }
 
