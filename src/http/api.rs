@@ -1,6 +1,6 @@
 //! The inference and feature API beside Kafka: `POST /v1/predict`,
 //! `POST /v1/pipelines/{id}/execute`, and reads and writes of features
-//! (`schemas/openapi.v1.json` describes them).
+//! (`schemas/openapi/inferflow.v1.json` describes them).
 //!
 //! A request over HTTP goes through the same decoding ([`crate::decode`]), the same executor
 //! (so the same models, result cache, rate limits, breakers and provider concurrency), the
