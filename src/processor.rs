@@ -650,6 +650,7 @@ pub fn result_bytes(
         Err(error) => {
             view.status = Status::Error;
             view.error = Some(error);
+            view.steps = &error.steps;
         }
     }
     let mut buf = Vec::with_capacity(RESULT_BUFFER_BYTES);
@@ -697,8 +698,10 @@ pub fn result_document(
             doc.cached = out.cached;
             doc.steps = out.steps;
         }
-        Err(error) => {
+        Err(mut error) => {
             doc.status = Status::Error;
+            // A failed pipeline's steps that ran, the failed one last.
+            doc.steps = std::mem::take(&mut error.steps);
             doc.error = Some(error);
         }
     }

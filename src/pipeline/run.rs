@@ -261,7 +261,12 @@ impl<'s> Engine<'s> {
                         item.steps.push(sub);
                     }
                 }
-                Some(Err(e)) => {
+                Some(Err(mut e)) => {
+                    // A chained pipeline's steps, up to the one that failed.
+                    for mut sub in std::mem::take(&mut e.body.steps) {
+                        sub.name = format!("{}/{}", step.name, sub.name);
+                        item.steps.push(sub);
+                    }
                     metrics::counter!(
                         PIPELINE_STEP_ERRORS_TOTAL,
                         "pipeline" => pipeline.to_owned(),
@@ -618,10 +623,13 @@ impl<'s> Engine<'s> {
         children
             .into_iter()
             .map(|child| match child.error {
-                Some(body) => Err(StepError {
-                    body,
-                    retryable: false,
-                }),
+                Some(mut body) => {
+                    body.steps = child.steps;
+                    Err(StepError {
+                        body,
+                        retryable: false,
+                    })
+                }
                 None => Ok(Delta {
                     data: Some(child.data),
                     features: Some(child.features),

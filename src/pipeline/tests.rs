@@ -67,6 +67,9 @@ async fn on_error_fail_skip_and_default() {
     }
     let err = m.execute("fail", json!({"a": 1})).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::StepFailed);
+    // The steps that ran, the failed one last; the one after it never ran.
+    let names: Vec<&str> = err.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["postprocess"]);
     assert!(
         err.message
             .starts_with("step `postprocess`: no value at `missing`"),
