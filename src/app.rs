@@ -17,7 +17,7 @@ use crate::pipeline::{PipelineDef, PipelineExecutor, PipelineManager, StepDef, S
 
 use crate::config::{Config, Sources};
 use crate::http::api::Api;
-use crate::http::{AppState, Readiness, router};
+use crate::http::{AppState, Readiness, SharedStore, router};
 
 /// Serves HTTP on an already bound listener until `shutdown` completes: `/metrics`,
 /// `/healthz` and `/readyz` only.
@@ -30,8 +30,8 @@ pub async fn serve(
     serve_with(config, listener, metrics, None, None, shutdown).await
 }
 
-/// [`serve`], plus the inference and feature API when `api` is given; readiness checks
-/// `store` when given.
+/// [`serve`], plus the inference and feature API when `api` is given. Readiness checks the
+/// API's feature store, or `store` when given without an API, or the configured one.
 pub async fn serve_with(
     config: &Config,
     listener: TcpListener,
@@ -42,8 +42,11 @@ pub async fn serve_with(
 ) -> anyhow::Result<()> {
     let mut readiness = Readiness::new(&config.kafka, &config.feature_store)
         .context("creating the Kafka client for readiness checks")?;
-    if let Some(store) = store {
-        readiness = readiness.with_store(store);
+    // Readiness checks the store the API uses (one store: an embedded file opens once).
+    match (&api, store) {
+        (Some(api), _) => readiness = readiness.with_shared_store(Arc::clone(&api.features)),
+        (None, Some(store)) => readiness = readiness.with_store(store),
+        (None, None) => {}
     }
     let serving_api = api.is_some();
     let state = AppState {
@@ -61,7 +64,8 @@ pub async fn serve_with(
     Ok(())
 }
 
-/// The API over the service's executor and store.
+/// The API over the service's executor and store: `features` when the service opened one,
+/// otherwise the configured store, opened on the first feature request.
 pub fn api(
     config: &Config,
     executor: Arc<dyn crate::executor::Executor>,
@@ -69,7 +73,7 @@ pub fn api(
 ) -> Api {
     Api {
         executor,
-        features,
+        features: Arc::new(SharedStore::new(&config.feature_store, features)),
         rules: crate::decode::DecodeRules {
             max_request_bytes: config.executor.max_request_bytes.get(),
             reply_to_allowed: config.topics.reply_to_allowed.iter().cloned().collect(),

@@ -3,6 +3,15 @@
 //! Names follow `inferflow_<area>_<what>_<unit>`, with `_total` for counters. They are constants
 //! here so that every emitter and every dashboard agree; each is described once at start-up.
 //! Labels stay low-cardinality: no request ids, keys or error text.
+//!
+//! The recorder keeps every histogram sample until its upkeep folds them into the buckets.
+//! [`install`] runs that upkeep every [`UPKEEP_INTERVAL`] on a thread of its own ([`Upkeep`]), so
+//! memory stays flat whether or not anything scrapes `/metrics` (`inferflow run`, and library
+//! users who install the recorder). A recorder from [`local`] needs its own [`Upkeep`].
+
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -141,18 +150,75 @@ fn builder() -> PrometheusBuilder {
     with(builder, BATCH_SIZE_RECORDS, BATCH_SIZE_BUCKETS)
 }
 
-/// Installs the global Prometheus recorder and describes inferflow's metrics. Returns the handle
-/// `/metrics` renders from. Installing twice (tests, embedding) is an error.
+/// How often [`install`]'s upkeep drains the recorded histogram samples into their buckets.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Installs the global Prometheus recorder, describes inferflow's metrics and starts the
+/// recorder's [`Upkeep`] for the rest of the process. Returns the handle `/metrics` renders
+/// from. Installing twice (tests, embedding) is an error.
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
     let handle = builder().install_recorder()?;
     describe();
+    // The global recorder lives as long as the process, and so does its upkeep.
+    match Upkeep::start(handle.clone(), UPKEEP_INTERVAL) {
+        Ok(upkeep) => upkeep.detach(),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "could not start the metrics upkeep thread: histogram samples are kept until /metrics is read"
+        ),
+    }
     Ok(handle)
 }
 
 /// A recorder that is not installed globally: for tests and for embedding next to another
-/// recorder.
+/// recorder. Nothing drains its histogram samples but rendering; run an [`Upkeep`] for it when
+/// nothing renders it regularly.
 pub fn local() -> PrometheusHandle {
     builder().build_recorder().handle()
+}
+
+/// A thread that runs a recorder's upkeep ([`PrometheusHandle::run_upkeep`]: folding the
+/// histogram samples recorded since into their buckets, and freeing them) every interval. It
+/// stops when dropped, unless [detached](Self::detach).
+#[derive(Debug)]
+pub struct Upkeep {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Upkeep {
+    /// Starts the thread. Fails only when the operating system refuses a thread.
+    pub fn start(handle: PrometheusHandle, interval: Duration) -> std::io::Result<Upkeep> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                    handle.run_upkeep();
+                }
+            })?;
+        Ok(Upkeep {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Lets the thread run until the process ends.
+    pub fn detach(mut self) {
+        // The thread stops when every sender is gone; this one never goes.
+        std::mem::forget(self.stop.take());
+        self.thread = None;
+    }
+}
+
+impl Drop for Upkeep {
+    fn drop(&mut self) {
+        // Dropping the sender wakes and stops the thread.
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 fn describe() {

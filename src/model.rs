@@ -86,13 +86,18 @@ impl fmt::Display for ErrorKind {
 }
 
 /// An error with its kind and a human-readable message (never containing secrets).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
 #[error("{kind}: {message}")]
 pub struct ErrorBody {
     /// Stable kind.
     pub kind: ErrorKind,
     /// What went wrong, for people.
     pub message: String,
+    /// The pipeline steps that ran before the request failed, the failed one last (empty when
+    /// no step ran). Not part of the error on the wire: the result document puts them in its
+    /// own `steps`.
+    #[serde(skip)]
+    pub steps: Vec<StepRecord>,
 }
 
 impl ErrorBody {
@@ -101,6 +106,7 @@ impl ErrorBody {
         ErrorBody {
             kind,
             message: message.into(),
+            steps: Vec::new(),
         }
     }
 }

@@ -900,6 +900,7 @@ pub fn write_result(
         Err(error) => {
             view.status = Status::Error;
             view.error = Some(error);
+            view.steps = &error.steps;
         }
     }
     let start = buf.len();
@@ -947,8 +948,10 @@ pub fn result_document(
             doc.cached = out.cached;
             doc.steps = out.steps;
         }
-        Err(error) => {
+        Err(mut error) => {
             doc.status = Status::Error;
+            // A failed pipeline's steps that ran, the failed one last.
+            doc.steps = std::mem::take(&mut error.steps);
             doc.error = Some(error);
         }
     }

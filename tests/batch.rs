@@ -104,6 +104,46 @@ fn sentiment_batch_labels_every_line_in_order_with_step_records() {
         err.contains("4 ok, 0 error, 0 skipped"),
         "summary missing: {err}"
     );
+    // The summary line has the shape of the README's example.
+    let summary = err.lines().last().unwrap_or_default();
+    assert_eq!(shape(summary), shape(&readme_summary()), "{summary}");
+}
+
+/// The example summary line in the README's batch section (the line after its "one summary
+/// line" text, in a `text` block).
+fn readme_summary() -> String {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let from = readme
+        .find("one summary line")
+        .expect("the README describes the summary line");
+    readme[from..]
+        .lines()
+        .map(str::trim)
+        .find(|l| l.contains(" lines: "))
+        .expect("the README shows a summary line")
+        .to_owned()
+}
+
+/// A summary line with its numbers as `#` and its output path as `PATH`.
+fn shape(line: &str) -> String {
+    let line = match line.split_once(" -> ") {
+        Some((head, _)) => format!("{head} -> PATH"),
+        None => line.to_owned(),
+    };
+    let mut out = String::new();
+    let mut in_number = false;
+    for c in line.chars() {
+        let numeric = c.is_ascii_digit() || (in_number && c == '.');
+        if numeric {
+            if !in_number {
+                out.push('#');
+            }
+        } else {
+            out.push(c);
+        }
+        in_number = numeric;
+    }
+    out
 }
 
 #[test]

@@ -50,6 +50,8 @@ enum Step {
     Content(&'static str),
     /// Never answer.
     Hang,
+    /// 200 with a body that is not JSON.
+    Garbage,
 }
 
 /// One request as the fake server saw it.
@@ -133,6 +135,7 @@ async fn begin(
             Ok(None)
         }
         Step::Hang => std::future::pending().await,
+        Step::Garbage => Err((StatusCode::OK, "<html>upstream proxy</html>").into_response()),
         Step::Fail(status, retry_after) => {
             let (kind, code, message) = match status {
                 400 => (
@@ -907,4 +910,67 @@ async fn breaker_opens_on_500s_waits_out_the_cool_down_and_closes_after_a_probe(
     assert_eq!(fake.attempts(), 7);
     assert_eq!(manager.breaker_state("openai"), Some(BreakerState::Closed));
     assert_eq!(executor.hold(), None);
+}
+
+/// A model step with `retries = 2` over the OpenAI provider (`retry.max_attempts = 3`): the
+/// provider owns the attempt count. Failures retrying cannot fix (401, 400, a malformed
+/// response) reach the server once; transient ones (503, a timeout) are retried by the
+/// provider up to `max_attempts` and not again by the step, so no request makes more than the
+/// documented bound of `retry.max_attempts` HTTP requests per model step.
+#[tokio::test]
+async fn pipeline_steps_do_not_retry_what_the_provider_owns() {
+    use inferflow::pipeline::{PipelineManager, def};
+    use inferflow::providers::manager::{ModelManager, ModelSpec};
+
+    const MAX_ATTEMPTS: usize = 3;
+    let cases: [(&str, Vec<Step>, usize, ErrorKind); 5] = [
+        ("401", vec![Step::EchoKey401], 1, ErrorKind::ProviderError),
+        (
+            "400",
+            vec![Step::Fail(400, None)],
+            1,
+            ErrorKind::ProviderError,
+        ),
+        (
+            "malformed",
+            vec![Step::Garbage],
+            1,
+            ErrorKind::ProviderError,
+        ),
+        (
+            "503",
+            vec![Step::Fail(503, None); 20],
+            MAX_ATTEMPTS,
+            ErrorKind::ProviderError,
+        ),
+        (
+            "timeout",
+            vec![Step::Hang; 20],
+            MAX_ATTEMPTS,
+            ErrorKind::ProviderTimeout,
+        ),
+    ];
+    for (name, script, expected, kind) in cases {
+        let fake = Fake::start(script).await;
+        let mut config = config(fake.base_url());
+        config.timeout_ms = NonZeroU64::new(150).unwrap();
+        config.retry.max_attempts = NonZeroU32::new(MAX_ATTEMPTS as u32).unwrap();
+        let models = Arc::new(ModelManager::new());
+        models.register_provider("openai", Arc::new(provider(config)));
+        models
+            .load_model(ModelSpec {
+                cache: false,
+                ..ModelSpec::new("assistant", "1", "openai", "chat")
+            })
+            .unwrap();
+        let pipelines = PipelineManager::new(models);
+        let text = "id = \"ask\"\n[[steps]]\ntype = \"model\"\nmodel = \"assistant\"\nretries = 2\nretry_backoff_ms = 1\n";
+        pipelines
+            .create_pipeline(def::parse(text, "ask", "test").unwrap())
+            .unwrap();
+        let err = pipelines.execute("ask", json!("hi")).await.unwrap_err();
+        assert_eq!(err.kind, kind, "{name}: {err}");
+        assert_eq!(fake.attempts(), expected, "{name}: {err}");
+        assert!(fake.attempts() <= MAX_ATTEMPTS, "{name}: over the bound");
+    }
 }

@@ -31,10 +31,15 @@
 //!
 //! A write is one write transaction, and redb runs one write transaction at a time, so reading
 //! the current value, comparing versions and writing cannot interleave with another write. The
-//! current value is replaced only by a strictly higher version: a lower version arriving late
-//! changes nothing, and neither does a repeated version, whatever its content (the first content
-//! written under a version stays; the CQL backend keeps an arbitrary one of two contents). Every
-//! write also records its version in `feature_history` unless that version is already there.
+//! current value is replaced only by a higher version: a lower version arriving late changes
+//! nothing, and a repeated version with the same values changes nothing either. Every write
+//! also records its version in `feature_history`.
+//!
+//! One version written again with *different* values follows the store-wide rule (see
+//! [`super::model::same_version_wins`]): the greater values, compared as their compact JSON
+//! text byte by byte, stay, with the later `updated_at`, in the current value and in the
+//! version's history row alike, whatever order the writes arrive in. That is what a CQL
+//! database does by itself with two cells of one write timestamp, so both backends agree.
 //!
 //! # Durability
 //!
@@ -522,17 +527,20 @@ impl Inner {
                 .map_err(embedded(OPERATION))?
                 .map(|v| decode_feature(OPERATION, &key, v.value()))
                 .transpose()?;
-            if current.is_none_or(|c| update.version > c.version) {
-                let stored = StoredFeature {
+            let next = match current {
+                None => Some(StoredFeature {
                     version: update.version,
                     updated_at_ms: update.updated_at_ms,
                     expires_at_ms,
                     values: Some(update.values.clone()),
-                };
+                }),
+                Some(c) => merge(c, update, expires_at_ms),
+            };
+            if let Some(stored) = next {
                 features
                     .insert(key.as_slice(), encode(&stored).as_slice())
                     .map_err(embedded(OPERATION))?;
-                if let Some(at) = expires_at_ms {
+                if let Some(at) = stored.expires_at_ms {
                     expiry
                         .insert(expiry_key(at, KIND_FEATURE, &key).as_slice(), ())
                         .map_err(embedded(OPERATION))?;
@@ -543,18 +551,22 @@ impl Inner {
             let seen = history
                 .get(history_key.as_slice())
                 .map_err(embedded(OPERATION))?
-                .is_some();
-            if !seen {
-                let stored = StoredFeature {
+                .map(|v| decode_feature(OPERATION, &history_key, v.value()))
+                .transpose()?;
+            let next = match seen {
+                None => Some(StoredFeature {
                     version: update.version,
                     updated_at_ms: update.updated_at_ms,
                     expires_at_ms: history_expires_at_ms,
                     values: Some(update.values.clone()),
-                };
+                }),
+                Some(seen) => merge(seen, update, history_expires_at_ms),
+            };
+            if let Some(stored) = next {
                 history
                     .insert(history_key.as_slice(), encode(&stored).as_slice())
                     .map_err(embedded(OPERATION))?;
-                if let Some(at) = history_expires_at_ms {
+                if let Some(at) = stored.expires_at_ms {
                     expiry
                         .insert(expiry_key(at, KIND_HISTORY, &history_key).as_slice(), ())
                         .map_err(embedded(OPERATION))?;
@@ -759,6 +771,45 @@ impl Inner {
 type BytesTable<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
 
 /// Handles up to `limit` expiry entries due at `now` (see the module documentation).
+/// What `update` (expiring at `expires_at_ms`) makes of the stored record `stored`: the record
+/// to write, or `None` to leave it. A higher version replaces it; a lower one changes nothing;
+/// the same version keeps the greater values and the later `updated_at`
+/// ([`super::model::same_version_wins`]). A tombstone of the same version stays: the version
+/// expired, and a late write of it does not bring it back.
+fn merge(
+    stored: StoredFeature,
+    update: &FeatureUpdate,
+    expires_at_ms: Option<u64>,
+) -> Option<StoredFeature> {
+    let incoming = || StoredFeature {
+        version: update.version,
+        updated_at_ms: update.updated_at_ms,
+        expires_at_ms,
+        values: Some(update.values.clone()),
+    };
+    if update.version > stored.version {
+        return Some(incoming());
+    }
+    if update.version < stored.version {
+        return None;
+    }
+    let values = stored.values.as_ref()?;
+    let updated_at_ms = stored.updated_at_ms.max(update.updated_at_ms);
+    if super::model::same_version_wins(&update.values, values) {
+        Some(StoredFeature {
+            updated_at_ms,
+            ..incoming()
+        })
+    } else if updated_at_ms > stored.updated_at_ms {
+        Some(StoredFeature {
+            updated_at_ms,
+            ..stored
+        })
+    } else {
+        None
+    }
+}
+
 fn sweep<'txn>(
     now: u64,
     limit: usize,

@@ -250,7 +250,8 @@ impl FeatureStore {
     }
 
     /// Writes one version of a feature, then updates a cached entry if the version written is
-    /// at least the cached one.
+    /// newer than the cached one, and drops a cached entry of the same version with other
+    /// values.
     pub async fn set_feature(&self, update: &FeatureUpdate) -> Result<(), FeatureStoreError> {
         let key = update.key();
         // The TTL runs from the write, so the cache's clock starts before it.
@@ -267,8 +268,16 @@ impl FeatureStore {
             Some(Arc::new(Feature::from_update(update))),
             ttl,
             now,
-            |cached| cached.as_ref().is_none_or(|f| f.version <= version),
+            |cached| cached.as_ref().is_none_or(|f| f.version < version),
         );
+        // The cached version written again: with the same values nothing changed; with other
+        // values the backend decided which stay (`model::same_version_wins`), so the next read
+        // asks it.
+        self.cache.invalidate_if(&key, |cached| {
+            cached
+                .as_ref()
+                .is_some_and(|f| f.version == version && f.values != update.values)
+        });
         Ok(())
     }
 

@@ -252,6 +252,24 @@ pub struct FeatureValue {
     pub age_ms: u64,
 }
 
+/// The rule for one feature version written again with *different* values: true when the
+/// `incoming` values win over the `stored` ones, that is when their compact JSON text (as the
+/// CQL backend stores it in `values_json`) is greater byte by byte. The later `updated_at` is
+/// kept either way.
+///
+/// Why this rule: ingestion delivers at least once and writes run concurrently, so the two
+/// writes can arrive in either order, on each CQL replica independently. A rule that depends
+/// on the order (first or last write wins) cannot be applied without reading first, which CQL
+/// can only do with a lightweight transaction (a Paxos round per write). Comparing the values
+/// gives the same answer in every order, is idempotent, and is what a CQL database does by
+/// itself with two cells of one write timestamp (the version's), so the embedded backend
+/// applies it and both agree. A version should still mean one content: this only makes a
+/// mistake converge.
+pub fn same_version_wins(incoming: &Map<String, Value>, stored: &Map<String, Value>) -> bool {
+    let text = |values: &Map<String, Value>| serde_json::to_vec(values).unwrap_or_default();
+    text(incoming) > text(stored)
+}
+
 /// The current Unix time in milliseconds (0 if the clock is before 1970).
 pub fn unix_now_ms() -> u64 {
     SystemTime::now()

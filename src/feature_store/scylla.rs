@@ -21,8 +21,11 @@
 //! - every write and delete uses a version-derived timestamp; a plain `DELETE` or `INSERT`
 //!   stamped with the current time outranks every version whose millisecond value is older;
 //! - one version means one content. Two different contents written with the same version tie
-//!   on the timestamp; the database then keeps, cell by cell, the larger value (so replicas
-//!   still agree, but the winner is arbitrary);
+//!   on the timestamp; the database then keeps, cell by cell, the larger value: the greater
+//!   `values_json` and the later `updated_at`, in every order and on every replica. That is the
+//!   store-wide rule ([`super::model::same_version_wins`]), which the embedded backend applies
+//!   too. (With TTLs that differ between the two writes, which expiry the database keeps is its
+//!   own business.)
 //! - once a version has expired (TTL), older versions written afterwards stay hidden until the
 //!   expired cells are purged (`gc_grace_seconds` after expiry), then they can reappear.
 //!

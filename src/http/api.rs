@@ -1,6 +1,6 @@
 //! The inference and feature API beside Kafka: `POST /v1/predict`,
 //! `POST /v1/pipelines/{id}/execute`, and reads and writes of features
-//! (`schemas/openapi.v1.json` describes them).
+//! (`schemas/openapi/inferflow.v1.json` describes them).
 //!
 //! A request over HTTP goes through the same decoding ([`crate::decode`]), the same executor
 //! (so the same models, result cache, rate limits, breakers and provider concurrency), the
@@ -32,8 +32,9 @@ use crate::processor::result_document;
 pub struct Api {
     /// The executor the processor uses too.
     pub executor: Arc<dyn Executor>,
-    /// The feature store, when one is open.
-    pub features: Option<Arc<FeatureStore>>,
+    /// The feature store: the one the service opened, or the configured one, opened on first
+    /// use. Readiness checks the same one.
+    pub features: Arc<super::SharedStore>,
     /// Decoding rules (size limit, `reply_to` allow-list), as for Kafka.
     pub rules: DecodeRules,
     /// `executor.execute_timeout_ms`.
@@ -291,11 +292,15 @@ async fn execute_one(api: &Api, target: &Target, request: ExecRequest) -> ExecRe
     }
 }
 
-fn store(api: &Api) -> Result<&Arc<FeatureStore>, ErrorBody> {
-    api.features.as_ref().ok_or_else(|| {
+/// The store, opened on first use; 503 (`feature_store_error`) when it cannot be opened.
+async fn store(api: &Api) -> Result<&Arc<FeatureStore>, ErrorBody> {
+    api.features.get().await.map_err(|e| {
         ErrorBody::new(
             ErrorKind::FeatureStoreError,
-            "no feature store is open (enable [ingest] or use a pipeline with a features step)",
+            format!(
+                "could not open the feature store ({}): {e}",
+                api.features.describe()
+            ),
         )
     })
 }
@@ -312,7 +317,7 @@ fn store_error(err: crate::feature_store::FeatureStoreError) -> Response {
 /// `PUT /v1/features`: one feature update, the same document as on the features topic
 /// (`schemas/feature_update.v1.json`); `event_time` defaults to now.
 async fn put_feature(State(api): State<Arc<Api>>, body: Body) -> Response {
-    let store = match store(&api) {
+    let store = match store(&api).await {
         Ok(s) => Arc::clone(s),
         Err(error) => return error_response(error),
     };
@@ -356,7 +361,7 @@ async fn get_vector(
     Path((entity_type, entity_id)): Path<(String, String)>,
     Query(query): Query<NamesQuery>,
 ) -> Response {
-    let store = match store(&api) {
+    let store = match store(&api).await {
         Ok(s) => s,
         Err(error) => return error_response(error),
     };
@@ -388,7 +393,7 @@ async fn get_feature(
     State(api): State<Arc<Api>>,
     Path((entity_type, entity_id, feature)): Path<(String, String, String)>,
 ) -> Response {
-    let store = match store(&api) {
+    let store = match store(&api).await {
         Ok(s) => s,
         Err(error) => return error_response(error),
     };
@@ -417,7 +422,7 @@ async fn get_group_vector(
     Path((group, entity_id)): Path<(String, String)>,
     Query(query): Query<VersionQuery>,
 ) -> Response {
-    let store = match store(&api) {
+    let store = match store(&api).await {
         Ok(s) => s,
         Err(error) => return error_response(error),
     };

@@ -1,6 +1,8 @@
 //! The HTTP server: `/metrics` (Prometheus), `/healthz` (the process is alive), `/readyz`
-//! (Kafka and the feature store both answer a real request), and, when the service runs, the
-//! inference and feature API of [`api`] (`/v1/...`).
+//! (Kafka and the feature store both answer a real request, and the report says what was
+//! checked), and, when the service runs, the inference and feature API of [`api`] (`/v1/...`).
+//! The feature routes and readiness share one [`SharedStore`]: the store the service opened,
+//! or the configured one, opened on first use.
 //!
 //! The router is built by [`router`] so tests can serve it on a port-0 listener.
 
@@ -21,8 +23,68 @@ use scylla::client::session::Session;
 use serde::Serialize;
 use tokio::sync::OnceCell;
 
-use crate::config::{FeatureStoreConfig, KafkaConfig};
+use crate::config::{FeatureStoreBackend, FeatureStoreConfig, KafkaConfig};
+use crate::feature_store::{FeatureStore, FeatureStoreError};
 use crate::metrics::{READINESS_CHECKS_TOTAL, UPTIME_SECONDS};
+
+/// The feature store of the HTTP routes and of readiness: the one the service opened (for
+/// ingestion or a features step), or the configured one, opened on first use so a deployment
+/// that never reads features needs no database at start-up. A failed open is tried again on
+/// the next use. A store opened here gets its cache maintenance until this is dropped.
+pub struct SharedStore {
+    config: FeatureStoreConfig,
+    cell: OnceCell<Arc<FeatureStore>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl SharedStore {
+    /// `opened` when the service has a store open already; otherwise the store of `config`,
+    /// opened on first use.
+    pub fn new(config: &FeatureStoreConfig, opened: Option<Arc<FeatureStore>>) -> Self {
+        SharedStore {
+            config: config.clone(),
+            cell: OnceCell::new_with(opened),
+            stop: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+
+    /// The store, opened now if it is not open yet.
+    pub async fn get(&self) -> Result<&Arc<FeatureStore>, FeatureStoreError> {
+        self.cell
+            .get_or_try_init(|| async {
+                let store = Arc::new(FeatureStore::open(&self.config).await?);
+                tokio::spawn(Arc::clone(&store).maintain(self.stop.clone()));
+                tracing::info!(store = %self.describe(), "feature store opened for the HTTP API");
+                Ok(store)
+            })
+            .await
+    }
+
+    /// The store, if it is open.
+    pub fn opened(&self) -> Option<&Arc<FeatureStore>> {
+        self.cell.get()
+    }
+
+    /// Which store this is, for people: the backend and where it keeps its data.
+    pub fn describe(&self) -> String {
+        match self.config.backend {
+            FeatureStoreBackend::Scylla => format!(
+                "scylla keyspace `{}` at {}",
+                self.config.keyspace,
+                self.config.contact_points.join(", ")
+            ),
+            FeatureStoreBackend::Embedded => {
+                format!("embedded file {}", self.config.path.display())
+            }
+        }
+    }
+}
+
+impl Drop for SharedStore {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
 
 /// How long one dependency check may take before it counts as failed.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -32,10 +94,10 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct Readiness {
     /// A client without a group, used only for metadata requests.
     kafka: Arc<BaseConsumer>,
-    feature_store: FeatureStoreConfig,
-    /// The open feature store, when the service has one: checked through its own backend
-    /// (CQL or the embedded file) instead of a separate CQL connection.
-    store: Option<Arc<crate::feature_store::FeatureStore>>,
+    /// The feature store the API uses: checked through its own backend once open; before
+    /// that, a CQL store is checked with a query of its own (opening it could create its
+    /// schema) and an embedded one is opened (it is a local file).
+    store: Arc<SharedStore>,
     /// Connected on the first successful check and kept; a failed connect is retried next time.
     session: OnceCell<Session>,
 }
@@ -49,6 +111,10 @@ pub struct ReadinessReport {
     pub kafka: String,
     /// `"ok"` or the error from the feature store.
     pub feature_store: String,
+    /// What the feature-store check did, e.g. `a read through the embedded file
+    /// data/features.redb` or `a CQL query on system.local at 127.0.0.1:9042 (the store is not
+    /// open yet; the /v1/features routes open it on first use)`.
+    pub feature_store_check: String,
 }
 
 impl Readiness {
@@ -60,21 +126,26 @@ impl Readiness {
         let consumer: BaseConsumer = crate::kafka::base_client_config(kafka).create()?;
         Ok(Readiness {
             kafka: Arc::new(consumer),
-            feature_store: feature_store.clone(),
-            store: None,
+            store: Arc::new(SharedStore::new(feature_store, None)),
             session: OnceCell::new(),
         })
     }
 
-    /// Checks `store` (a real read through its backend) instead of connecting to CQL.
-    pub fn with_store(mut self, store: Arc<crate::feature_store::FeatureStore>) -> Self {
-        self.store = Some(store);
+    /// Checks `store` (a real read through its backend), an open store.
+    pub fn with_store(mut self, store: Arc<FeatureStore>) -> Self {
+        self.store = Arc::new(SharedStore::new(&self.store.config, Some(store)));
+        self
+    }
+
+    /// Checks the store the API uses.
+    pub fn with_shared_store(mut self, store: Arc<SharedStore>) -> Self {
+        self.store = store;
         self
     }
 
     /// Checks both dependencies concurrently.
     pub async fn check(&self) -> ReadinessReport {
-        let (kafka, cql) = tokio::join!(self.check_kafka(), self.check_feature_store());
+        let (kafka, (cql, checked)) = tokio::join!(self.check_kafka(), self.check_feature_store());
         for (dependency, result) in [("kafka", &kafka), ("feature_store", &cql)] {
             let outcome = if result.is_ok() { "ok" } else { "error" };
             metrics::counter!(READINESS_CHECKS_TOTAL, "dependency" => dependency, "outcome" => outcome)
@@ -85,6 +156,7 @@ impl Readiness {
             ready: kafka.is_ok() && cql.is_ok(),
             kafka: describe(kafka),
             feature_store: describe(cql),
+            feature_store_check: checked,
         }
     }
 
@@ -98,31 +170,48 @@ impl Readiness {
             .map_err(|e| format!("metadata request failed: {e}"))
     }
 
-    async fn check_feature_store(&self) -> Result<(), String> {
-        if let Some(store) = &self.store {
-            // Any read through the backend; a group of this name never exists.
-            let read = store.get_feature_group("inferflow-readiness-probe", Some(1));
-            return match tokio::time::timeout(CHECK_TIMEOUT * 2, read).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(err)) => Err(format!("read failed: {err}")),
-                Err(_) => Err("no answer in time".to_owned()),
+    /// The outcome, and what was checked.
+    async fn check_feature_store(&self) -> (Result<(), String>, String) {
+        let shared = &self.store;
+        if shared.opened().is_none() && shared.config.backend == FeatureStoreBackend::Scylla {
+            let checked = format!(
+                "a CQL query on system.local at {} (the store is not open yet; the /v1/features routes open it on first use)",
+                shared.config.contact_points.join(", ")
+            );
+            let attempt = async {
+                let session = self
+                    .session
+                    .get_or_try_init(|| crate::feature_store::connect(&shared.config))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                session
+                    .query_unpaged("SELECT release_version FROM system.local", &[])
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("query failed: {e}"))
             };
-        }
-        let attempt = async {
-            let session = self
-                .session
-                .get_or_try_init(|| crate::feature_store::connect(&self.feature_store))
+            let outcome = tokio::time::timeout(CHECK_TIMEOUT * 2, attempt)
                 .await
-                .map_err(|e| e.to_string())?;
-            session
-                .query_unpaged("SELECT release_version FROM system.local", &[])
+                .unwrap_or_else(|_| Err("no answer in time".to_owned()));
+            return (outcome, checked);
+        }
+        let checked = format!("a read through the {}", shared.describe());
+        let attempt = async {
+            let store = shared
+                .get()
+                .await
+                .map_err(|e| format!("could not open the store: {e}"))?;
+            // Any read through the backend; a group of this name never exists.
+            store
+                .get_feature_group("inferflow-readiness-probe", Some(1))
                 .await
                 .map(|_| ())
-                .map_err(|e| format!("query failed: {e}"))
+                .map_err(|err| format!("read failed: {err}"))
         };
-        tokio::time::timeout(CHECK_TIMEOUT * 2, attempt)
+        let outcome = tokio::time::timeout(CHECK_TIMEOUT * 2, attempt)
             .await
-            .unwrap_or_else(|_| Err("no answer in time".to_owned()))
+            .unwrap_or_else(|_| Err("no answer in time".to_owned()));
+        (outcome, checked)
     }
 }
 

@@ -117,8 +117,12 @@ pub struct StepDef {
     /// Time allowed per attempt, milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
-    /// Extra attempts after a retryable failure (provider errors, timeouts, rate limits,
-    /// feature-store errors), up to 10.
+    /// Extra attempts after a transient failure, up to 10: feature-store errors and timeouts,
+    /// and a model call's transient failures when its provider does not retry them itself
+    /// (custom providers, the built-ins). The remote providers own their attempt count
+    /// (`retry.max_attempts`); their errors, and timeouts of steps calling them, are not
+    /// retried again here. Failures retrying cannot fix (4xx, malformed responses, bad input)
+    /// never are.
     #[serde(default)]
     pub retries: u32,
     /// Wait before the first retry, milliseconds; doubled before each next one, up to 5 s.

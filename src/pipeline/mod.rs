@@ -316,7 +316,11 @@ impl PipelineManager {
         items
             .into_iter()
             .map(|item| match item.error {
-                Some(e) => Err(e),
+                Some(mut e) => {
+                    // The steps that ran, the failed one last, go in the result's `steps`.
+                    e.steps = item.steps;
+                    Err(e)
+                }
                 None => Ok(ExecOutput {
                     output: item.data,
                     model_version: item.model_version,

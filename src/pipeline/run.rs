@@ -17,11 +17,11 @@ use super::Snapshot;
 use super::def::{FeatureSource, MAX_DEPTH, MAX_RETRY_BACKOFF, OnError, Pipeline, Step, StepKind};
 use super::path::JsonPath;
 use super::transform::{Transform, TransformContext};
-use crate::executor::{ExecRequest, Executor};
+use crate::executor::ExecRequest;
 use crate::feature_store::FeatureVector;
 use crate::metrics::{PIPELINE_MODEL_REQUESTS_TOTAL, PIPELINE_STEP_ERRORS_TOTAL};
 use crate::model::{Entity, ErrorBody, ErrorKind, StepRecord, Target};
-use crate::providers::manager::ModelExecutor;
+use crate::providers::manager::{ModelExecutor, RetryAdvice};
 
 /// One request on its way through a pipeline.
 #[derive(Debug, Clone)]
@@ -105,7 +105,13 @@ struct Delta {
     sub_steps: Vec<StepRecord>,
 }
 
-/// Why a step failed for one request.
+/// Why a step failed for one request, and whether the step's `retries` may try it again.
+///
+/// One layer owns the attempt count of each call. For a model step that is the provider when
+/// it retries its transient failures itself ([`RetryAdvice::Spent`]: the remote providers,
+/// under their `retry` policy), and the step otherwise ([`RetryAdvice::Allowed`]: custom
+/// providers, the built-ins). Failures retrying cannot fix ([`RetryAdvice::Never`]: 4xx,
+/// malformed responses, bad input) are never retried. A features step owns its retries.
 #[derive(Debug, Clone)]
 struct StepError {
     body: ErrorBody,
@@ -120,15 +126,12 @@ impl StepError {
         }
     }
 
-    fn from_body(body: ErrorBody) -> Self {
-        let retryable = matches!(
-            body.kind,
-            ErrorKind::ProviderError
-                | ErrorKind::ProviderTimeout
-                | ErrorKind::RateLimited
-                | ErrorKind::FeatureStoreError
-        );
-        StepError { body, retryable }
+    /// A feature-store failure, which the step may retry.
+    fn feature_store(message: impl Into<String>) -> Self {
+        StepError {
+            body: ErrorBody::new(ErrorKind::FeatureStoreError, message),
+            retryable: true,
+        }
     }
 }
 
@@ -258,7 +261,12 @@ impl<'s> Engine<'s> {
                         item.steps.push(sub);
                     }
                 }
-                Some(Err(e)) => {
+                Some(Err(mut e)) => {
+                    // A chained pipeline's steps, up to the one that failed.
+                    for mut sub in std::mem::take(&mut e.body.steps) {
+                        sub.name = format!("{}/{}", step.name, sub.name);
+                        item.steps.push(sub);
+                    }
                     metrics::counter!(
                         PIPELINE_STEP_ERRORS_TOTAL,
                         "pipeline" => pipeline.to_owned(),
@@ -304,17 +312,24 @@ impl<'s> Engine<'s> {
             Some(limit) => match tokio::time::timeout(limit, work).await {
                 Ok(outcomes) => outcomes,
                 Err(_) => {
-                    let kind = match step.kind {
-                        StepKind::Model { .. } => ErrorKind::ProviderTimeout,
-                        StepKind::Features { .. } => ErrorKind::FeatureStoreError,
-                        _ => ErrorKind::StepFailed,
+                    // A model call over a provider that retries itself had its attempts cut
+                    // short by the step's timeout, which bounds the call, retries included:
+                    // trying again would multiply the provider's attempts.
+                    let (kind, retryable) = match &step.kind {
+                        StepKind::Model { model, .. } => (
+                            ErrorKind::ProviderTimeout,
+                            !ModelExecutor::new(Arc::clone(&self.snapshot.models))
+                                .retries_itself(&Target::Model(model.clone())),
+                        ),
+                        StepKind::Features { .. } => (ErrorKind::FeatureStoreError, true),
+                        _ => (ErrorKind::StepFailed, true),
                     };
                     let e = StepError {
                         body: ErrorBody::new(
                             kind,
                             format!("timed out after {} ms", limit.as_millis()),
                         ),
-                        retryable: true,
+                        retryable,
                     };
                     vec![Err(e); idx.len()]
                 }
@@ -430,7 +445,7 @@ impl<'s> Engine<'s> {
             Vec::new()
         } else {
             executor
-                .execute(&Target::Model(model.to_owned()), requests)
+                .execute_classified(&Target::Model(model.to_owned()), requests)
                 .await
         }
         .into_iter();
@@ -451,7 +466,10 @@ impl<'s> Engine<'s> {
                             ..Delta::default()
                         })
                     }
-                    Some(Err(body)) => Err(StepError::from_body(body)),
+                    Some(Err(failure)) => Err(StepError {
+                        body: failure.body,
+                        retryable: failure.retry == RetryAdvice::Allowed,
+                    }),
                     None => Err(StepError::fatal(
                         ErrorKind::Internal,
                         "the model returned fewer outcomes than requests",
@@ -470,15 +488,11 @@ impl<'s> Engine<'s> {
         items: &[Item],
         idx: &[usize],
     ) -> Vec<Outcome> {
-        let fail_all = |kind: ErrorKind, message: String| -> Vec<Outcome> {
-            let e = StepError::from_body(ErrorBody::new(kind, message));
-            vec![Err(e); idx.len()]
+        let fail_all = |message: String| -> Vec<Outcome> {
+            vec![Err(StepError::feature_store(message)); idx.len()]
         };
         let Some(store) = &self.snapshot.features else {
-            return fail_all(
-                ErrorKind::FeatureStoreError,
-                "no feature store is attached".into(),
-            );
+            return fail_all("no feature store is attached".into());
         };
         let (entity_type, names) = match source {
             FeatureSource::Names { entity_type, names } => (entity_type.clone(), names.clone()),
@@ -494,7 +508,7 @@ impl<'s> Engine<'s> {
                             idx.len()
                         ];
                     }
-                    Err(err) => return fail_all(ErrorKind::FeatureStoreError, err.to_string()),
+                    Err(err) => return fail_all(err.to_string()),
                 }
             }
         };
@@ -556,12 +570,7 @@ impl<'s> Engine<'s> {
                 id?;
                 let (vector, from_cache): (FeatureVector, bool) = match vectors.next() {
                     Some(Ok(v)) => v,
-                    Some(Err(err)) => {
-                        return Err(StepError::from_body(ErrorBody::new(
-                            ErrorKind::FeatureStoreError,
-                            err.to_string(),
-                        )));
-                    }
+                    Some(Err(err)) => return Err(StepError::feature_store(err.to_string())),
                     None => {
                         return Err(StepError::fatal(
                             ErrorKind::Internal,
@@ -614,10 +623,13 @@ impl<'s> Engine<'s> {
         children
             .into_iter()
             .map(|child| match child.error {
-                Some(body) => Err(StepError {
-                    body,
-                    retryable: false,
-                }),
+                Some(mut body) => {
+                    body.steps = child.steps;
+                    Err(StepError {
+                        body,
+                        retryable: false,
+                    })
+                }
                 None => Ok(Delta {
                     data: Some(child.data),
                     features: Some(child.features),

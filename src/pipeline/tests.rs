@@ -67,6 +67,9 @@ async fn on_error_fail_skip_and_default() {
     }
     let err = m.execute("fail", json!({"a": 1})).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::StepFailed);
+    // The steps that ran, the failed one last; the one after it never ran.
+    let names: Vec<&str> = err.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["postprocess"]);
     assert!(
         err.message
             .starts_with("step `postprocess`: no value at `missing`"),
@@ -120,6 +123,77 @@ retries = 2
         1,
         "the transform step is not retried"
     );
+}
+
+/// A provider without retries of its own that fails every call with the error it was given,
+/// counting calls.
+struct Failing {
+    error: crate::providers::ProviderError,
+    calls: Arc<AtomicUsize>,
+}
+
+impl crate::providers::Provider for Failing {
+    fn infer_batch(
+        &self,
+        _model: &str,
+        inputs: Vec<crate::providers::ProviderInput>,
+    ) -> BoxFuture<'_, Vec<Result<crate::providers::ProviderOutput, crate::providers::ProviderError>>>
+    {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let error = self.error.clone();
+        Box::pin(async move { vec![Err(error); inputs.len()] })
+    }
+}
+
+/// Over a provider that does not retry itself, the step owns the attempt count: a transient
+/// failure is tried `1 + retries` times, one that retrying cannot fix (401, 400, a malformed
+/// response) once.
+#[tokio::test(start_paused = true)]
+async fn steps_retry_transient_model_failures_only() {
+    use crate::providers::ProviderError;
+    use crate::providers::manager::ModelSpec;
+    let cases = [
+        (ProviderError::from_status(401, "no".into(), None), 1),
+        (ProviderError::from_status(400, "too long".into(), None), 1),
+        (
+            ProviderError::InvalidResponse {
+                message: "not JSON".into(),
+            },
+            1,
+        ),
+        (ProviderError::from_status(503, "busy".into(), None), 3),
+        (
+            ProviderError::Timeout {
+                after: Duration::from_millis(100),
+            },
+            3,
+        ),
+    ];
+    for (error, expected) in cases {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let models = Arc::new(ModelManager::new());
+        models.register_provider(
+            "failing",
+            Arc::new(Failing {
+                error: error.clone(),
+                calls: Arc::clone(&calls),
+            }),
+        );
+        models
+            .load_model(ModelSpec {
+                cache: false,
+                ..ModelSpec::new("m", "1", "failing", "m")
+            })
+            .unwrap();
+        let m = PipelineManager::new(models);
+        m.create_pipeline(def(
+            "id = \"p\"\n[[steps]]\ntype = \"model\"\nmodel = \"m\"\nretries = 2\n",
+        ))
+        .unwrap();
+        let err = m.execute("p", json!("x")).await.unwrap_err();
+        assert_eq!(err.kind, error.kind(), "{error}");
+        assert_eq!(calls.load(Ordering::SeqCst), expected, "{error}");
+    }
 }
 
 #[tokio::test]

@@ -627,6 +627,11 @@ impl Provider for HuggingFaceProvider {
     fn api_calls(&self, _model: &str, inputs: usize) -> usize {
         inputs.div_ceil(self.max_batch_inputs)
     }
+
+    /// Retryable failures were retried under `retry` (`max_attempts`, budget, `Retry-After`).
+    fn retries_itself(&self) -> bool {
+        true
+    }
 }
 
 /// The text of an input: `data` as a string, or its `text` field.

@@ -163,6 +163,59 @@ pub enum ManagerError {
     },
 }
 
+/// Why a model call failed for one request, classified for whoever might call again: the
+/// error as it goes on the wire, and whether trying again is the caller's business.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelFailure {
+    /// The error as it goes on the wire.
+    pub body: ErrorBody,
+    /// Whether the caller may try the request again.
+    pub retry: RetryAdvice,
+}
+
+/// Whether a failed model call may be tried again by its caller, and why (or why not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryAdvice {
+    /// Trying again cannot help: bad input or parameters, refused credentials (401, 403), a
+    /// rejected request (other 4xx), a malformed response, an unknown model, a local model
+    /// that failed.
+    Never,
+    /// The failure is transient (5xx, 408, 409, 429, timeout, connection), but the provider
+    /// retries such failures itself ([`Provider::retries_itself`]) and this one has had every
+    /// attempt its retry policy allows: the attempt count is spent.
+    Spent,
+    /// The failure is transient and nothing retried it yet: the caller may.
+    Allowed,
+}
+
+impl ModelFailure {
+    /// Classifies what `provider` returned.
+    fn from_provider(error: ProviderError, provider: &dyn Provider) -> Self {
+        let retry = if !error.retryable() {
+            RetryAdvice::Never
+        } else if provider.retries_itself() {
+            RetryAdvice::Spent
+        } else {
+            RetryAdvice::Allowed
+        };
+        ModelFailure {
+            body: error.into(),
+            retry,
+        }
+    }
+
+    /// A failure that retrying cannot fix.
+    pub fn never(body: ErrorBody) -> Self {
+        ModelFailure {
+            body,
+            retry: RetryAdvice::Never,
+        }
+    }
+}
+
+/// An outcome of [`ModelExecutor::execute_classified`].
+pub type ClassifiedResult = Result<ExecOutput, ModelFailure>;
+
 /// Usage of one loaded model since it was loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -1042,12 +1095,25 @@ impl ModelManager {
         model: &ResolvedModel,
         requests: Vec<ExecRequest>,
     ) -> Vec<ExecResult> {
+        self.infer_classified(model, requests)
+            .await
+            .into_iter()
+            .map(|outcome| outcome.map_err(|failure| failure.body))
+            .collect()
+    }
+
+    /// [`infer_resolved`](Self::infer_resolved) with each failure classified for retrying.
+    async fn infer_classified(
+        &self,
+        model: &ResolvedModel,
+        requests: Vec<ExecRequest>,
+    ) -> Vec<ClassifiedResult> {
         let n = requests.len();
         let _in_flight = InFlight::new(&model.life);
         if let Err(error) = model.ensure_loaded().await {
             add(&model.counters.requests, n as u64);
             add(&model.counters.errors, n as u64);
-            return vec![Err(error.into()); n];
+            return vec![Err(ModelFailure::from_provider(error, &*model.provider)); n];
         }
         let outcomes: Vec<(Result<ProviderOutput, ProviderError>, bool, u64)> =
             match (&self.cache, model.spec.cache) {
@@ -1130,7 +1196,7 @@ impl ModelManager {
                     }),
                     Err(error) => {
                         add(&c.errors, 1);
-                        Err(error.into())
+                        Err(ModelFailure::from_provider(error, &*model.provider))
                     }
                 }
             })
@@ -1199,6 +1265,44 @@ impl ModelExecutor {
     /// The manager.
     pub fn manager(&self) -> &Arc<ModelManager> {
         &self.manager
+    }
+
+    /// [`Executor::execute`] with each failure classified: whether the caller may try the
+    /// request again ([`RetryAdvice`]). A pipeline step decides its retries from this.
+    pub async fn execute_classified(
+        &self,
+        target: &Target,
+        requests: Vec<ExecRequest>,
+    ) -> Vec<ClassifiedResult> {
+        let builtins = |outcomes: Vec<ExecResult>| -> Vec<ClassifiedResult> {
+            outcomes
+                .into_iter()
+                .map(|o| o.map_err(ModelFailure::never))
+                .collect()
+        };
+        let id = match target {
+            Target::Model(id) => id,
+            Target::Pipeline(_) => return builtins(self.builtins.execute(target, requests).await),
+        };
+        match self.manager.resolve_listing(id, &BUILTIN_MODELS) {
+            Ok(model) => self.manager.infer_classified(&model, requests).await,
+            Err(_) if BUILTIN_MODELS.contains(&id.as_str()) => {
+                builtins(self.builtins.execute(target, requests).await)
+            }
+            Err(error) => vec![Err(ModelFailure::never(error)); requests.len()],
+        }
+    }
+
+    /// Whether the provider answering `target` retries its transient failures itself
+    /// ([`Provider::retries_itself`]); false for unknown models and the built-ins.
+    pub fn retries_itself(&self, target: &Target) -> bool {
+        match target {
+            Target::Model(id) => self
+                .manager
+                .resolve(id)
+                .is_ok_and(|model| model.provider.retries_itself()),
+            Target::Pipeline(_) => false,
+        }
     }
 }
 

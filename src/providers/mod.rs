@@ -85,6 +85,16 @@ pub trait Provider: Send + Sync + 'static {
         inputs
     }
 
+    /// Whether the provider retries its [retryable](ProviderError::retryable) failures itself,
+    /// under its own attempt limit (the remote providers' `retry` policy). Such a provider owns
+    /// the attempt count of a model call: an error it returns has had every attempt it is
+    /// going to get, and callers do not try again (a pipeline step's `retries` leave it alone).
+    /// The default, false, suits providers without retries; callers may retry their retryable
+    /// errors.
+    fn retries_itself(&self) -> bool {
+        false
+    }
+
     /// Makes `model` ready to answer (reads and optimises a local model, for instance), so
     /// the first request does not pay for it. The default does nothing: remote models need no
     /// loading.
@@ -112,6 +122,10 @@ impl<P: Provider + ?Sized> Provider for Arc<P> {
 
     fn api_calls(&self, model: &str, inputs: usize) -> usize {
         (**self).api_calls(model, inputs)
+    }
+
+    fn retries_itself(&self) -> bool {
+        (**self).retries_itself()
     }
 
     fn load_model(&self, model: &str) -> BoxFuture<'_, Result<(), ProviderError>> {

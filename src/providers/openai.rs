@@ -626,6 +626,11 @@ impl Provider for OpenAiProvider {
             _ => inputs,
         }
     }
+
+    /// Retryable failures were retried under `retry` (`max_attempts`, budget, `Retry-After`).
+    fn retries_itself(&self) -> bool {
+        true
+    }
 }
 
 /// The chat settings of one call: the model's, overridden by the request's parameters.

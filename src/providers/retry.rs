@@ -21,7 +21,10 @@
 //!   volume (plus the small time-based floor) instead of multiplying it by `max_attempts`.
 //!
 //! One retry layer per dependency owns the attempt count: callers of a provider do not retry
-//! again. Sleeping uses `tokio::time`, so tests can pause the clock.
+//! again. A provider using this policy says so ([`Provider::retries_itself`](super::Provider::retries_itself)),
+//! and the model manager then classifies its transient errors as spent
+//! ([`RetryAdvice::Spent`](super::manager::RetryAdvice::Spent)), so a pipeline step's `retries` do not
+//! multiply its attempts. Sleeping uses `tokio::time`, so tests can pause the clock.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};

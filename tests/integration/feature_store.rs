@@ -54,6 +54,7 @@ macro_rules! on_both_backends {
 
 on_both_backends! {
     out_of_order_and_replayed_writes_converge_to_the_highest_version;
+    one_version_written_with_other_values_keeps_the_greater_values_in_any_order;
     older_versions_are_read_back_from_history;
     history_retention_ends_old_versions_but_not_the_current_one("history_retention_secs = 2");
     a_feature_with_a_ttl_expires_in_the_store_and_in_the_cache;
@@ -216,6 +217,59 @@ async fn out_of_order_and_replayed_writes_converge_to_the_highest_version(b: &Ba
         (feature.version, &feature.values["score"]),
         (60, &json!(60))
     );
+}
+
+/// One version written again with other values: the greater values (compared as JSON text,
+/// byte by byte) and the later `updated_at` stay, in the current value and in the history,
+/// whichever write arrives first; the cache in front follows the store.
+async fn one_version_written_with_other_values_keeps_the_greater_values_in_any_order(b: &Backend) {
+    let write = |values: Value, updated_at_ms: u64| {
+        let mut u = FeatureUpdate::new("user", "u1", "x", self::values(values), 7);
+        u.updated_at_ms = updated_at_ms;
+        u
+    };
+    // {"tag":"b"} is greater than {"tag":"a"}; the smaller values carry the later time.
+    let small = || write(json!({"tag": "a"}), 2_000);
+    let large = || write(json!({"tag": "b"}), 1_000);
+    for (entity, order) in [
+        ("first-small", [small(), large()]),
+        ("first-large", [large(), small()]),
+    ] {
+        let store = b.store();
+        for mut update in order {
+            update.entity_id = entity.to_owned();
+            store.set_feature(&update).await.expect("write");
+            // Read through the cache after each write, as a service would.
+            store.get_feature("user", entity, "x").await.expect("read");
+        }
+        let current = b.current(entity, "x").await.expect("stored");
+        assert_eq!(
+            (
+                current.version,
+                &current.values["tag"],
+                current.updated_at_ms
+            ),
+            (7, &json!("b"), 2_000),
+            "{entity}: current"
+        );
+        let cached = store
+            .get_feature("user", entity, "x")
+            .await
+            .expect("read")
+            .expect("stored");
+        assert_eq!(cached.values["tag"], "b", "{entity}: through the cache");
+        let history = b
+            .backend
+            .get_feature_at_version("user", entity, "x", 7)
+            .await
+            .expect("history read")
+            .expect("in the history");
+        assert_eq!(
+            (&history.values["tag"], history.updated_at_ms),
+            (&json!("b"), 2_000),
+            "{entity}: history"
+        );
+    }
 }
 
 async fn older_versions_are_read_back_from_history(b: &Backend) {

@@ -46,6 +46,9 @@ async fn readyz_is_ok_when_kafka_and_the_database_answer() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["kafka"], "ok");
     assert_eq!(body["feature_store"], "ok");
+    // Nothing opened the CQL store: readiness says it queried the database instead.
+    let checked = body["feature_store_check"].as_str().unwrap();
+    assert!(checked.starts_with("a CQL query on system.local"), "{body}");
 
     let metrics = reqwest::get(format!("{url}/metrics")).await.unwrap();
     assert_eq!(metrics.status(), 200);
@@ -216,4 +219,81 @@ async fn the_v1_api_serves_every_documented_route_and_features_round_trip() {
         .await
         .unwrap();
     assert_eq!(ready["feature_store"], "ok", "{ready}");
+}
+
+/// Without ingestion or a features step nothing opens the feature store at start-up: the
+/// feature routes open the configured one on their first request (they used to answer 503 "no
+/// feature store is open"), and readiness checks that same store and says so.
+#[tokio::test]
+async fn feature_routes_open_the_configured_store_and_readiness_says_what_it_checked() {
+    use std::sync::Arc;
+
+    use inferflow::executor::{Builtins, Executor};
+    use serde_json::{Value, json};
+
+    utils::init_tracing();
+    utils::require_kafka().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::from_toml_str(&format!(
+        "[kafka]\nbootstrap_servers = \"{}\"\n[feature_store]\nbackend = \"embedded\"\npath = \"{}/\"\n",
+        kafka_bootstrap(),
+        dir.path().display()
+    ))
+    .unwrap();
+    let executor: Arc<dyn Executor> = Arc::new(Builtins);
+    let api = Arc::new(inferflow::app::api(&config, executor, None));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let token = CancellationToken::new();
+    let stop = token.clone();
+    let served = config.clone();
+    tokio::spawn(async move {
+        inferflow::app::serve_with(
+            &served,
+            listener,
+            inferflow::metrics::local(),
+            Some(api),
+            None,
+            async move { stop.cancelled().await },
+        )
+        .await
+        .expect("serve");
+    });
+    let _guard = token.drop_guard();
+    let http = reqwest::Client::new();
+
+    let written = http
+        .put(format!("{url}/v1/features"))
+        .json(&json!({"entity_type": "user", "entity_id": "u1", "feature": "profile", "values": {"segment": "gold"}, "version": 1}))
+        .send()
+        .await
+        .unwrap();
+    let status = written.status();
+    assert_eq!(status, 200, "{}", written.text().await.unwrap());
+    let one: Value = http
+        .get(format!("{url}/v1/features/user/u1/profile"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["values"], json!({"segment": "gold"}));
+
+    // Readiness reads through the same store (an embedded file opens only once) and names it.
+    let ready: Value = http
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["feature_store"], "ok", "{ready}");
+    let checked = ready["feature_store_check"].as_str().unwrap();
+    assert!(
+        checked.starts_with("a read through the embedded file")
+            && checked.contains(&dir.path().display().to_string()),
+        "{ready}"
+    );
 }

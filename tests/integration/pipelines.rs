@@ -91,6 +91,7 @@ async fn the_sentiment_pipeline_answers_over_kafka_and_http_with_the_same_docume
         json!({"request_id": "p2", "pipeline": "sentiment", "data": {"text": "This is terrible and I hate it."}}),
         json!({"request_id": "p3", "pipeline": "moderation", "data": {"text": "Awful, awful service. I hate this."}}),
         json!({"request_id": "p4", "pipeline": "sentiment", "data": {"no_text": true}}),
+        json!({"request_id": "p5", "pipeline": "moderation", "data": {"no_text": true}}),
     ];
     let raw: Vec<Raw> = requests
         .iter()
@@ -105,7 +106,7 @@ async fn the_sentiment_pipeline_answers_over_kafka_and_http_with_the_same_docume
     )
     .await;
     let by_id = crate::harness::results_by_id(&out);
-    assert_eq!(by_id.len(), 4, "one result per request");
+    assert_eq!(by_id.len(), 5, "one result per request");
 
     let p1: InferenceResult = serde_json::from_value(by_id["p1"].clone()).unwrap();
     assert_eq!(p1.status, Status::Ok);
@@ -137,6 +138,24 @@ async fn the_sentiment_pipeline_answers_over_kafka_and_http_with_the_same_docume
             .unwrap()
             .starts_with("step `clean`")
     );
+    // A failed result lists the steps that ran, the failed one last; in a chained pipeline,
+    // its steps up to the failure, then the chaining step.
+    let names = |doc: &Value| -> Vec<String> {
+        doc["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(&by_id["p4"]), ["clean"], "{}", by_id["p4"]);
+    assert_eq!(by_id["p5"]["error"]["kind"], "step_failed");
+    assert_eq!(
+        names(&by_id["p5"]),
+        ["pipeline:sentiment/clean", "pipeline:sentiment"],
+        "{}",
+        by_id["p5"]
+    );
 
     // The same requests over HTTP: the same documents, but for timings and `source`.
     let http = reqwest::Client::new();
@@ -155,7 +174,8 @@ async fn the_sentiment_pipeline_answers_over_kafka_and_http_with_the_same_docume
             comparable(by_id[id].clone()),
             "{id} over HTTP"
         );
-        assert_eq!(status.as_u16(), if id == "p4" { 422 } else { 200 }, "{doc}");
+        let failed = id == "p4" || id == "p5";
+        assert_eq!(status.as_u16(), if failed { 422 } else { 200 }, "{doc}");
         assert!(doc.get("source").is_none());
     }
     // The pipeline route builds the same request from the path and the body.
