@@ -261,6 +261,7 @@ impl Shared {
         messages: &[Record],
     ) -> (Vec<(Outcome, Option<String>)>, Vec<Option<u64>>) {
         let now_ms = unix_ms();
+        let batch_now = Instant::now();
         let mut outcomes: Vec<(Outcome, Option<String>)> = Vec::with_capacity(messages.len());
         let mut runnable: Vec<(usize, Target, ExecRequest)> = Vec::new();
         // Per message: the fingerprint of a request that is to be executed, so its result can
@@ -279,7 +280,7 @@ impl Shared {
                     let fingerprint = replay::fingerprint(msg.payload().unwrap_or_default());
                     fingerprints[i] = Some(fingerprint);
                     let earlier = match &self.replay {
-                        Some(store) => store.get(&request.request_id, fingerprint).await,
+                        Some(store) => store.get_at(&request.request_id, fingerprint, batch_now),
                         None => None,
                     };
                     match earlier {

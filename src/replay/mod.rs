@@ -3,8 +3,9 @@
 //!
 //! # Two tiers
 //!
-//! - **In process** (always, when `replay.enabled`): a bounded cache (moka: at most
-//!   `replay.max_entries`, each for `replay.ttl_secs`), looked up for every request. It covers
+//! - **In process** (always, when `replay.enabled`): a bounded map ([`memory`]: at most
+//!   `replay.max_entries`, oldest out first, each served for `replay.ttl_secs`), looked up
+//!   for every request. It covers
 //!   redeliveries that reach the same instance: a partition revoked in a rebalance and
 //!   assigned back, an exactly-once transaction aborted and its records consumed again, a
 //!   client producing the same request twice.
@@ -28,6 +29,7 @@
 //! same id). Only successful outputs are kept; errors are computed again.
 
 pub mod cql;
+mod memory;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +40,7 @@ use futures::StreamExt as _;
 use tokio::sync::Semaphore;
 
 use self::cql::CqlReplay;
+use self::memory::Memory;
 use crate::config::{Config, ReplayStoreKind};
 use crate::executor::ExecOutput;
 use crate::kafka::source::lock;
@@ -84,7 +87,7 @@ pub struct Computed {
 /// Earlier results by request id, bounded in entries and time; see the module documentation.
 #[derive(Clone)]
 pub struct ReplayStore {
-    cache: moka::future::Cache<String, Arc<(u64, ExecOutput)>>,
+    memory: Arc<Memory>,
     durable: Option<Arc<Durable>>,
     /// Lookups in the in-process tier by outcome, looked up once (not per request).
     memory_hits: metrics::Counter,
@@ -111,7 +114,7 @@ struct Mark {
 impl std::fmt::Debug for ReplayStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplayStore")
-            .field("entries", &self.cache.entry_count())
+            .field("entries", &self.memory.len())
             .field("durable", &self.durable.as_ref().map(|d| &d.cql))
             .finish()
     }
@@ -155,10 +158,7 @@ impl ReplayStore {
     /// An in-process store of at most `max_entries` results, each kept for `ttl`.
     pub fn new(max_entries: u64, ttl: Duration) -> ReplayStore {
         ReplayStore {
-            cache: moka::future::Cache::builder()
-                .max_capacity(max_entries)
-                .time_to_live(ttl)
-                .build(),
+            memory: Arc::new(Memory::new(max_entries, ttl)),
             durable: None,
             memory_hits: metrics::counter!(m::REPLAY_LOOKUPS_TOTAL, "outcome" => "hit", "tier" => "memory"),
             memory_misses: metrics::counter!(m::REPLAY_LOOKUPS_TOTAL, "outcome" => "miss", "tier" => "memory"),
@@ -172,12 +172,12 @@ impl ReplayStore {
 
     /// The earlier output of request `id` with these bytes, if this process kept it.
     pub async fn get(&self, id: &str, fingerprint: u64) -> Option<ExecOutput> {
-        let found = self
-            .cache
-            .get(id)
-            .await
-            .filter(|entry| entry.0 == fingerprint)
-            .map(|entry| entry.1.clone());
+        self.get_at(id, fingerprint, Instant::now())
+    }
+
+    /// [`ReplayStore::get`] with the time passed in (one clock read per batch).
+    pub fn get_at(&self, id: &str, fingerprint: u64, now: Instant) -> Option<ExecOutput> {
+        let found = self.memory.get(id, fingerprint, now);
         if found.is_some() {
             self.memory_hits.increment(1);
         } else {
@@ -188,7 +188,8 @@ impl ReplayStore {
 
     /// Keeps the output of request `id` in this process.
     pub async fn put(&self, id: String, fingerprint: u64, output: ExecOutput) {
-        self.cache.insert(id, Arc::new((fingerprint, output))).await;
+        self.memory
+            .keep(vec![(id, fingerprint, output)], Instant::now());
     }
 
     /// Keeps executed outputs (request id, fingerprint, output): in this process, and with the
@@ -211,9 +212,7 @@ impl ReplayStore {
                 .collect();
             self.persist(computed, marks);
         }
-        for (id, fingerprint, output) in outputs {
-            self.put(id, fingerprint, output).await;
-        }
+        self.memory.keep(outputs, Instant::now());
     }
 
     /// For each record (in order), its output stored in the database, when the record lies
@@ -423,11 +422,10 @@ mod tests {
         for i in 0..1000 {
             store.put(format!("r{i}"), 1, output(i)).await;
         }
-        store.cache.run_pending_tasks().await;
         assert!(
-            store.cache.entry_count() <= 10,
+            store.memory.len() <= 10,
             "{} entries kept",
-            store.cache.entry_count()
+            store.memory.len()
         );
     }
 
