@@ -30,6 +30,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod model;
+pub mod numbers;
 pub mod pipeline;
 pub mod processor;
 pub mod providers;

@@ -8,6 +8,9 @@ use std::process::{Command, Output};
 
 use serde_json::{Value, json};
 
+#[path = "integration/number_cases.rs"]
+mod number_cases;
+
 fn inferflow(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferflow"));
     cmd.args(args);
@@ -439,4 +442,99 @@ transforms = [
     );
     assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
     assert!(stderr(&out).contains("feature store"), "{}", stderr(&out));
+}
+
+/// Numbers pass through exactly: written with `inferflow features put` and read with
+/// `features get` (the embedded store), and in `inferflow batch` through `identity`, and
+/// through a pipeline that reads them from the store next to the request's own.
+#[test]
+fn numbers_pass_through_the_features_cli_and_batch_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir(root.join("pipelines")).unwrap();
+    std::fs::write(
+        root.join("pipelines/exact.toml"),
+        r#"
+id = "exact"
+
+[[steps]]
+type = "features"
+entity_type = "user"
+features = ["exact"]
+entity_id = "data.user_id"
+
+[[steps]]
+type = "postprocess"
+transforms = [{ op = "object", fields = { feature = "features.exact", nums = "data.nums" } }]
+"#,
+    )
+    .unwrap();
+    let config = root.join("inferflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[pipelines]\ndir = {:?}\n[feature_store]\nbackend = \"embedded\"\npath = {:?}\n",
+            root.join("pipelines").to_str().unwrap(),
+            root.join("features.redb").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let mut cases = number_cases::all(7, 300);
+    cases.push(number_cases::BEYOND_F64.to_owned());
+    let object = number_cases::object(&cases);
+    let key = [
+        "--entity-type",
+        "user",
+        "--entity-id",
+        "u1",
+        "--name",
+        "exact",
+    ];
+
+    let mut args = vec!["features", "--config", config, "put"];
+    args.extend_from_slice(&key);
+    args.extend_from_slice(&["--values", &object, "--version", "1"]);
+    let put = inferflow(&args, &[]);
+    assert!(put.status.success(), "stderr: {}", stderr(&put));
+    let printed = String::from_utf8(put.stdout).unwrap();
+    number_cases::assert_carried(&printed, &cases, "features put");
+    let mut args = vec!["features", "--config", config, "get"];
+    args.extend_from_slice(&key);
+    let get = inferflow(&args, &[]);
+    assert!(get.status.success(), "stderr: {}", stderr(&get));
+    let printed = String::from_utf8(get.stdout).unwrap();
+    number_cases::assert_carried(&printed, &cases, "features get");
+
+    let (input, output) = (root.join("in.jsonl"), root.join("out.jsonl"));
+    let lines = [
+        format!(r#"{{"request_id":"identity","pipeline":"identity","data":{object}}}"#),
+        format!(
+            r#"{{"request_id":"exact","pipeline":"exact","data":{{"user_id":"u1","nums":{object}}}}}"#
+        ),
+    ];
+    write_lines(&input, &lines);
+    let out = inferflow(
+        &[
+            "batch",
+            "--config",
+            config,
+            "--pipeline",
+            "identity",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let text = std::fs::read_to_string(&output).unwrap();
+    let written: Vec<&str> = text.lines().collect();
+    assert_eq!(written.len(), 2, "{text}");
+    for line in written {
+        let doc: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(doc["status"], "ok", "{line}");
+        number_cases::assert_carried(line, &cases, &format!("batch {}", doc["request_id"]));
+    }
 }

@@ -627,6 +627,39 @@ mod tests {
     }
 
     #[test]
+    fn json_values_in_the_config_print_as_plain_toml() {
+        // serde_json's exact numbers would print as a private struct through TOML.
+        let config = Config::from_toml_str(
+            r#"
+            [providers.local.local.models.iris]
+            kind = "onnx"
+            path = "models/iris"
+            [providers.hf.huggingface]
+            base_url = "http://127.0.0.1:1"
+            [providers.hf.huggingface.models.m]
+            task = "text_classification"
+            parameters = { top_k = 2 }
+            [models."iris@1"]
+            provider = "local"
+            warmup = { features = [5.1, 3.5, 1.4, 0.2], n = 7 }
+            "#,
+        )
+        .unwrap();
+        let printed = config.to_redacted_toml();
+        assert!(!printed.contains("serde_json"), "{printed}");
+        let back: toml::Value = toml::from_str(&printed).unwrap();
+        let warmup = &back["models"]["iris@1"]["warmup"];
+        assert_eq!(warmup["features"][0].as_float(), Some(5.1), "{printed}");
+        assert_eq!(warmup["n"].as_integer(), Some(7), "{printed}");
+        assert_eq!(
+            back["providers"]["hf"]["huggingface"]["models"]["m"]["parameters"]["top_k"]
+                .as_integer(),
+            Some(2),
+            "{printed}"
+        );
+    }
+
+    #[test]
     #[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours.
     fn environment_overrides_file_and_defaults() {
         figment::Jail::expect_with(|jail| {

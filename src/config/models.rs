@@ -86,7 +86,13 @@ pub struct ModelSection {
     /// A sample `data` to call the model with once at start-up (warm-up): the model is then
     /// loaded, and known to answer, before the first request. Without it a model loads on its
     /// first request.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// (Printed as TOML through `numbers::Plain`: serde_json's exact numbers would otherwise
+    /// print as a private struct.)
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::numbers::serialize_plain_option"
+    )]
     pub warmup: Option<serde_json::Value>,
 }
 

@@ -70,7 +70,7 @@ impl SecretVisitor {
     }
 }
 
-impl serde::de::Visitor<'_> for SecretVisitor {
+impl<'de> serde::de::Visitor<'de> for SecretVisitor {
     type Value = Secret;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -115,6 +115,17 @@ impl serde::de::Visitor<'_> for SecretVisitor {
 
     fn visit_bytes<E: serde::de::Error>(self, _: &[u8]) -> Result<Secret, E> {
         Err(Self::refuse("bytes"))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Secret, A::Error> {
+        // serde_json (built with `arbitrary_precision`) hands over a number that is not a
+        // 64-bit integer as a one-entry map under a private key; reading the key shows no
+        // value.
+        let found = match map.next_key::<String>() {
+            Ok(Some(key)) if key.starts_with("$serde_json::private::Number") => "a number",
+            _ => "a table",
+        };
+        Err(Self::refuse(found))
     }
 }
 

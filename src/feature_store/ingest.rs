@@ -92,9 +92,20 @@ pub fn decode_update(
             ),
         ));
     }
-    let json: Value = serde_json::from_slice(bytes)
-        .map_err(|e| ErrorBody::new(ErrorKind::InvalidJson, format!("not valid JSON: {e}")))?;
-    let msg: FeatureUpdateMessage = serde_path_to_error::deserialize(json).map_err(|e| {
+    // Straight from the bytes, not through a `Value`: serde_json keeps each number's text
+    // (`arbitrary_precision`), but a `Value` turned into a struct hands an integer `-0` on as
+    // `0`. A message that does not parse is `invalid_json` wherever its first problem is.
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let parsed = serde_path_to_error::deserialize::<_, FeatureUpdateMessage>(&mut de);
+    if parsed.is_err() || de.end().is_err() {
+        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+            return Err(ErrorBody::new(
+                ErrorKind::InvalidJson,
+                format!("not valid JSON: {e}"),
+            ));
+        }
+    }
+    let msg: FeatureUpdateMessage = parsed.map_err(|e| {
         let path = e.path().to_string();
         let at = if path == "." {
             String::new()
@@ -395,6 +406,26 @@ mod tests {
 
     fn decode(v: Value, ts: Option<i64>) -> Result<FeatureUpdate, ErrorBody> {
         decode_update(Some(v.to_string().as_bytes()), 1 << 20, ts)
+    }
+
+    #[test]
+    fn values_keep_every_number_as_written() {
+        let text = r#"{"entity_type": "user", "entity_id": "7", "feature": "f", "version": 1,
+            "values": {"a": -0, "b": -0.0, "c": 12345678901234567890123, "d": 0.12044115189281823,
+                       "e": 1.50, "f": 9007199254740993}}"#;
+        let u = decode_update(Some(text.as_bytes()), 1 << 20, Some(1)).expect("valid");
+        assert_eq!(
+            serde_json::to_string(&u.values).unwrap(),
+            r#"{"a":-0,"b":-0.0,"c":12345678901234567890123,"d":0.12044115189281823,"e":1.50,"f":9007199254740993}"#
+        );
+        // Not JSON anywhere, even after a field of the wrong type: invalid_json.
+        for bad in [
+            r#"{"entity_type": 5, "values": {"a": 1}"#,
+            r#"{"entity_type": "user", "entity_id": "7", "feature": "f", "values": {}} x"#,
+        ] {
+            let e = decode_update(Some(bad.as_bytes()), 1 << 20, Some(1)).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidJson, "{bad}: {}", e.message);
+        }
     }
 
     #[test]

@@ -753,11 +753,16 @@ fn transform_in_place(
     for t in transforms {
         match t.apply(data, &ctx) {
             Ok(next) => data = next,
-            Err(message) => {
+            Err(err) => {
                 if let Some(original) = original {
                     item.data = original;
                 }
-                return Err(StepError::fatal(ErrorKind::StepFailed, message));
+                let kind = if err.invalid_request {
+                    ErrorKind::InvalidRequest
+                } else {
+                    ErrorKind::StepFailed
+                };
+                return Err(StepError::fatal(kind, err.message));
             }
         }
     }

@@ -15,6 +15,26 @@ use unicode_normalization::UnicodeNormalization;
 
 use super::path::{JsonPath, describe};
 use crate::model::Entity;
+use crate::numbers::{self, Plain};
+
+/// Why a transform failed: the message, and whether the request's own data is at fault (a
+/// number the transform must compute with but cannot represent) rather than the step.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TransformError {
+    /// The request is answered with `invalid_request` instead of `step_failed`.
+    pub(crate) invalid_request: bool,
+    /// What went wrong.
+    pub(crate) message: String,
+}
+
+impl From<String> for TransformError {
+    fn from(message: String) -> Self {
+        TransformError {
+            invalid_request: false,
+            message,
+        }
+    }
+}
 
 /// A transform as written in a pipeline file: `{ op = "trim" }`, `{ op = "extract", path = "label" }`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -476,6 +496,21 @@ impl TransformDef {
 }
 
 /// Puts `new` at `into` inside `data`, or makes it the new `data`.
+/// `path` (inside `data`) as a path from the request's root: `data`, `data.score`,
+/// `data[0].score`.
+fn data_path(path: &JsonPath) -> String {
+    if path.is_root() {
+        "data".to_owned()
+    } else {
+        let text = path.to_string();
+        if text.starts_with('[') {
+            format!("data{text}")
+        } else {
+            format!("data.{text}")
+        }
+    }
+}
+
 fn place(mut data: Value, into: &Option<JsonPath>, new: Value) -> Result<Value, String> {
     match into {
         None => Ok(new),
@@ -493,7 +528,7 @@ impl Transform {
         &self,
         mut data: Value,
         ctx: &TransformContext<'_>,
-    ) -> Result<Value, String> {
+    ) -> Result<Value, TransformError> {
         match self {
             Transform::Text { field, ops } => {
                 let target = field
@@ -503,7 +538,8 @@ impl Transform {
                     return Err(format!(
                         "expected a string at `{field}`, found {}",
                         describe(target)
-                    ));
+                    )
+                    .into());
                 };
                 let mut text = std::mem::take(s);
                 for op in ops {
@@ -514,18 +550,20 @@ impl Transform {
             }
             Transform::Extract { path, default } => match path.get(&data) {
                 Some(v) => Ok(v.clone()),
-                None => default
+                None => Ok(default
                     .clone()
-                    .ok_or_else(|| format!("no value at `{path}` in {}", describe(&data))),
+                    .ok_or_else(|| format!("no value at `{path}` in {}", describe(&data)))?),
             },
             Transform::Template { env, into } => {
                 let template = env
                     .get_template(TEMPLATE_NAME)
                     .map_err(|e| format!("template: {e}"))?;
+                // Numbers reach the template as integers and doubles (`Plain`); an integer
+                // beyond 64 bits as its exact text, never rounded.
                 let text = template
-                    .render(ctx.to_value(&data))
+                    .render(Plain(&ctx.to_value(&data)))
                     .map_err(|e| format!("template: {e}"))?;
-                place(data, into, Value::String(text))
+                Ok(place(data, into, Value::String(text))?)
             }
             Transform::Object { fields } => {
                 let mut out = Map::new();
@@ -549,7 +587,8 @@ impl Transform {
                     return Err(format!(
                         "expected a string label at `{field}`, found {}",
                         describe(target)
-                    ));
+                    )
+                    .into());
                 };
                 if let Some(mapped) = mapping.get(label.as_str()).or(default.as_ref()) {
                     *target = mapped.clone();
@@ -563,12 +602,17 @@ impl Transform {
                 below,
                 into,
             } => {
-                let score = field
-                    .get(&data)
-                    .and_then(Value::as_f64)
+                let score = numbers::value_f64(field.get(&data).unwrap_or(&Value::Null))
+                    .map_err(|e| TransformError {
+                        invalid_request: true,
+                        message: format!(
+                            "the number at `{}` cannot be compared with the threshold: {e}",
+                            data_path(field)
+                        ),
+                    })?
                     .ok_or_else(|| format!("expected a number at `{field}`"))?;
                 let chosen = if score >= *threshold { above } else { below };
-                place(data, &Some(into.clone()), chosen.clone())
+                Ok(place(data, &Some(into.clone()), chosen.clone())?)
             }
             Transform::Set { field, value } => {
                 field.set(&mut data, value.clone())?;
@@ -576,10 +620,9 @@ impl Transform {
             }
             Transform::Metadata { values } => {
                 let Value::Object(map) = &mut data else {
-                    return Err(format!(
-                        "metadata needs an object, found {}",
-                        describe(&data)
-                    ));
+                    return Err(
+                        format!("metadata needs an object, found {}", describe(&data)).into(),
+                    );
                 };
                 let mut meta = match map.remove("metadata") {
                     Some(Value::Object(m)) => m,
@@ -597,8 +640,10 @@ impl Transform {
                 // processor down, so it becomes this request's error.
                 let call = std::panic::AssertUnwindSafe(|| f(data, ctx));
                 match std::panic::catch_unwind(call) {
-                    Ok(result) => result.map_err(|e| format!("custom transform `{name}`: {e}")),
-                    Err(_) => Err(format!("custom transform `{name}` panicked")),
+                    Ok(result) => {
+                        Ok(result.map_err(|e| format!("custom transform `{name}`: {e}"))?)
+                    }
+                    Err(_) => Err(format!("custom transform `{name}` panicked").into()),
                 }
             }
         }
@@ -628,6 +673,7 @@ mod tests {
             serde_json::from_value(json!({"profile": {"segment": "gold"}})).unwrap();
         let input = json!({"text": "orig"});
         t.apply(data, &ctx(&input, &features))
+            .map_err(|e| e.message)
     }
 
     #[test]
@@ -714,6 +760,61 @@ mod tests {
             .unwrap(),
             json!({"a": 1, "metadata": {"pipeline": "p", "v": 2}})
         );
+    }
+
+    /// Compiles and applies one transform to `data` (JSON text), keeping the whole error.
+    fn apply_text(def: Value, data: &str) -> Result<Value, TransformError> {
+        let def: TransformDef = serde_json::from_value(def).unwrap();
+        let t = def.compile(&|_| None).unwrap();
+        let features = Map::new();
+        let input = json!({});
+        t.apply(serde_json::from_str(data).unwrap(), &ctx(&input, &features))
+    }
+
+    #[test]
+    fn templates_see_numbers_as_numbers_and_big_integers_exactly() {
+        let out = apply_text(
+            json!({"op": "template", "template": "{{ data.i + 1 }} {{ data.x * 2 }} {{ data.big }} {{ data.neg }} {{ data.edge }}"}),
+            r#"{"i": 41, "x": 0.25, "big": 12345678901234567890123, "neg": -12345678901234567890123, "edge": 9007199254740993}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            json!("42 0.5 12345678901234567890123 -12345678901234567890123 9007199254740993")
+        );
+        let out = apply_text(
+            json!({"op": "template", "template": "{{ data.x }}"}),
+            r#"{"x": 0.12044115189281823}"#,
+        )
+        .unwrap();
+        assert_eq!(out, json!("0.12044115189281823"));
+    }
+
+    #[test]
+    fn a_number_a_threshold_cannot_compare_is_an_invalid_request_naming_its_path() {
+        let def = json!({"op": "threshold", "field": "s.score", "threshold": 0.5, "above": "hi", "below": "lo", "into": "v"});
+        // (The number is named as serde_json writes it: `1e400` as `1e+400`.)
+        for (text, named) in [
+            ("12345678901234567890123", "12345678901234567890123"),
+            ("9007199254740993", "9007199254740993"),
+            ("1e400", "1e+400"),
+        ] {
+            let err =
+                apply_text(def.clone(), &format!(r#"{{"s": {{"score": {text}}}}}"#)).unwrap_err();
+            assert!(err.invalid_request, "{err:?}");
+            assert!(
+                err.message.contains("`data.s.score`") && err.message.contains(named),
+                "{err:?}"
+            );
+        }
+        // An exact integer, a float in any notation, -0.0: compared as usual.
+        for (text, verdict) in [("9007199254740992", "hi"), ("1.5E-1", "lo"), ("-0.0", "lo")] {
+            let out = apply_text(def.clone(), &format!(r#"{{"s": {{"score": {text}}}}}"#)).unwrap();
+            assert_eq!(out["v"], json!(verdict), "{text}");
+        }
+        // Not a number at all: the step's own failure, as before.
+        let err = apply_text(def, r#"{"s": {"score": "x"}}"#).unwrap_err();
+        assert!(!err.invalid_request, "{err:?}");
     }
 
     #[test]

@@ -134,7 +134,9 @@ fn write_canonical(out: &mut String, value: &Value) {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
         Value::Number(n) => {
-            // Infallible: writing to a String.
+            // The number's text as written (serde_json's `arbitrary_precision`): two integers
+            // beyond 2^53 never share a key, though `1.0` and `1.00` do not either (a miss,
+            // never a wrong hit). Infallible: writing to a String.
             let _ = write!(out, "{n}");
         }
         Value::String(s) => write_string(out, s),

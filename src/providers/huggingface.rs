@@ -149,7 +149,12 @@ pub struct HfModelConfig {
     pub remote_model: Option<String>,
     /// Default parameters, which a request's parameters of the same name override. Which are
     /// known depends on the flavour and the task (see [`known_parameters`]).
-    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    /// (Printed as TOML through `numbers::Plain`.)
+    #[serde(
+        default,
+        skip_serializing_if = "Map::is_empty",
+        serialize_with = "crate::numbers::serialize_plain_map"
+    )]
     pub parameters: Map<String, Value>,
 }
 

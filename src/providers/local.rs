@@ -482,9 +482,14 @@ impl OnnxModel {
             _ => return Err(invalid(shape())),
         };
         let number = |value: &Value, what: &str| -> Result<f32, ProviderError> {
-            let x = value
-                .as_f64()
-                .ok_or_else(|| invalid(format!("{what} is not a number")))?;
+            // The model takes float32: every number is rounded to one (that is the model's
+            // input type, not a loss in transit); one beyond the double range is refused.
+            let x = match value {
+                Value::Number(n) => n
+                    .as_f64()
+                    .ok_or_else(|| invalid(format!("{what} ({n}) is out of the float32 range")))?,
+                _ => return Err(invalid(format!("{what} is not a number"))),
+            };
             let x = x as f32;
             if x.is_finite() {
                 Ok(x)

@@ -21,6 +21,7 @@ use scylla::client::session::Session;
 use serde_json::{Map, Value, json};
 use tempfile::TempDir;
 
+use crate::number_cases;
 use crate::utils::{self, cql_contact, cql_session, unique_name};
 
 /// Expands each behaviour `name` (an `async fn name(backend: &Backend)` below) into two tests,
@@ -62,6 +63,7 @@ on_both_backends! {
     groups_are_versioned_and_latest_is_the_default;
     the_cache_serves_repeat_reads_and_write_through_keeps_the_highest_version;
     invalid_input_is_refused_before_anything_is_stored;
+    feature_values_come_back_exactly_as_written;
 }
 
 /// A backend under test, its configuration, and what to clean up afterwards.
@@ -702,6 +704,63 @@ async fn the_cache_serves_repeat_reads_and_write_through_keeps_the_highest_versi
 
     let stats = store.cache_stats();
     assert_eq!((stats.invalidations, stats.evictions), (1, 0), "{stats:?}");
+}
+
+async fn feature_values_come_back_exactly_as_written(b: &Backend) {
+    // Edge cases and random doubles, parsed from their text as a feature write arrives.
+    let mut cases = number_cases::all(19, 300);
+    cases.push(number_cases::BEYOND_F64.to_owned());
+    let written: Map<String, Value> =
+        serde_json::from_str(&number_cases::object(&cases)).expect("the values parse");
+    let store = b.store();
+    for version in [1, 2] {
+        store
+            .set_feature(&FeatureUpdate::new(
+                "user",
+                "u1",
+                "exact",
+                written.clone(),
+                version,
+            ))
+            .await
+            .expect("write");
+    }
+    let check = |values: &Map<String, Value>, what: &str| {
+        assert!(
+            values == &written,
+            "{what}: the values read differ from those written"
+        );
+        let text = serde_json::to_string(values).expect("values serialise");
+        number_cases::assert_carried(&text, &cases, what);
+    };
+    let stored = b.current("u1", "exact").await.expect("stored");
+    check(&stored.values, "read from the backend");
+    let old = b
+        .backend
+        .get_feature_at_version("user", "u1", "exact", 1)
+        .await
+        .expect("history read")
+        .expect("version 1 is in the history");
+    check(&old.values, "read from the history");
+    // A fresh store: the first read fills the cache from the backend, the second is a hit.
+    let fresh = b.store();
+    for what in [
+        "through the store (a miss)",
+        "through the store (a cache hit)",
+    ] {
+        let feature = fresh
+            .get_feature("user", "u1", "exact")
+            .await
+            .expect("read")
+            .expect("present");
+        check(&feature.values, what);
+    }
+    assert_eq!(fresh.cache_stats().hits, 1);
+    let vector = fresh
+        .get_feature_vector("user", "u1", &["exact"])
+        .await
+        .expect("vector");
+    check(&vector.features["exact"].values, "in a feature vector");
 }
 
 async fn invalid_input_is_refused_before_anything_is_stored(b: &Backend) {

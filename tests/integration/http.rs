@@ -209,6 +209,35 @@ async fn the_v1_api_serves_every_documented_route_and_features_round_trip() {
         .unwrap();
     assert_eq!(missing.status(), 404);
 
+    // Feature values over HTTP come back with the digits they were written with.
+    let mut cases = crate::number_cases::all(21, 200);
+    cases.push(crate::number_cases::BEYOND_F64.to_owned());
+    let written = http
+        .put(format!("{url}/v1/features"))
+        .header("content-type", "application/json")
+        .body(format!(
+            r#"{{"entity_type":"user","entity_id":"u1","feature":"exact","values":{},"version":1}}"#,
+            crate::number_cases::object(&cases)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(written.status(), 200);
+    for route in [
+        "/v1/features/user/u1/exact",
+        "/v1/features/user/u1?names=exact",
+    ] {
+        let text = http
+            .get(format!("{url}{route}"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        crate::number_cases::assert_carried(&text, &cases, route);
+    }
+
     // Readiness goes through the embedded store.
     let ready: Value = http
         .get(format!("{url}/readyz"))

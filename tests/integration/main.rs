@@ -9,6 +9,7 @@
 
 mod fake_openai;
 mod harness;
+mod number_cases;
 mod utils;
 
 mod exactly_once;
@@ -16,6 +17,7 @@ mod feature_ingest;
 mod feature_store;
 mod http;
 mod models;
+mod numbers;
 mod pipelines;
 mod process;
 mod processor;
