@@ -11,7 +11,9 @@ use std::sync::Arc;
 use minijinja::{Environment, UndefinedBehavior};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use unicode_normalization::UnicodeNormalization;
+use unicode_normalization::{
+    IsNormalized, UnicodeNormalization, is_nfc_quick, is_nfd_quick, is_nfkc_quick, is_nfkd_quick,
+};
 
 use super::path::{JsonPath, describe};
 use crate::model::Entity;
@@ -271,15 +273,49 @@ pub(crate) enum TextOp {
 }
 
 impl TextOp {
-    fn apply(self, s: &str) -> String {
+    /// The text after the operation: `s` itself, not a copy, when the operation would not
+    /// change it (the usual case for clean text), so a chain of operations copies only where
+    /// something changes.
+    fn apply(self, s: String) -> String {
         match self {
-            TextOp::Trim => s.trim().to_owned(),
+            TextOp::Trim => {
+                let trimmed = s.trim();
+                if trimmed.len() == s.len() {
+                    s
+                } else {
+                    trimmed.to_owned()
+                }
+            }
             TextOp::Lowercase => s.to_lowercase(),
-            TextOp::Normalize(NormalForm::Nfc) => s.nfc().collect(),
-            TextOp::Normalize(NormalForm::Nfd) => s.nfd().collect(),
-            TextOp::Normalize(NormalForm::Nfkc) => s.nfkc().collect(),
-            TextOp::Normalize(NormalForm::Nfkd) => s.nfkd().collect(),
+            // The quick checks answer `Yes` only for text already in that form; `Maybe` and
+            // `No` normalise as before.
+            TextOp::Normalize(NormalForm::Nfc) => match is_nfc_quick(s.chars()) {
+                IsNormalized::Yes => s,
+                _ => s.nfc().collect(),
+            },
+            TextOp::Normalize(NormalForm::Nfd) => match is_nfd_quick(s.chars()) {
+                IsNormalized::Yes => s,
+                _ => s.nfd().collect(),
+            },
+            TextOp::Normalize(NormalForm::Nfkc) => match is_nfkc_quick(s.chars()) {
+                IsNormalized::Yes => s,
+                _ => s.nfkc().collect(),
+            },
+            TextOp::Normalize(NormalForm::Nfkd) => match is_nfkd_quick(s.chars()) {
+                IsNormalized::Yes => s,
+                _ => s.nfkd().collect(),
+            },
             TextOp::CollapseWhitespace => {
+                // Unchanged when every whitespace is a single ' ' after a non-space.
+                let mut in_space = false;
+                let unchanged = s.chars().all(|c| {
+                    let fine = !c.is_whitespace() || (c == ' ' && !in_space);
+                    in_space = c.is_whitespace();
+                    fine
+                });
+                if unchanged {
+                    return s;
+                }
                 let mut out = String::with_capacity(s.len());
                 let mut in_space = false;
                 for c in s.chars() {
@@ -295,15 +331,26 @@ impl TextOp {
                 }
                 out
             }
-            TextOp::StripControl => s
-                .chars()
-                .filter_map(|c| match c {
-                    '\n' | '\r' | '\t' => Some(' '),
-                    c if c.is_control() => None,
-                    c => Some(c),
-                })
-                .collect(),
-            TextOp::Truncate(n) => s.chars().take(n).collect(),
+            TextOp::StripControl => {
+                if !s.chars().any(char::is_control) {
+                    return s;
+                }
+                s.chars()
+                    .filter_map(|c| match c {
+                        '\n' | '\r' | '\t' => Some(' '),
+                        c if c.is_control() => None,
+                        c => Some(c),
+                    })
+                    .collect()
+            }
+            TextOp::Truncate(n) => {
+                let mut s = s;
+                // The byte offset of the character after the first `n`, if there is one.
+                if let Some((end, _)) = s.char_indices().nth(n) {
+                    s.truncate(end);
+                }
+                s
+            }
         }
     }
 }
@@ -543,7 +590,7 @@ impl Transform {
                 };
                 let mut text = std::mem::take(s);
                 for op in ops {
-                    text = op.apply(&text);
+                    text = op.apply(text);
                 }
                 *s = text;
                 Ok(data)
@@ -831,5 +878,62 @@ mod tests {
                 .contains("register")
         );
         assert!(compile(json!({"op": "truncate", "max_chars": 0})).is_some());
+    }
+
+    /// Each text operation gives what its plain definition gives, whether it changes the text
+    /// or returns it as it was.
+    #[test]
+    fn text_ops_match_their_definitions() {
+        let texts = [
+            "",
+            " ",
+            "clean text",
+            "  two  spaces\tand a tab\n",
+            "\u{7}bell\u{0}nul\r\n",
+            "Ｈｅｌｌｏ ﬁ ①",
+            "e\u{301} and é",
+            "\u{3000}ideographic\u{a0}space",
+            "ünïcödé ok",
+        ];
+        for text in texts {
+            let collapsed = {
+                let mut out = String::new();
+                let mut in_space = false;
+                for c in text.chars() {
+                    if c.is_whitespace() {
+                        if !in_space {
+                            out.push(' ');
+                        }
+                        in_space = true;
+                    } else {
+                        out.push(c);
+                        in_space = false;
+                    }
+                }
+                out
+            };
+            let stripped: String = text
+                .chars()
+                .filter_map(|c| match c {
+                    '\n' | '\r' | '\t' => Some(' '),
+                    c if c.is_control() => None,
+                    c => Some(c),
+                })
+                .collect();
+            let cases: [(TextOp, String); 9] = [
+                (TextOp::Trim, text.trim().to_owned()),
+                (TextOp::Lowercase, text.to_lowercase()),
+                (TextOp::Normalize(NormalForm::Nfc), text.nfc().collect()),
+                (TextOp::Normalize(NormalForm::Nfd), text.nfd().collect()),
+                (TextOp::Normalize(NormalForm::Nfkc), text.nfkc().collect()),
+                (TextOp::Normalize(NormalForm::Nfkd), text.nfkd().collect()),
+                (TextOp::CollapseWhitespace, collapsed),
+                (TextOp::StripControl, stripped),
+                (TextOp::Truncate(3), text.chars().take(3).collect()),
+            ];
+            for (op, expected) in cases {
+                assert_eq!(op.apply(text.to_owned()), expected, "{op:?} of {text:?}");
+            }
+        }
     }
 }

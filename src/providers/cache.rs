@@ -19,8 +19,9 @@
 //! reused, such as high-temperature chat).
 
 use std::fmt::{self, Write as _};
-use std::sync::Arc;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use moka::notification::RemovalCause;
@@ -98,8 +99,35 @@ impl Default for CachePolicy {
 }
 
 /// Names one model call: tenant, resolved model id, input and parameters, in canonical JSON.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct CacheKey(String);
+///
+/// The key keeps the whole canonical text, and two keys are equal only when their texts are:
+/// a hash collision can never serve one call's answer to another. The text's hash is computed
+/// once, when the key is built (foldhash, not std's SipHash), and is all that [`Hash`] feeds a
+/// hasher, so the cache's lookups hash eight bytes instead of the whole text.
+#[derive(Debug, Clone)]
+pub struct CacheKey {
+    hash: u64,
+    text: Box<str>,
+}
+
+impl PartialEq for CacheKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.text == other.text
+    }
+}
+
+impl Eq for CacheKey {}
+
+impl Hash for CacheKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// The hasher of key texts: seeded at random once per process, so every key of the process
+/// hashes alike and nobody outside can predict which texts collide.
+static KEY_HASHER: LazyLock<foldhash::fast::RandomState> =
+    LazyLock::new(foldhash::fast::RandomState::default);
 
 impl CacheKey {
     /// The key of calling `model` (resolved to `name@version` by the caller, so a new version
@@ -118,13 +146,16 @@ impl CacheKey {
         text.push(',');
         write_object(&mut text, input.parameters.iter());
         text.push(']');
-        CacheKey(text)
+        CacheKey {
+            hash: KEY_HASHER.hash_one(text.as_str()),
+            text: text.into_boxed_str(),
+        }
     }
 
     /// The canonical text: `[tenant, model, data, parameters]` as compact JSON with sorted
     /// object keys. It contains request data, so it is not for logs.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
     }
 }
 
@@ -171,22 +202,31 @@ fn write_object<'a>(out: &mut String, entries: impl Iterator<Item = (&'a String,
     out.push('}');
 }
 
-/// Writes `s` as a JSON string literal.
+/// Writes `s` as a JSON string literal. Runs of characters that need no escape are copied
+/// whole: every character escaped is ASCII, so a byte below 0x20, `"` or `\\` is always a
+/// whole character, and slicing around it stays on character boundaries.
 fn write_string(out: &mut String, s: &str) {
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
-            }
-            c => out.push(c),
+    let mut start = 0;
+    for (i, &b) in s.as_bytes().iter().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..0x20 => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{:04x}", b);
+        } else {
+            out.push_str(escape);
         }
+        start = i + 1;
     }
+    out.push_str(&s[start..]);
     out.push('"');
 }
 
@@ -316,7 +356,7 @@ impl ResultCache {
         let cache = moka::future::Cache::builder()
             .max_capacity(config.max_bytes)
             .weigher(move |key: &CacheKey, value: &Arc<Cached>| {
-                let bytes = key.0.len() as u64 + value.bytes + ENTRY_OVERHEAD_BYTES;
+                let bytes = key.text.len() as u64 + value.bytes + ENTRY_OVERHEAD_BYTES;
                 u32::try_from(bytes.max(min_weight)).unwrap_or(u32::MAX)
             })
             .time_to_live(Duration::from_secs(config.ttl_secs))
@@ -406,7 +446,8 @@ impl ResultCache {
             Vec::with_capacity(keys.len());
         // Per key not cached: which distinct miss computes it.
         let mut slot_of: Vec<Option<usize>> = vec![None; keys.len()];
-        let mut distinct: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let mut distinct: std::collections::HashMap<&CacheKey, usize> =
+            std::collections::HashMap::new();
         let mut to_compute: Vec<usize> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
             if let Some(cached) = self.cache.get(key).await {
@@ -416,7 +457,7 @@ impl ResultCache {
             }
             answers.push(None);
             let next = to_compute.len();
-            let slot = *distinct.entry(key.as_str()).or_insert(next);
+            let slot = *distinct.entry(key).or_insert(next);
             if slot == next {
                 to_compute.push(i);
             }
@@ -575,6 +616,55 @@ mod tests {
         let key = CacheKey::new(None, "m", &input(json!("q\"\\\n\u{1}é"), json!({})));
         let parsed: Value = serde_json::from_str(key.as_str()).unwrap();
         assert_eq!(parsed[2], json!("q\"\\\n\u{1}é"));
+    }
+
+    #[test]
+    fn strings_are_escaped_exactly_as_before() {
+        // Every escape, runs of plain text (ASCII and not) between them, and the ends.
+        let key = CacheKey::new(
+            Some("\t"),
+            "m",
+            &input(json!("a\"b\\c\nd\re\tf\u{1f}g\u{0}é\u{7f}ü"), json!({})),
+        );
+        assert_eq!(
+            key.as_str(),
+            "[\"\\t\",\"m\",\"a\\\"b\\\\c\\nd\\re\\tf\\u001fg\\u0000é\u{7f}ü\",{}]"
+        );
+    }
+
+    /// Keys whose hashes collide are still different keys: the cache never answers one with
+    /// the other's output.
+    #[tokio::test]
+    async fn colliding_hashes_never_share_an_answer() {
+        let first = CacheKey::new(None, "m", &input(json!("first"), json!({})));
+        let mut second = CacheKey::new(None, "m", &input(json!("second"), json!({})));
+        second.hash = first.hash;
+        assert_ne!(first, second);
+        let cache = ResultCache::new(ResultCacheConfig::default()).unwrap();
+        for (key, answer) in [(&first, "answer to first"), (&second, "answer to second")] {
+            let (out, status) = cache
+                .get_or_compute(key.clone(), CachePolicy::ENABLED, || async move {
+                    Ok(ProviderOutput::new(json!(answer)))
+                })
+                .await;
+            assert_eq!(status, CacheStatus::Miss);
+            assert_eq!(out.unwrap().output, json!(answer));
+        }
+        // Both answers are kept apart, in a batch too.
+        let answers = cache
+            .get_or_compute_batch(vec![second, first], |_| async { Vec::new() })
+            .await;
+        let outputs: Vec<Value> = answers
+            .into_iter()
+            .map(|(out, status)| {
+                assert_eq!(status, CacheStatus::Hit);
+                out.unwrap().output
+            })
+            .collect();
+        assert_eq!(
+            outputs,
+            [json!("answer to second"), json!("answer to first")]
+        );
     }
 
     #[test]

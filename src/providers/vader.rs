@@ -38,8 +38,14 @@
 //! only at cased letters. Not implemented: the reference's "sentiment-laden idioms" list, which
 //! the reference itself never applies.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
+
+/// The hasher of the lexicon tables: foldhash, several times faster than std's SipHash on
+/// short words, with a per-process random seed. The keys are the lexicon's own (nobody else
+/// inserts any), so SipHash's resistance to chosen-key flooding buys nothing here.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// The lexicon file's name in a VADER model directory.
 pub const LEXICON_FILE: &str = "vader_lexicon.txt";
@@ -289,9 +295,14 @@ pub enum VaderError {
 /// A loaded VADER analyser: the lexicon and the emoji descriptions.
 #[derive(Debug, Clone)]
 pub struct Vader {
-    lexicon: HashMap<String, f64>,
-    emoji: HashMap<char, String>,
-    boosters: HashMap<&'static str, f64>,
+    lexicon: FastMap<String, f64>,
+    emoji: FastMap<char, String>,
+    /// True when no emoji in `emoji` is an ASCII character (the reference's file has none):
+    /// ASCII text then needs no emoji lookup at all.
+    emoji_ascii_free: bool,
+    boosters: FastMap<&'static str, f64>,
+    /// The boosters of several words ("kind of"), for phrase lookups.
+    phrase_boosters: Vec<(&'static str, f64)>,
 }
 
 impl Vader {
@@ -309,7 +320,7 @@ impl Vader {
 
     /// Builds the analyser from the two files' contents.
     pub fn from_texts(lexicon: &str, emoji: &str) -> Result<Self, VaderError> {
-        let mut words = HashMap::with_capacity(7_600);
+        let mut words = FastMap::with_capacity_and_hasher(7_600, Default::default());
         for (n, line) in lexicon.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() {
@@ -330,7 +341,7 @@ impl Vader {
             })?;
             words.insert(token.to_owned(), valence);
         }
-        let mut emojis = HashMap::new();
+        let mut emojis = FastMap::default();
         for line in emoji.lines() {
             let mut fields = line.trim().split('\t');
             if let (Some(symbol), Some(description)) = (fields.next(), fields.next()) {
@@ -347,10 +358,19 @@ impl Vader {
             .map(|w| (*w, BOOST))
             .chain(BOOSTERS_DOWN.iter().map(|w| (*w, -BOOST)))
             .collect();
+        let emoji_ascii_free = emojis.keys().all(|c| !c.is_ascii());
+        let boosters: FastMap<&'static str, f64> = boosters;
+        let phrase_boosters = boosters
+            .iter()
+            .filter(|(w, _)| w.contains(' '))
+            .map(|(w, v)| (*w, *v))
+            .collect();
         Ok(Vader {
             lexicon: words,
             emoji: emojis,
+            emoji_ascii_free,
             boosters,
+            phrase_boosters,
         })
     }
 
@@ -364,11 +384,11 @@ impl Vader {
         let text = self.describe_emoji(text);
         let text = text.trim();
         let tokens: Vec<&str> = text.split_whitespace().map(strip_punctuation).collect();
-        let lower: Vec<String> = tokens.iter().map(|t| t.to_lowercase()).collect();
+        let lower: Vec<Cow<'_, str>> = tokens.iter().map(|t| lowercase(t)).collect();
         let caps_differ = caps_differ(&tokens);
         let mut valences: Vec<f64> = Vec::with_capacity(tokens.len());
         for i in 0..tokens.len() {
-            let zero = self.boosters.contains_key(lower[i].as_str())
+            let zero = self.boosters.contains_key(&*lower[i])
                 || (lower[i] == "kind" && lower.get(i + 1).is_some_and(|n| n == "of"));
             valences.push(if zero {
                 0.0
@@ -381,8 +401,14 @@ impl Vader {
     }
 
     /// The text with every emoji replaced by its description, spaced as the reference does: a
-    /// space before the description unless one is already there, none after.
-    fn describe_emoji(&self, text: &str) -> String {
+    /// space before the description unless one is already there, none after. Borrowed when
+    /// there is no emoji.
+    fn describe_emoji<'t>(&self, text: &'t str) -> Cow<'t, str> {
+        let is_emoji =
+            |c: &char| !(self.emoji_ascii_free && c.is_ascii()) && self.emoji.contains_key(c);
+        if !text.chars().any(|c| is_emoji(&c)) {
+            return Cow::Borrowed(text);
+        }
         let mut out = String::with_capacity(text.len());
         let mut after_space = true;
         for c in text.chars() {
@@ -400,7 +426,7 @@ impl Vader {
                 }
             }
         }
-        out
+        Cow::Owned(out)
     }
 
     fn in_lexicon(&self, word: &str) -> bool {
@@ -424,8 +450,8 @@ impl Vader {
     }
 
     /// The valence of token `i` with every rule but "but" and punctuation applied.
-    fn valence(&self, tokens: &[&str], lower: &[String], i: usize, caps_differ: bool) -> f64 {
-        let Some(&base) = self.lexicon.get(lower[i].as_str()) else {
+    fn valence(&self, tokens: &[&str], lower: &[Cow<'_, str>], i: usize, caps_differ: bool) -> f64 {
+        let Some(&base) = self.lexicon.get(&*lower[i]) else {
             return 0.0;
         };
         let mut valence = base;
@@ -433,7 +459,7 @@ impl Vader {
         if lower[i] == "no" && lower.get(i + 1).is_some_and(|n| self.in_lexicon(n)) {
             valence = 0.0;
         }
-        let before = |k: usize| (i >= k).then(|| lower[i - k].as_str());
+        let before = |k: usize| (i >= k).then(|| &*lower[i - k]);
         if before(1) == Some("no")
             || before(2) == Some("no")
             || (before(3) == Some("no") && matches!(before(1), Some("or" | "nor")))
@@ -468,40 +494,51 @@ impl Vader {
     }
 
     /// Idioms around token `i` (called only when `i >= 3`), and two-word dampeners
-    /// ("kind of") before it.
-    fn idioms(&self, mut valence: f64, lower: &[String], i: usize) -> f64 {
-        let join = |range: std::ops::Range<usize>| lower[range].join(" ");
-        let before = [
-            join(i - 1..i + 1),
-            join(i - 2..i + 1),
-            join(i - 2..i),
-            join(i - 3..i),
-            join(i - 3..i - 1),
-        ];
-        let idiom = |phrase: &str| IDIOMS.iter().find(|(p, _)| *p == phrase).map(|(_, v)| *v);
-        if let Some(v) = before.iter().find_map(|p| idiom(p)) {
+    /// ("kind of") before it. Phrases are compared word by word, without joining them.
+    fn idioms(&self, mut valence: f64, lower: &[Cow<'_, str>], i: usize) -> f64 {
+        let before = [i - 1..i + 1, i - 2..i + 1, i - 2..i, i - 3..i, i - 3..i - 1];
+        let idiom = |range: std::ops::Range<usize>| {
+            let words = &lower[range];
+            IDIOMS
+                .iter()
+                .find(|(p, _)| phrase_is(p, words))
+                .map(|(_, v)| *v)
+        };
+        if let Some(v) = before.iter().find_map(|r| idiom(r.clone())) {
             valence = v;
         }
         if i + 1 < lower.len() {
-            if let Some(v) = idiom(&join(i..i + 2)) {
+            if let Some(v) = idiom(i..i + 2) {
                 valence = v;
             }
         }
         if i + 2 < lower.len() {
-            if let Some(v) = idiom(&join(i..i + 3)) {
+            if let Some(v) = idiom(i..i + 3) {
                 valence = v;
             }
         }
-        for phrase in [&before[3], &before[4], &before[2]] {
-            if let Some(&boost) = self.boosters.get(phrase.as_str()) {
+        for range in [&before[3], &before[4], &before[2]] {
+            if let Some(boost) = self.phrase_booster(&lower[range.clone()]) {
                 valence += boost;
             }
         }
         valence
     }
 
+    /// The booster whose text is `words` joined by spaces, if any.
+    fn phrase_booster(&self, words: &[Cow<'_, str>]) -> Option<f64> {
+        match words {
+            [word] => self.boosters.get(&**word).copied(),
+            _ => self
+                .phrase_boosters
+                .iter()
+                .find(|(p, _)| phrase_is(p, words))
+                .map(|(_, v)| *v),
+        }
+    }
+
     /// "least" before token `i` negates it, unless it is "at least" or "very least".
-    fn least(&self, valence: f64, lower: &[String], i: usize) -> f64 {
+    fn least(&self, valence: f64, lower: &[Cow<'_, str>], i: usize) -> f64 {
         if i == 0 || lower[i - 1] != "least" || self.in_lexicon("least") {
             return valence;
         }
@@ -513,9 +550,35 @@ impl Vader {
     }
 }
 
+/// True when `phrase` is `words` joined by single spaces. Tokens never contain a space (they
+/// come from splitting on whitespace, and lower-casing makes none), so comparing the
+/// phrase's space-separated parts with the words is the same as comparing with the joined
+/// text, without building it.
+fn phrase_is(phrase: &str, words: &[Cow<'_, str>]) -> bool {
+    // The joined text's length first: it rules out almost every phrase without a search.
+    let joined_len = words.iter().map(|w| w.len()).sum::<usize>() + words.len().saturating_sub(1);
+    if phrase.len() != joined_len {
+        return false;
+    }
+    let mut parts = phrase.split(' ');
+    words.iter().all(|w| parts.next() == Some(&**w)) && parts.next().is_none()
+}
+
+/// `word` in lower case; borrowed when it is ASCII without capitals (nothing to change).
+fn lowercase(word: &str) -> Cow<'_, str> {
+    if word
+        .bytes()
+        .all(|b| b.is_ascii() && !b.is_ascii_uppercase())
+    {
+        Cow::Borrowed(word)
+    } else {
+        Cow::Owned(word.to_lowercase())
+    }
+}
+
 /// The negation rule for the word `distance` tokens before token `i`.
-fn negation(valence: f64, lower: &[String], i: usize, distance: usize) -> f64 {
-    let at = |k: usize| lower[i - k].as_str();
+fn negation(valence: f64, lower: &[Cow<'_, str>], i: usize, distance: usize) -> f64 {
+    let at = |k: usize| -> &str { &lower[i - k] };
     match distance {
         1 if is_negation(at(1)) => valence * NEGATION,
         2 if at(2) == "never" && matches!(at(1), "so" | "this") => valence * 1.25,
@@ -570,7 +633,7 @@ fn strip_punctuation(token: &str) -> &str {
 
 /// The "but" rule, reproducing the reference's lookup by value: for each position in turn, the
 /// first token whose valence equals the one found there is scaled.
-fn apply_but(lower: &[String], valences: &mut [f64]) {
+fn apply_but(lower: &[Cow<'_, str>], valences: &mut [f64]) {
     let Some(but) = lower.iter().position(|w| w == "but") else {
         return;
     };
@@ -683,6 +746,61 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "vader_lexicon.txt line 2: valence `worse` is not a number"
+        );
+    }
+
+    #[test]
+    fn phrases_compare_word_by_word_as_joined_text_would() {
+        fn words(s: &str) -> Vec<Cow<'_, str>> {
+            s.split(' ').map(Cow::Borrowed).collect()
+        }
+        assert!(phrase_is("kind of", &words("kind of")));
+        assert!(phrase_is("kiss of death", &words("kiss of death")));
+        assert!(!phrase_is("kind of", &words("kind")));
+        assert!(!phrase_is("kind", &words("kind of")));
+        assert!(!phrase_is("kind of", &words("kind off")));
+        assert!(!phrase_is("the bomb", &words("bomb the")));
+    }
+
+    #[test]
+    fn lowercase_borrows_only_what_needs_no_change() {
+        assert!(matches!(lowercase("good"), Cow::Borrowed("good")));
+        assert!(matches!(lowercase(":)"), Cow::Borrowed(":)")));
+        assert_eq!(lowercase("GOOD"), "good");
+        assert_eq!(lowercase("ÉTÉ"), "été");
+        // Not ASCII: lower-cased by the standard library, whatever it is.
+        assert_eq!(lowercase("ǅ"), "ǆ");
+    }
+
+    #[test]
+    fn text_without_emoji_is_not_copied_and_emoji_are_described() {
+        let v = tiny();
+        assert!(matches!(
+            v.describe_emoji("plain :) text"),
+            Cow::Borrowed(_)
+        ));
+        assert!(matches!(v.describe_emoji("été"), Cow::Borrowed(_)));
+        assert_eq!(
+            v.describe_emoji("so😁"),
+            "so beaming face with smiling eyes"
+        );
+    }
+
+    #[test]
+    fn two_word_dampeners_apply() {
+        let v = tiny();
+        // "kind of" three and two tokens before a sentiment word dampens it.
+        let plain = v.polarity_scores("a b it good").compound;
+        let damped = v.polarity_scores("kind of it good").compound;
+        assert!(0.0 < damped && damped < plain, "{damped} < {plain}");
+        assert_eq!(
+            v.phrase_booster(&[Cow::Borrowed("kind"), Cow::Borrowed("of")]),
+            Some(-BOOST)
+        );
+        assert_eq!(v.phrase_booster(&[Cow::Borrowed("very")]), Some(BOOST));
+        assert_eq!(
+            v.phrase_booster(&[Cow::Borrowed("kind"), Cow::Borrowed("off")]),
+            None
         );
     }
 }
