@@ -6,10 +6,14 @@
 //! # Flow
 //!
 //! One dedicated **consumer thread** owns the librdkafka consumer. It polls, registers each
-//! record with the [`OffsetTracker`], adds it to the [`Batcher`], and hands each closed batch
-//! to the handler, which spawns its work and calls [`SourceCore::finish`] once per record. The
-//! thread is also where rebalance callbacks run, where partitions are paused and resumed, and
-//! where offsets are stored: a blocking thread can wait for revoked partitions to drain without
+//! record with the [`OffsetTracker`] (which hands back the record's ticket), adds it to the
+//! [`Batcher`], and hands each batch to the handler, which spawns its work and calls
+//! [`SourceCore::finish`] once per record. Batches are adaptive (see `consume`): the open batch
+//! goes as soon as nothing more is ready and the handler has a free permit
+//! ([`BatchHandler::ready`]); the batch limits and the linger time only apply while every
+//! permit is busy. The thread is also where rebalance callbacks run, where partitions are
+//! paused and resumed, and where offsets are stored or committed (through the source's
+//! [`Commits`] strategy): a blocking thread can wait for revoked partitions to drain without
 //! stalling the async workers.
 //!
 //! # Bounds and holds
