@@ -39,10 +39,9 @@ pub(crate) struct Memory {
 impl Memory {
     pub(crate) fn new(max_entries: u64, ttl: Duration) -> Memory {
         let max_entries = usize::try_from(max_entries).unwrap_or(usize::MAX);
-        // Sized for the bound up front (up to a million entries): a map that grows by
-        // doubling rehashes every entry under the lock, which held up every batch behind it
-        // (the p99 latency at low load went from about 40 ms to over 200 ms at 100,000
-        // entries).
+        // Sized for the bound up front (up to a million entries), so the map never rehashes
+        // every entry under the lock while it grows. (This did not remove the p99 tail that
+        // comes with 100,000 entries; see BENCHMARKS.md.)
         let capacity = max_entries.min(1 << 20);
         Memory {
             tier: Mutex::new(Tier {
