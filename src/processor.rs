@@ -611,25 +611,14 @@ impl Shared {
     ) -> OutRecord {
         let value = result_bytes(request_id, target, result, Some(source), latency);
         let mut headers = Vec::with_capacity(6);
-        headers.extend([
-            (headers::REQUEST_ID, request_id.to_owned()),
-            (
-                headers::STATUS,
-                if result.is_ok() {
-                    Status::Ok
-                } else {
-                    Status::Error
-                }
-                .as_str()
-                .to_owned(),
-            ),
-            (headers::SOURCE_TOPIC, source.topic.clone()),
-            (headers::SOURCE_PARTITION, source.partition.to_string()),
-            (headers::SOURCE_OFFSET, source.offset.to_string()),
-        ]);
-        if let Err(error) = result {
-            headers.push((headers::ERROR_KIND, error.kind.as_str().to_owned()));
-        }
+        result_headers(
+            request_id,
+            result,
+            SourceView::from_ref(source),
+            |key, value| {
+                headers.push((key, value.to_owned()));
+            },
+        );
         OutRecord {
             topic: reply_to.unwrap_or_else(|| self.results_topic.clone()),
             key: Some(request_id.as_bytes().to_vec()),
@@ -660,8 +649,6 @@ impl Answers {
         let ack: Arc<dyn Acknowledge> = Arc::clone(&self) as Arc<dyn Acknowledge>;
         // One buffer for every result of the batch: librdkafka copies what it is given.
         let mut value = Vec::with_capacity(RESULT_BUFFER_BYTES);
-        let mut partition = itoa::Buffer::new();
-        let mut offset = itoa::Buffer::new();
         for (i, (msg, (outcome, reply_to))) in self.messages.iter().zip(&self.outcomes).enumerate()
         {
             let Outcome::Answer(request_id, target, result) = outcome else {
@@ -679,36 +666,21 @@ impl Answers {
             );
             let topic = reply_to.as_deref().unwrap_or(&shared.results_topic);
             loop {
-                let mut headers = OwnedHeaders::new_with_capacity(6)
-                    .insert(header(headers::REQUEST_ID, request_id.as_bytes()))
-                    .insert(header(
-                        headers::STATUS,
-                        if result.is_ok() {
-                            Status::Ok
-                        } else {
-                            Status::Error
-                        }
-                        .as_str()
-                        .as_bytes(),
-                    ))
-                    .insert(header(headers::SOURCE_TOPIC, msg.topic().as_bytes()))
-                    .insert(header(
-                        headers::SOURCE_PARTITION,
-                        partition.format(msg.partition()).as_bytes(),
-                    ))
-                    .insert(header(
-                        headers::SOURCE_OFFSET,
-                        offset.format(msg.offset()).as_bytes(),
-                    ));
-                if let Err(error) = result {
-                    headers =
-                        headers.insert(header(headers::ERROR_KIND, error.kind.as_str().as_bytes()));
-                }
+                // `insert` takes the headers by value: held in an Option while they are built.
+                let mut headers = Some(OwnedHeaders::new_with_capacity(6));
+                result_headers(request_id, result, SourceView::of(msg), |key, value| {
+                    headers = headers.take().map(|h| {
+                        h.insert(Header {
+                            key,
+                            value: Some(value.as_bytes()),
+                        })
+                    });
+                });
                 let record = Borrowed {
                     topic,
                     key: Some(request_id.as_bytes()),
                     value: &value,
-                    headers,
+                    headers: headers.unwrap_or_else(|| OwnedHeaders::new_with_capacity(0)),
                 };
                 match shared.core.sink.send(record, Arc::clone(&ack), i) {
                     Ok(()) => break,
@@ -739,10 +711,33 @@ impl Answers {
     }
 }
 
-fn header<'a>(key: &'a str, value: &'a [u8]) -> Header<'a, &'a [u8]> {
-    Header {
-        key,
-        value: Some(value),
+/// The headers of a result, in order, each handed to `add` as name and text (no `String` per
+/// header: the numbers are written into stack buffers). The one definition of a result's
+/// headers, for the fast path, the slow path and exactly-once mode.
+fn result_headers(
+    request_id: &str,
+    result: &ExecResult,
+    source: SourceView<'_>,
+    mut add: impl FnMut(&'static str, &str),
+) {
+    let status = if result.is_ok() {
+        Status::Ok
+    } else {
+        Status::Error
+    };
+    add(headers::REQUEST_ID, request_id);
+    add(headers::STATUS, status.as_str());
+    add(headers::SOURCE_TOPIC, source.topic);
+    add(
+        headers::SOURCE_PARTITION,
+        itoa::Buffer::new().format(source.partition),
+    );
+    add(
+        headers::SOURCE_OFFSET,
+        itoa::Buffer::new().format(source.offset),
+    );
+    if let Err(error) = result {
+        add(headers::ERROR_KIND, error.kind.as_str());
     }
 }
 

@@ -132,11 +132,6 @@ impl Record {
         &self.topic
     }
 
-    /// The source topic, shared.
-    pub fn topic_shared(&self) -> &Arc<str> {
-        &self.topic
-    }
-
     /// The source partition.
     pub fn partition(&self) -> i32 {
         self.partition
