@@ -5,6 +5,7 @@
 //! and published to a results topic keyed by request id. `ARCHITECTURE.md` at the repository
 //! root has the bird's-eye view; this crate is laid out as follows:
 //!
+//! - [`backoff`]: the one retry-pacing rule (capped exponential backoff, full jitter, budget).
 //! - [`config`]: layered configuration (embedded defaults, a user file, `INFERFLOW__*`
 //!   environment variables), strict parsing and one validation pass reporting every problem.
 //! - [`kafka`]: building librdkafka clients from configuration.
@@ -20,6 +21,7 @@
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`app`]: wires the service and runs it.
 
 pub mod app;
+pub mod backoff;
 pub mod batching;
 pub mod client;
 pub mod config;
