@@ -11,10 +11,11 @@
 //!
 //! - An update that cannot be decoded or breaks the data model is dead-lettered to
 //!   `topics.dlq` with the same headers as a request (`inferflow-error-kind`, …).
-//! - Any other write error is the database's: the write is retried with doubling, jittered
-//!   backoff until it succeeds (or shutdown's deadline passes, and the record is redelivered
-//!   after the restart). While writes fail, the source is *held*: its partitions pause, so no
-//!   more updates are fetched until the database answers again.
+//! - Any other write error is the database's: the write is retried with doubling backoff with full
+//!   jitter ([`Backoff`], `ingest.retry_initial_backoff_ms` up to `ingest.retry_max_backoff_ms`)
+//!   until it succeeds (or shutdown's deadline passes, and the record is redelivered after the
+//!   restart). While writes fail, the source is *held*: its partitions pause, so no more updates
+//!   are fetched until the database answers again.
 //! - A record's offset may be stored only after its write succeeded and the invalidation that
 //!   announces it was acknowledged (or after its dead letter was).
 //!
@@ -37,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use super::coherence::{InvalidatedKey, Publisher};
 use super::model::unix_now_ms;
 use super::{FeatureStore, FeatureStoreError, FeatureUpdate};
+use crate::backoff::Backoff;
 use crate::batching::{Batch, BatchLimits};
 use crate::config::Config;
 use crate::kafka::sink::{DeliverError, Sink};
@@ -142,24 +144,6 @@ pub fn decode_update(
     Ok(update)
 }
 
-/// Retry pacing while the database is unavailable.
-#[derive(Debug, Clone, Copy)]
-struct Backoff {
-    initial: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    /// Full jitter over a doubling ceiling.
-    fn delay(&self, attempt: u32) -> Duration {
-        let ceiling = self
-            .initial
-            .saturating_mul(1u32 << attempt.min(20))
-            .min(self.max);
-        ceiling.mul_f64(fastrand::f64().max(0.1))
-    }
-}
-
 /// The ingestion handler.
 struct Ingest {
     core: Arc<SourceCore>,
@@ -168,6 +152,7 @@ struct Ingest {
     permits: Arc<Semaphore>,
     write_concurrency: usize,
     max_update_bytes: usize,
+    /// Retry pacing while the database is unavailable.
     backoff: Backoff,
     /// Set while writes fail: since when, and the last error. The source pauses meanwhile.
     down: Mutex<Option<(Instant, String)>>,
@@ -375,10 +360,10 @@ pub fn start(
         permits: Arc::new(Semaphore::new(cfg.max_in_flight_batches.get())),
         write_concurrency: cfg.write_concurrency.get(),
         max_update_bytes: cfg.max_update_bytes.get(),
-        backoff: Backoff {
-            initial: Duration::from_millis(cfg.retry_initial_backoff_ms.get()),
-            max: Duration::from_millis(cfg.retry_max_backoff_ms.get()),
-        },
+        backoff: Backoff::new(
+            Duration::from_millis(cfg.retry_initial_backoff_ms.get()),
+            Duration::from_millis(cfg.retry_max_backoff_ms.get()),
+        ),
         down: Mutex::new(None),
         runtime: tokio::runtime::Handle::current(),
     });
@@ -479,22 +464,5 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message.contains("event_time"), "{}", e.message);
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_maximum() {
-        let b = Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(5),
-        };
-        for attempt in 0..40 {
-            let d = b.delay(attempt);
-            let ceiling =
-                Duration::from_millis(100 * (1u64 << attempt.min(20))).min(Duration::from_secs(5));
-            assert!(
-                d <= ceiling && d >= ceiling.mul_f64(0.1),
-                "{attempt}: {d:?}"
-            );
-        }
     }
 }

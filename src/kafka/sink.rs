@@ -9,9 +9,10 @@
 //!   path). No future, channel or task per record.
 //! - [`Sink::deliver`] sends one record and waits for the broker's acknowledgement, for the
 //!   rarer outputs (dead letters, fallbacks, invalidations). A full local queue is backpressure
-//!   (wait and try again), a failed delivery is retried with capped exponential backoff, and
-//!   only errors that no retry can fix (the record is too large, the topic does not exist) are
-//!   returned, so the caller can fall back to another record.
+//!   (wait and try again), a failed delivery is retried with [`DELIVER_BACKOFF`] (capped
+//!   exponential, full jitter), and only errors that no retry can fix (the record is too
+//!   large, the topic does not exist) are returned, so the caller can fall back to another
+//!   record.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::metrics::{PRODUCE_RETRIES_TOTAL, PRODUCER_QUEUE_FULL_TOTAL};
 
 /// A record to produce, owning its data so it can be sent again.
@@ -95,7 +97,10 @@ fn is_permanent(err: &KafkaError) -> bool {
     )
 }
 
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Pacing of [`Sink::deliver`]'s retries: waits of up to 50 ms doubling to up to 5 s, with
+/// full jitter, until the record is delivered or shutdown.
+pub const DELIVER_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
 /// How long a sender waits before trying again when the producer's local queue is full.
 pub const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
 
@@ -208,7 +213,7 @@ impl Sink {
         record: &OutRecord,
         stop: &CancellationToken,
     ) -> Result<(), DeliverError> {
-        let mut backoff = Duration::from_millis(50);
+        let mut retry = 0u32;
         loop {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let mut base =
@@ -250,12 +255,13 @@ impl Sink {
                 return Err(DeliverError::Permanent(error));
             }
             metrics::counter!(PRODUCE_RETRIES_TOTAL).increment(1);
+            let backoff = DELIVER_BACKOFF.delay(retry);
+            retry = retry.saturating_add(1);
             tracing::warn!(topic = %record.topic, error = %error, retry_in_ms = backoff.as_millis() as u64, "delivery failed, retrying");
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
                 () = stop.cancelled() => return Err(DeliverError::Stopped(error.to_string())),
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 

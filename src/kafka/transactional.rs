@@ -22,7 +22,8 @@
 //!
 //! - **Offsets refused** (typically while the group rebalances): they are sent first, so the
 //!   transaction is aborted before any output was produced; the outputs are held again and
-//!   the commit is retried after a backoff (doubling from 100 ms to 2 s).
+//!   the commit is retried after a backoff ([`RETRY_BACKOFF`]: up to 100 ms doubling to up to
+//!   2 s, full jitter).
 //! - **Abortable errors after outputs were produced** (a produce refused, a commit that
 //!   failed): the transaction is aborted, so none of its outputs or offsets become visible.
 //!   Every held output is dropped,
@@ -46,6 +47,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::backoff::Backoff;
 use crate::kafka::source::Record;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -65,8 +67,9 @@ use crate::model::ErrorBody;
 /// `max.message.bytes` (1,048,588).
 pub const MAX_RECORD_BYTES: usize = 900_000;
 
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Pacing of the next commit after one that was refused or aborted: up to 100 ms doubling to
+/// up to 2 s, with full jitter (a commit may come sooner when forced: on a revoke, at shutdown).
+pub const RETRY_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
 
 /// Whether `record` is small enough to be sent in a transaction.
 pub fn fits(record: &OutRecord) -> bool {
@@ -128,7 +131,16 @@ struct State {
     last_commit: Instant,
     /// After an abort: no new attempt before this (unless forced).
     retry_at: Option<Instant>,
-    backoff: Duration,
+    /// Commits refused or aborted in a row, which pace the next ([`RETRY_BACKOFF`]).
+    failures: u32,
+}
+
+impl State {
+    /// After a refused or aborted commit: the next one waits.
+    fn back_off(&mut self, now: Instant) {
+        self.retry_at = Some(now + RETRY_BACKOFF.delay(self.failures));
+        self.failures = self.failures.saturating_add(1);
+    }
 }
 
 /// A failed transaction, and whether outputs had been produced in it.
@@ -181,7 +193,7 @@ impl Transactions {
                 held: 0,
                 last_commit: Instant::now(),
                 retry_at: None,
-                backoff: FIRST_BACKOFF,
+                failures: 0,
             }),
             interval,
             commit_at: commit_at.max(1),
@@ -353,7 +365,7 @@ impl Transactions {
                     }
                 }
                 state.retry_at = None;
-                state.backoff = FIRST_BACKOFF;
+                state.failures = 0;
                 drop(state);
                 metrics::counter!(m::TRANSACTIONS_TOTAL, "outcome" => "committed").increment(1);
                 count_outputs(core, &outputs);
@@ -402,9 +414,7 @@ impl Transactions {
         let mut released = 0;
         {
             let mut state = lock(&self.state);
-            let now = Instant::now();
-            state.retry_at = Some(now + state.backoff);
-            state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
+            state.back_off(Instant::now());
             let State {
                 partitions, held, ..
             } = &mut *state;
@@ -501,9 +511,7 @@ impl Transactions {
         let mut released = 0;
         {
             let mut state = lock(&self.state);
-            let now = Instant::now();
-            state.retry_at = Some(now + state.backoff);
-            state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
+            state.back_off(Instant::now());
             for (tp, p) in &mut state.partitions {
                 released += p.outputs.len();
                 p.outputs.clear();

@@ -33,6 +33,7 @@ use serde_json::Value;
 
 use super::path::JsonPath;
 use super::transform::{Transform, TransformDef, TransformFn, context_path};
+use crate::backoff::Backoff;
 use crate::config::ConfigError;
 
 /// Deepest chain of `pipeline` and `map` steps one request may go through.
@@ -125,7 +126,8 @@ pub struct StepDef {
     /// never are.
     #[serde(default)]
     pub retries: u32,
-    /// Wait before the first retry, milliseconds; doubled before each next one, up to 5 s.
+    /// Ceiling of the wait before the first retry, milliseconds; doubled before each next one,
+    /// up to 5 s. Each wait is random between zero and its ceiling (full jitter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_backoff_ms: Option<u64>,
     /// What happens to a request the step could not process.
@@ -178,10 +180,10 @@ pub struct StepDef {
     pub into: Option<String>,
 }
 
-/// Default wait before a step's first retry, milliseconds.
+/// Default ceiling of the wait before a step's first retry, milliseconds.
 const DEFAULT_RETRY_BACKOFF_MS: u64 = 50;
-/// Longest wait between a step's retries.
-pub(crate) const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(5);
+/// Ceiling of every wait between a step's retries.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Default `map` concurrency.
 const DEFAULT_MAP_CONCURRENCY: usize = 16;
@@ -317,7 +319,9 @@ pub(crate) struct Step {
     pub(crate) kind: StepKind,
     pub(crate) timeout: Option<Duration>,
     pub(crate) retries: u32,
-    pub(crate) retry_backoff: Duration,
+    /// Pacing of the retries: full jitter under `retry_backoff_ms` doubling up to
+    /// [`MAX_RETRY_BACKOFF`].
+    pub(crate) retry_backoff: Backoff,
     pub(crate) on_error: OnError,
     pub(crate) record_output: bool,
     /// `inferflow_pipeline_step_duration_seconds{pipeline, step}`, resolved once.
@@ -778,8 +782,9 @@ impl Compiler<'_, '_> {
             kind,
             timeout: def.timeout_ms.map(Duration::from_millis),
             retries: def.retries,
-            retry_backoff: Duration::from_millis(
-                def.retry_backoff_ms.unwrap_or(DEFAULT_RETRY_BACKOFF_MS),
+            retry_backoff: Backoff::new(
+                Duration::from_millis(def.retry_backoff_ms.unwrap_or(DEFAULT_RETRY_BACKOFF_MS)),
+                MAX_RETRY_BACKOFF,
             ),
             on_error: def.on_error.clone(),
             record_output: def.record_output,

@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use serde_json::{Map, Value};
 
 use super::Snapshot;
-use super::def::{FeatureSource, MAX_DEPTH, MAX_RETRY_BACKOFF, OnError, Pipeline, Step, StepKind};
+use super::def::{FeatureSource, MAX_DEPTH, OnError, Pipeline, Step, StepKind};
 use super::path::JsonPath;
 use super::transform::{Transform, TransformContext};
 use crate::executor::ExecRequest;
@@ -224,10 +224,9 @@ impl<'s> Engine<'s> {
                 if retry.is_empty() {
                     break;
                 }
-                // Doubling waits: a store or provider that just failed gets a moment to
-                // recover.
-                let backoff = step.retry_backoff.saturating_mul(1 << attempt.min(16));
-                tokio::time::sleep(backoff.min(MAX_RETRY_BACKOFF)).await;
+                // Doubling, jittered waits: a store or provider that just failed gets a
+                // moment to recover, and batches that failed together do not retry together.
+                tokio::time::sleep(step.retry_backoff.delay(attempt)).await;
                 attempt += 1;
                 pending = retry;
             }

@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::ProviderError;
+use crate::backoff::Backoff;
 
 /// Retry settings of one remote provider. Every key is optional; the defaults are below.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -217,6 +218,8 @@ impl RetryBudget {
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     config: RetryConfig,
+    /// `initial_backoff_ms` doubling up to `max_backoff_ms`, full jitter.
+    backoff: Backoff,
     budget: Arc<RetryBudget>,
     counters: Arc<Counters>,
 }
@@ -230,6 +233,10 @@ impl RetryPolicy {
             config.budget_burst_retries,
         );
         RetryPolicy {
+            backoff: Backoff::new(
+                Duration::from_millis(config.initial_backoff_ms),
+                Duration::from_millis(config.max_backoff_ms),
+            ),
             config,
             budget: Arc::new(budget),
             counters: Arc::default(),
@@ -252,15 +259,9 @@ impl RetryPolicy {
     }
 
     /// The random backoff before retry `retry` (1 for the first retry), ignoring
-    /// `Retry-After`: uniform between zero and the capped exponential bound.
+    /// `Retry-After`: uniform between zero and the capped exponential bound ([`Backoff`]).
     pub fn backoff(&self, retry: u32, rng: &mut fastrand::Rng) -> Duration {
-        let doublings = retry.saturating_sub(1).min(63);
-        let bound = self
-            .config
-            .initial_backoff_ms
-            .saturating_mul(1u64 << doublings)
-            .min(self.config.max_backoff_ms);
-        Duration::from_millis(rng.u64(0..=bound))
+        self.backoff.delay_with(retry.saturating_sub(1), rng)
     }
 
     /// How long to wait before retry `retry` after `error`, or `None` when the error forbids
