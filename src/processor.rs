@@ -1058,7 +1058,6 @@ async fn start_transactions(config: &Config) -> anyhow::Result<Transactions> {
     let id = config.processing.transactional_id_for(&config.kafka);
     let timeout = Duration::from_millis(config.processing.transaction_timeout_ms.get());
     let producer: FutureProducer = crate::kafka::producer_config(&config.kafka)
-        .set("linger.ms", "5")
         .set("transactional.id", &id)
         .set("transaction.timeout.ms", timeout.as_millis().to_string())
         .create()
@@ -1087,7 +1086,7 @@ pub async fn start(
 ) -> anyhow::Result<ProcessorHandle> {
     preflight(config).await?;
     ensure_topics(config).await?;
-    let producer = Sink::create(crate::kafka::producer_config(&config.kafka).set("linger.ms", "5"))
+    let producer = Sink::create(&crate::kafka::producer_config(&config.kafka))
         .context("creating the Kafka producer")?;
     let mut core = SourceCore::new("requests", producer, config.topics.dlq.clone());
     if config.processing.guarantee == Guarantee::ExactlyOnce {

@@ -581,6 +581,25 @@ mod tests {
     }
 
     #[test]
+    fn producer_linger_is_a_key_of_its_own() {
+        let config = Config::from_toml_str("").unwrap();
+        assert_eq!(config.kafka.producer_linger_ms, 5);
+        let config = Config::from_toml_str("[kafka]\nproducer_linger_ms = 20\n").unwrap();
+        assert_eq!(config.kafka.producer_linger_ms, 20);
+        let errs = problems("[kafka]\nproducer_linger_ms = 900001\n");
+        assert_eq!(paths(&errs), ["kafka.producer_linger_ms"], "{errs:#?}");
+        for property in ["linger.ms", "queue.buffering.max.ms"] {
+            let errs = problems(&format!("[kafka.extra]\n\"{property}\" = \"20\"\n"));
+            let key = format!("kafka.extra.\"{property}\"");
+            assert_eq!(paths(&errs), [key.as_str()], "{errs:#?}");
+            assert!(
+                errs[0].message.contains("kafka.producer_linger_ms"),
+                "{errs:#?}"
+            );
+        }
+    }
+
+    #[test]
     fn transactional_id_is_stable_with_static_membership_and_unique_without() {
         let config =
             Config::from_toml_str("[kafka]\ngroup_id = \"g\"\ngroup_instance_id = \"pod-0\"\n")

@@ -66,6 +66,8 @@ pub struct KafkaConfig {
     pub commit_interval_ms: NonZeroU64,
     /// Time given to in-flight work of revoked partitions.
     pub rebalance_drain_timeout_ms: u64,
+    /// librdkafka `linger.ms` of every producer (results, dead letters, transactions).
+    pub producer_linger_ms: u64,
     /// Further librdkafka properties, passed through.
     #[serde(default)]
     pub extra: BTreeMap<String, String>,
@@ -175,7 +177,12 @@ pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
     "transactional.id",
     "transaction.timeout.ms",
     "isolation.level",
+    "linger.ms",
+    "queue.buffering.max.ms",
 ];
+
+/// librdkafka's largest `linger.ms`.
+const MAX_LINGER_MS: u64 = 900_000;
 
 impl Section for KafkaConfig {
     fn validate(&self, p: &mut Problems) {
@@ -254,11 +261,24 @@ impl Section for KafkaConfig {
                 "SASL settings are given but the protocol is not sasl_plaintext or sasl_ssl",
             );
         }
+        if self.producer_linger_ms > MAX_LINGER_MS {
+            p.push(
+                "kafka.producer_linger_ms",
+                format!(
+                    "{} is above librdkafka's largest linger.ms ({MAX_LINGER_MS})",
+                    self.producer_linger_ms
+                ),
+            );
+        }
         for key in self.extra.keys() {
             if RESERVED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+                let instead = match key.as_str() {
+                    "linger.ms" | "queue.buffering.max.ms" => "; set kafka.producer_linger_ms",
+                    _ => "",
+                };
                 p.push(
                     format!("kafka.extra.\"{key}\""),
-                    "is set by inferflow itself and cannot be overridden here",
+                    format!("is set by inferflow itself and cannot be overridden here{instead}"),
                 );
             }
         }

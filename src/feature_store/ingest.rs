@@ -344,7 +344,7 @@ pub fn start(
     stop: CancellationToken,
 ) -> anyhow::Result<SourceHandle> {
     use anyhow::Context as _;
-    let producer = Sink::create(crate::kafka::producer_config(&config.kafka).set("linger.ms", "5"))
+    let producer = Sink::create(&crate::kafka::producer_config(&config.kafka))
         .context("creating the Kafka producer of feature ingestion")?;
     let core = Arc::new(SourceCore::new(
         "features",

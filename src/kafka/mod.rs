@@ -65,10 +65,14 @@ pub fn consumer_config(cfg: &KafkaConfig, group_id: &str) -> ClientConfig {
     client
 }
 
-/// Settings for an idempotent producer that waits for all in-sync replicas.
+/// Settings for an idempotent producer that waits for all in-sync replicas, with
+/// `kafka.producer_linger_ms`: every producer inferflow creates starts from these.
 pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut client = base_client_config(cfg);
-    client.set("enable.idempotence", "true").set("acks", "all");
+    client
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", cfg.producer_linger_ms.to_string());
     client
 }
 
@@ -86,6 +90,18 @@ mod tests {
         assert_eq!(client.get("auto.offset.reset"), Some("earliest"));
         assert_eq!(client.get("group.id"), Some("g"));
         assert_eq!(client.get("fetch.wait.max.ms"), Some("100"));
+    }
+
+    #[test]
+    fn every_producer_lingers_as_configured() {
+        let config = Config::from_toml_str("").unwrap();
+        assert_eq!(producer_config(&config.kafka).get("linger.ms"), Some("5"));
+        let config = Config::from_toml_str("[kafka]\nproducer_linger_ms = 0\n").unwrap();
+        let client = producer_config(&config.kafka);
+        assert_eq!(client.get("linger.ms"), Some("0"));
+        assert_eq!(client.get("acks"), Some("all"));
+        // Consumers are not given a producer property (librdkafka would warn about it).
+        assert_eq!(consumer_config(&config.kafka, "g").get("linger.ms"), None);
     }
 
     #[test]
