@@ -1072,7 +1072,10 @@ async fn start_transactions(config: &Config) -> anyhow::Result<Transactions> {
         producer,
         Duration::from_millis(config.kafka.commit_interval_ms.get()),
         config.executor.max_in_flight_records.get() / 4,
-        timeout,
+        transactional::commit_window(
+            timeout,
+            Duration::from_millis(config.kafka.max_poll_interval_ms.get()),
+        ),
     ))
 }
 

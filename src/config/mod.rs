@@ -581,6 +581,43 @@ mod tests {
     }
 
     #[test]
+    fn an_exactly_once_commit_must_fit_in_half_the_poll_interval() {
+        let eos = |extra: &str| format!("[processing]\nguarantee = \"exactly_once\"\n{extra}");
+        Config::from_toml_str(&eos("")).expect("exactly-once defaults must validate");
+        // Half of the default kafka.max_poll_interval_ms (300000) fits; a millisecond more
+        // does not.
+        Config::from_toml_str(&eos("transaction_timeout_ms = 150000\n")).unwrap();
+        let errs = problems(&eos("transaction_timeout_ms = 150001\n"));
+        assert_eq!(
+            paths(&errs),
+            ["processing.transaction_timeout_ms"],
+            "{errs:#?}"
+        );
+        let message = &errs[0].message;
+        for part in [
+            "kafka.max_poll_interval_ms",
+            "at most 150000",
+            "at least 300002",
+        ] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
+        // The brokers' ceiling needs a poll interval twice as long.
+        let errs = problems(&eos("transaction_timeout_ms = 900000\n"));
+        assert_eq!(
+            paths(&errs),
+            ["processing.transaction_timeout_ms"],
+            "{errs:#?}"
+        );
+        Config::from_toml_str(&format!(
+            "[kafka]\nmax_poll_interval_ms = 1800000\n{}",
+            eos("transaction_timeout_ms = 900000\n")
+        ))
+        .unwrap();
+        // At least once, the transaction timeout is not used.
+        Config::from_toml_str("[processing]\ntransaction_timeout_ms = 900000\n").unwrap();
+    }
+
+    #[test]
     fn producer_linger_is_a_key_of_its_own() {
         let config = Config::from_toml_str("").unwrap();
         assert_eq!(config.kafka.producer_linger_ms, 5);

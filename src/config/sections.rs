@@ -849,12 +849,38 @@ impl Config {
                 ),
             );
         }
+        if self.processing.guarantee == Guarantee::ExactlyOnce {
+            self.validate_commit_deadline(p);
+        }
         if self.executor.max_in_flight_records < self.batch.max_records {
             p.push(
                 "executor.max_in_flight_records",
                 format!(
                     "{} is lower than batch.max_records ({}); a full batch could never be admitted",
                     self.executor.max_in_flight_records, self.batch.max_records
+                ),
+            );
+        }
+    }
+}
+
+impl Config {
+    /// In exactly-once mode: whether a commit can last the transaction timeout the broker
+    /// allows it and still end within half of `kafka.max_poll_interval_ms` (see
+    /// `kafka::transactional::commit_window`).
+    fn validate_commit_deadline(&self, p: &mut Problems) {
+        use std::time::Duration;
+        let timeout = Duration::from_millis(self.processing.transaction_timeout_ms.get());
+        let max_poll = Duration::from_millis(self.kafka.max_poll_interval_ms.get());
+        if crate::kafka::transactional::commit_window(timeout, max_poll) < timeout {
+            p.push(
+                "processing.transaction_timeout_ms",
+                format!(
+                    "{} is above half of kafka.max_poll_interval_ms ({}): in exactly-once mode a commit, with its retries, may last this long, on the consumer thread, which does not poll meanwhile and would be evicted from its group; lower it to at most {} or raise kafka.max_poll_interval_ms to at least {}",
+                    self.processing.transaction_timeout_ms,
+                    self.kafka.max_poll_interval_ms,
+                    self.kafka.max_poll_interval_ms.get() / 2,
+                    self.processing.transaction_timeout_ms.get().saturating_mul(2),
                 ),
             );
         }

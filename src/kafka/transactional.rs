@@ -32,6 +32,17 @@
 //!   below the last committed position is dropped, any other replaces or is replaced by the
 //!   output of the same offset consumed again, so each offset commits one output. Attempts
 //!   after an abort back off too.
+//! - **The deadline.** A commit must end before two limits: the broker aborts a transaction
+//!   left open longer than `processing.transaction_timeout_ms` and fences its producer (a
+//!   fatal error), and the consumer thread, which does not poll while it commits, is evicted
+//!   from its group after `kafka.max_poll_interval_ms`. So all of one commit runs within one
+//!   [`commit_window`], the shorter of the transaction timeout and half of
+//!   `kafka.max_poll_interval_ms` (configuration refuses a longer transaction timeout in
+//!   exactly-once mode), and its [`CommitDeadline`]: its calls and retries share three quarters
+//!   of the window, each call's timeout cut to what is left, and a full producer queue is
+//!   waited out by polling the producer (serving its delivery reports) within it. A commit
+//!   still unfinished then is aborted in the last quarter, before the broker would, like any
+//!   other failure (partitions rewound, records consumed again).
 //! - **Fatal errors**, including being fenced by another producer with the same
 //!   `transactional.id`: the source stops (`SourceCore::fail`) and nothing more is committed.
 //! - **Zombies.** An instance that lost its partitions (a long pause, a network partition)
@@ -47,7 +58,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, Retries};
 use crate::kafka::source::Record;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -56,7 +67,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::kafka::offsets::TopicPartition;
-use crate::kafka::sink::OutRecord;
+use crate::kafka::sink::{OutRecord, QUEUE_FULL_WAIT};
 use crate::kafka::source::{SourceCore, TRUNCATED_VALUE_BYTES, headers, lock, source_ref};
 use crate::metrics as m;
 use crate::model::ErrorBody;
@@ -70,6 +81,68 @@ pub const MAX_RECORD_BYTES: usize = 900_000;
 /// Pacing of the next commit after one that was refused or aborted: up to 100 ms doubling to
 /// up to 2 s, with full jitter (a commit may come sooner when forced: on a revoke, at shutdown).
 pub const RETRY_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+
+/// Retries of a commit refused with a retriable error. Each is made at once (the refused call
+/// already waited), and only before the commit's deadline.
+pub const COMMIT_RETRIES: u32 = 3;
+
+/// The time one commit may take, from its start to the end of the abort that may follow: the
+/// shorter of `transaction_timeout` (`processing.transaction_timeout_ms`: the broker aborts a
+/// transaction open longer and fences its producer) and half of `max_poll_interval`
+/// (`kafka.max_poll_interval_ms`: the consumer thread does not poll while it commits, and the
+/// other half is left for the rest of its loop, where an open batch lingers less than half of
+/// it too, which configuration checks). Configuration refuses, in exactly-once mode, a
+/// transaction timeout longer than the window, which would cut commits the broker allows.
+pub fn commit_window(transaction_timeout: Duration, max_poll_interval: Duration) -> Duration {
+    transaction_timeout.min(max_poll_interval / 2)
+}
+
+/// The deadline of one commit: its calls, waits and retries end by `work`, three quarters
+/// into its [`commit_window`]; the abort that may follow, and the rewind, by `end`, the
+/// window's end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitDeadline {
+    work: Instant,
+    end: Instant,
+}
+
+impl CommitDeadline {
+    /// The deadline of a commit starting at `now` with `window`.
+    pub fn starting(now: Instant, window: Duration) -> CommitDeadline {
+        // The broker's transaction.max.timeout.ms is at most 15 minutes by default; a window
+        // past what an Instant holds (never in practice) is cut to a day, never a panic.
+        let window = window.min(Duration::from_secs(86_400));
+        CommitDeadline {
+            work: now.checked_add(window * 3 / 4).unwrap_or(now),
+            end: now.checked_add(window).unwrap_or(now),
+        }
+    }
+
+    /// Whether the transaction's own work is out of time at `now`.
+    pub fn passed(&self, now: Instant) -> bool {
+        now >= self.work
+    }
+
+    /// The timeout of a transactional call made at `now`: the work's time left.
+    pub fn call_timeout(&self, now: Instant) -> Duration {
+        self.work.saturating_duration_since(now)
+    }
+
+    /// The timeout of the abort (or the rewind) after a failure at `now`: the time left in the
+    /// window. Zero lets librdkafka go on in the background.
+    pub fn abort_timeout(&self, now: Instant) -> Duration {
+        self.end.saturating_duration_since(now)
+    }
+
+    /// The retries of a commit refused with a retriable error from `now`: at most
+    /// [`COMMIT_RETRIES`], none once the work is out of time.
+    pub fn commit_retries(&self, now: Instant) -> Retries {
+        Backoff::new(Duration::ZERO, Duration::ZERO)
+            .with_max_retries(COMMIT_RETRIES)
+            .with_max_elapsed(self.call_timeout(now))
+            .start_at(now)
+    }
+}
 
 /// Whether `record` is small enough to be sent in a transaction.
 pub fn fits(record: &OutRecord) -> bool {
@@ -173,18 +246,19 @@ pub struct Transactions {
     interval: Duration,
     /// Held outputs that make a commit due before the interval has passed.
     commit_at: usize,
-    /// Timeout of one transactional call.
-    op_timeout: Duration,
+    /// The time one commit may take ([`commit_window`]).
+    window: Duration,
     failed: AtomicBool,
 }
 
 impl Transactions {
-    /// A stage over `producer`, on which `init_transactions` has succeeded.
+    /// A stage over `producer`, on which `init_transactions` has succeeded, whose commits each
+    /// end within `window` ([`commit_window`]).
     pub fn new(
         producer: FutureProducer,
         interval: Duration,
         commit_at: usize,
-        op_timeout: Duration,
+        window: Duration,
     ) -> Transactions {
         Transactions {
             producer,
@@ -197,7 +271,7 @@ impl Transactions {
             }),
             interval,
             commit_at: commit_at.max(1),
-            op_timeout,
+            window,
             failed: AtomicBool::new(false),
         }
     }
@@ -346,7 +420,8 @@ impl Transactions {
         }
         let count = outputs.len();
         let started = Instant::now();
-        let result = self.run(consumer, &outputs, &positions);
+        let deadline = CommitDeadline::starting(started, self.window);
+        let result = self.run(consumer, &outputs, &positions, &deadline);
         tracing::debug!(
             outputs = count,
             partitions = positions.len(),
@@ -377,7 +452,10 @@ impl Transactions {
                 }
                 tracing::warn!(error = %failure.error, source = core.name, outputs = count, produced = failure.produced,
                     "transaction failed; aborting it");
-                if let Err(abort) = self.producer.abort_transaction(self.op_timeout) {
+                if let Err(abort) = self
+                    .producer
+                    .abort_transaction(deadline.abort_timeout(Instant::now()))
+                {
                     if let Some(reason) = self.fatal_reason(&abort) {
                         return Err(self.stop(core, reason));
                     }
@@ -388,7 +466,7 @@ impl Transactions {
                     // Outputs reached the aborted transaction: consume again from the last
                     // committed positions. These records are finished here.
                     core.release(count + dropped);
-                    self.rewind(core, consumer);
+                    self.rewind(core, consumer, deadline.abort_timeout(Instant::now()));
                     Err(TxnError::Aborted(failure.error.to_string()))
                 } else {
                     // Nothing was produced (the offsets were refused, typically while the group
@@ -431,7 +509,7 @@ impl Transactions {
         core.release(released);
     }
 
-    /// One transaction: the outputs, the positions, the commit.
+    /// One transaction: the outputs, the positions, the commit, within `deadline`.
     /// The offsets go first: while the group rebalances the coordinator refuses them, and the
     /// transaction is then aborted before any output was produced.
     fn run<C: ConsumerContext>(
@@ -439,6 +517,7 @@ impl Transactions {
         consumer: &BaseConsumer<C>,
         outputs: &[(TopicPartition, i64, Output)],
         positions: &[(TopicPartition, i64)],
+        deadline: &CommitDeadline,
     ) -> Result<(), TxnFailure> {
         let before = |error| TxnFailure {
             error,
@@ -462,7 +541,7 @@ impl Transactions {
         }
         self.producer.begin_transaction().map_err(before)?;
         self.producer
-            .send_offsets_to_transaction(&offsets, &group, self.op_timeout)
+            .send_offsets_to_transaction(&offsets, &group, deadline.call_timeout(Instant::now()))
             .map_err(before)?;
         for (_, _, output) in outputs {
             for record in &output.records {
@@ -473,20 +552,41 @@ impl Transactions {
                         Ok(_delivery) => break,
                         Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                             metrics::counter!(m::PRODUCER_QUEUE_FULL_TOTAL).increment(1);
-                            std::thread::sleep(Duration::from_millis(5));
+                            let now = Instant::now();
+                            if deadline.passed(now) {
+                                tracing::warn!(
+                                    window_ms = self.window.as_millis() as u64,
+                                    "the producer's queue stayed full until the commit's deadline"
+                                );
+                                return Err(after(KafkaError::MessageProduction(
+                                    RDKafkaErrorCode::QueueFull,
+                                )));
+                            }
+                            // Serve delivery reports while the queue drains, not sleep blind.
+                            self.producer
+                                .poll(QUEUE_FULL_WAIT.min(deadline.call_timeout(now)));
                         }
                         Err((err, _)) => return Err(after(err)),
                     }
                 }
             }
         }
-        let mut attempts = 0;
+        // `commit_transaction` starts with this flush; done first, it waits within the
+        // deadline once, and the commit attempts find nothing left to send.
+        self.producer
+            .flush(deadline.call_timeout(Instant::now()))
+            .map_err(after)?;
+        let mut retries = deadline.commit_retries(Instant::now());
         loop {
-            match self.producer.commit_transaction(self.op_timeout) {
+            match self
+                .producer
+                .commit_transaction(deadline.call_timeout(Instant::now()))
+            {
                 Ok(()) => return Ok(()),
-                Err(KafkaError::Transaction(e)) if e.is_retriable() && attempts < 3 => {
-                    attempts += 1;
-                    tracing::debug!(error = %e, "commit refused for now; retrying");
+                Err(KafkaError::Transaction(e))
+                    if e.is_retriable() && retries.next_delay().is_some() =>
+                {
+                    tracing::debug!(error = %e, retry = retries.made(), "commit refused for now; retrying");
                 }
                 Err(err) => return Err(after(err)),
             }
@@ -505,8 +605,14 @@ impl Transactions {
     }
 
     /// After an abort: drops every held output, forgets the tracker's state of every owned
-    /// partition and seeks each to its last committed position.
-    fn rewind<C: ConsumerContext>(&self, core: &SourceCore, consumer: &BaseConsumer<C>) {
+    /// partition and seeks each to its last committed position, waiting up to `timeout` (zero:
+    /// the seeks are started and not waited for).
+    fn rewind<C: ConsumerContext>(
+        &self,
+        core: &SourceCore,
+        consumer: &BaseConsumer<C>,
+        timeout: Duration,
+    ) {
         let mut seek = TopicPartitionList::new();
         let mut released = 0;
         {
@@ -528,7 +634,7 @@ impl Transactions {
         if seek.count() == 0 {
             return;
         }
-        match consumer.seek_partitions(seek, self.op_timeout) {
+        match consumer.seek_partitions(seek, timeout) {
             Ok(result) => {
                 for e in result.elements() {
                     if let Err(err) = e.error() {
@@ -588,5 +694,72 @@ mod tests {
         };
         assert!(fits(&record(1000)));
         assert!(!fits(&record(MAX_RECORD_BYTES)));
+    }
+
+    const S: Duration = Duration::from_secs(1);
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_commit_gets_the_transaction_timeout_within_half_the_poll_interval() {
+        assert_eq!(commit_window(10 * S, 300 * S), 10 * S);
+        assert_eq!(commit_window(900 * S, 300 * S), 150 * S);
+        assert_eq!(
+            commit_window(Duration::MAX, Duration::MAX),
+            Duration::MAX / 2
+        );
+    }
+
+    #[test]
+    fn every_call_of_a_commit_ends_by_one_deadline() {
+        let start = Instant::now();
+        let d = CommitDeadline::starting(start, 10 * S);
+        // The work gets three quarters of the window; the abort the rest.
+        assert_eq!(d.call_timeout(start), 7500 * MS);
+        assert_eq!(d.call_timeout(start + 7 * S), 500 * MS);
+        assert_eq!(d.call_timeout(start + 8 * S), Duration::ZERO);
+        assert!(!d.passed(start + 7499 * MS) && d.passed(start + 7500 * MS));
+        assert_eq!(d.abort_timeout(start + 7500 * MS), 2500 * MS);
+        assert_eq!(d.abort_timeout(start + 9 * S), S);
+        assert_eq!(d.abort_timeout(start + 60 * S), Duration::ZERO);
+        // However the calls go, their timeouts and the abort's sum to at most the window.
+        let mut now = start;
+        for _ in 0..10 {
+            now += d.call_timeout(now) / 3;
+        }
+        now += d.call_timeout(now);
+        assert!(d.passed(now));
+        now += d.abort_timeout(now);
+        assert_eq!(now, start + 10 * S);
+    }
+
+    #[test]
+    fn commit_retries_stop_at_their_count_or_the_deadline() {
+        let start = Instant::now();
+        let d = CommitDeadline::starting(start, 10 * S);
+        let mut retries = d.commit_retries(start);
+        let made = std::iter::from_fn(|| retries.next_delay_at(start)).count();
+        assert_eq!(made, COMMIT_RETRIES as usize);
+        let mut late = d.commit_retries(start);
+        assert_eq!(late.next_delay_at(start + 7500 * MS), None);
+        assert_eq!(
+            d.commit_retries(start + 8 * S).next_delay_at(start + 8 * S),
+            None
+        );
+        // The retries are made at once: the refused call already waited.
+        assert_eq!(
+            d.commit_retries(start).next_delay_at(start),
+            Some(Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn the_window_never_overflows() {
+        let start = Instant::now();
+        let d = CommitDeadline::starting(start, Duration::MAX);
+        assert_eq!(d.call_timeout(start), 64_800 * S);
+        assert_eq!(d.abort_timeout(start), 86_400 * S);
+        let none = CommitDeadline::starting(start, Duration::ZERO);
+        assert!(none.passed(start));
+        assert_eq!(none.abort_timeout(start), Duration::ZERO);
     }
 }

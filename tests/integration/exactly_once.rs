@@ -315,3 +315,124 @@ async fn aborted_transactions_rewind_and_commit_each_output_once_afterwards() {
         n - 1
     );
 }
+
+/// A transactional producer whose local queue holds one record at a time: each output of a
+/// transaction waits for the one before it to be acknowledged, with the producer polled (not
+/// slept on) within the commit's deadline. Every request still has exactly one committed
+/// output, and no transaction is aborted: the deadline ends no commit that is merely slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_producer_queue_is_waited_out_within_the_commit_deadline() {
+    utils::init_tracing();
+    let topics = Topics::create("eos_queue", 3).await;
+    let group = unique_name("eos_queue");
+    const N: usize = 1_000;
+    produce(&topics.requests, &requests("q", 0..N)).await;
+    let mut config = config(
+        &topics,
+        &group,
+        &format!(
+            "[kafka.extra]\n\"queue.buffering.max.messages\" = \"1\"\n[processing]\nguarantee = \"exactly_once\"\ntransactional_id = \"{group}-a\"\n"
+        ),
+    );
+    config.kafka.producer_linger_ms = 0;
+    let processor = Running::start(&config, Arc::new(Builtins)).await;
+    let outputs = collect(
+        &[&topics.results, &topics.dlq],
+        N,
+        Duration::from_secs(120),
+        Duration::from_secs(3),
+    )
+    .await;
+    processor.stop().await;
+    let counts = output_counts(&outputs, &topics);
+    let duplicates: usize = counts.values().map(|n| n - 1).sum();
+    assert_eq!(duplicates, 0, "duplicates for a read_committed consumer");
+    assert_eq!(counts.len(), N, "every request has an output");
+    let results = outputs.iter().filter(|c| c.topic == topics.results).count();
+    let written = read_uncommitted_count(&topics.results, results).await;
+    assert_eq!(
+        written, results,
+        "no transaction aborted: every record written is committed"
+    );
+}
+
+/// The consumer group's state and member count, as the coordinator reports them.
+async fn group_members(group: &str) -> (String, usize) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let group = group.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let client: BaseConsumer = crate::utils::kafka_config().create().expect("client");
+        let list = client
+            .fetch_group_list(Some(&group), Duration::from_secs(10))
+            .expect("group list");
+        list.groups().first().map_or((String::new(), 0), |g| {
+            (g.state().to_owned(), g.members().len())
+        })
+    })
+    .await
+    .expect("group lookup")
+}
+
+/// A producer far too slow for its transactions (one queued record at a time, each lingering
+/// 500 ms) with a 2 s transaction timeout: no commit can finish in time, so each is aborted at
+/// its deadline, before the broker would abort it and fence the producer, and its records are
+/// consumed again. The consumer, which polls between commits, stays in its group, and the
+/// source does not fail. Started again with the default producer, the same group commits every
+/// output once: nothing was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_past_its_deadline_is_aborted_and_the_consumer_keeps_its_group() {
+    use std::num::NonZeroU64;
+    utils::init_tracing();
+    let topics = Topics::create("eos_deadline", 3).await;
+    let group = unique_name("eos_deadline");
+    const N: usize = 200;
+    produce(&topics.requests, &requests("d", 0..N)).await;
+    let mut slow = config(
+        &topics,
+        &group,
+        &format!(
+            "[kafka.extra]\n\"queue.buffering.max.messages\" = \"1\"\n[processing]\nguarantee = \"exactly_once\"\ntransactional_id = \"{group}-a\"\ntransaction_timeout_ms = 2000\n"
+        ),
+    );
+    slow.kafka.max_poll_interval_ms = NonZeroU64::new(28_000).expect("non-zero");
+    slow.kafka.producer_linger_ms = 500;
+    slow.executor.shutdown_timeout_ms = NonZeroU64::new(5_000).expect("non-zero");
+    inferflow::config::Config::from_toml_str(&slow.to_redacted_toml()).expect("valid settings");
+    let started = std::time::Instant::now();
+    let processor = Running::start(&slow, Arc::new(Builtins)).await;
+    // By now the broker would have aborted and fenced a transaction left open past 2 s (it
+    // looks every 10 s), and a consumer blocked in one commit for 28 s would have left its
+    // group.
+    for at in [32, 38, 44] {
+        tokio::time::sleep(Duration::from_secs(at).saturating_sub(started.elapsed())).await;
+        let (state, members) = group_members(&group).await;
+        assert_eq!(
+            (state.as_str(), members),
+            ("Stable", 1),
+            "the consumer is still in its group {at} s in"
+        );
+    }
+    let written = read_uncommitted_count(&topics.results, 1).await;
+    assert!(
+        written > 0,
+        "aborted transactions left records only read_uncommitted sees"
+    );
+    processor.stop().await;
+    let processor = Running::start(&eos(&topics, &group, "b"), Arc::new(Builtins)).await;
+    let outputs = collect(
+        &[&topics.results, &topics.dlq],
+        N,
+        Duration::from_secs(120),
+        Duration::from_secs(3),
+    )
+    .await;
+    processor.stop().await;
+    let counts = output_counts(&outputs, &topics);
+    let duplicates: usize = counts.values().map(|n| n - 1).sum();
+    println!(
+        "commit deadline: {written} records written by aborted transactions; afterwards {} committed outputs, {duplicates} duplicates",
+        outputs.len()
+    );
+    assert_eq!(duplicates, 0, "duplicates for a read_committed consumer");
+    assert_eq!(counts.len(), N, "every request has an output");
+}
