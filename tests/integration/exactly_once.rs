@@ -59,6 +59,35 @@ fn eos(topics: &Topics, group: &str, instance: &str) -> inferflow::config::Confi
     )
 }
 
+/// Collects the `n` outputs of `processor` (results and dead letters, `read_committed`), stops
+/// it, and checks that every request has exactly one.
+async fn each_committed_once(processor: Running, topics: &Topics, n: usize) -> Vec<Captured> {
+    let outputs = collect(
+        &[&topics.results, &topics.dlq],
+        n,
+        Duration::from_secs(120),
+        Duration::from_secs(3),
+    )
+    .await;
+    processor.stop().await;
+    let counts = output_counts(&outputs, topics);
+    let duplicates: usize = counts.values().map(|n| n - 1).sum();
+    assert_eq!(duplicates, 0, "duplicates for a read_committed consumer");
+    assert_eq!(counts.len(), n, "one output per request");
+    outputs
+}
+
+/// [`eos`] with a transactional producer whose local queue holds one record at a time.
+fn one_record_queue(topics: &Topics, group: &str) -> inferflow::config::Config {
+    config(
+        topics,
+        group,
+        &format!(
+            "[kafka.extra]\n\"queue.buffering.max.messages\" = \"1\"\n[processing]\nguarantee = \"exactly_once\"\ntransactional_id = \"{group}-a\"\n"
+        ),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_commits_each_result_and_dead_letter_once() {
     utils::init_tracing();
@@ -67,18 +96,7 @@ async fn exactly_once_commits_each_result_and_dead_letter_once() {
     const N: usize = 5_000;
     produce(&topics.requests, &requests("e", 0..N)).await;
     let processor = Running::start(&eos(&topics, &group, "a"), Arc::new(Builtins)).await;
-    let outputs = collect(
-        &[&topics.results, &topics.dlq],
-        N,
-        Duration::from_secs(120),
-        Duration::from_secs(3),
-    )
-    .await;
-    processor.stop().await;
-    let counts = output_counts(&outputs, &topics);
-    let duplicates: usize = counts.values().map(|n| n - 1).sum();
-    assert_eq!(duplicates, 0, "duplicates for a read_committed consumer");
-    assert_eq!(counts.len(), N, "one output per request");
+    let outputs = each_committed_once(processor, &topics, N).await;
     assert_eq!(
         outputs.iter().filter(|c| c.topic == topics.dlq).count(),
         N / 50,
@@ -327,27 +345,10 @@ async fn a_full_producer_queue_is_waited_out_within_the_commit_deadline() {
     let group = unique_name("eos_queue");
     const N: usize = 1_000;
     produce(&topics.requests, &requests("q", 0..N)).await;
-    let mut config = config(
-        &topics,
-        &group,
-        &format!(
-            "[kafka.extra]\n\"queue.buffering.max.messages\" = \"1\"\n[processing]\nguarantee = \"exactly_once\"\ntransactional_id = \"{group}-a\"\n"
-        ),
-    );
+    let mut config = one_record_queue(&topics, &group);
     config.kafka.producer_linger_ms = 0;
     let processor = Running::start(&config, Arc::new(Builtins)).await;
-    let outputs = collect(
-        &[&topics.results, &topics.dlq],
-        N,
-        Duration::from_secs(120),
-        Duration::from_secs(3),
-    )
-    .await;
-    processor.stop().await;
-    let counts = output_counts(&outputs, &topics);
-    let duplicates: usize = counts.values().map(|n| n - 1).sum();
-    assert_eq!(duplicates, 0, "duplicates for a read_committed consumer");
-    assert_eq!(counts.len(), N, "every request has an output");
+    let outputs = each_committed_once(processor, &topics, N).await;
     let results = outputs.iter().filter(|c| c.topic == topics.results).count();
     let written = read_uncommitted_count(&topics.results, results).await;
     assert_eq!(
@@ -387,13 +388,8 @@ async fn a_commit_past_its_deadline_is_aborted_and_the_consumer_keeps_its_group(
     let group = unique_name("eos_deadline");
     const N: usize = 200;
     produce(&topics.requests, &requests("d", 0..N)).await;
-    let mut slow = config(
-        &topics,
-        &group,
-        &format!(
-            "[kafka.extra]\n\"queue.buffering.max.messages\" = \"1\"\n[processing]\nguarantee = \"exactly_once\"\ntransactional_id = \"{group}-a\"\ntransaction_timeout_ms = 2000\n"
-        ),
-    );
+    let mut slow = one_record_queue(&topics, &group);
+    slow.processing.transaction_timeout_ms = NonZeroU64::new(2_000).expect("non-zero");
     slow.kafka.max_poll_interval_ms = NonZeroU64::new(28_000).expect("non-zero");
     slow.kafka.producer_linger_ms = 500;
     slow.executor.shutdown_timeout_ms = NonZeroU64::new(5_000).expect("non-zero");
@@ -419,20 +415,9 @@ async fn a_commit_past_its_deadline_is_aborted_and_the_consumer_keeps_its_group(
     );
     processor.stop().await;
     let processor = Running::start(&eos(&topics, &group, "b"), Arc::new(Builtins)).await;
-    let outputs = collect(
-        &[&topics.results, &topics.dlq],
-        N,
-        Duration::from_secs(120),
-        Duration::from_secs(3),
-    )
-    .await;
-    processor.stop().await;
-    let counts = output_counts(&outputs, &topics);
-    let duplicates: usize = counts.values().map(|n| n - 1).sum();
+    let outputs = each_committed_once(processor, &topics, N).await;
     println!(
-        "commit deadline: {written} records written by aborted transactions; afterwards {} committed outputs, {duplicates} duplicates",
+        "commit deadline: {written} records written by aborted transactions; afterwards {} committed outputs, each once",
         outputs.len()
     );
-    assert_eq!(duplicates, 0, "duplicates for a read_committed consumer");
-    assert_eq!(counts.len(), N, "every request has an output");
 }
