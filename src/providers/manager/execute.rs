@@ -9,7 +9,7 @@ use futures::future::{BoxFuture, join_all};
 use super::lifecycle::InFlight;
 use super::registry::{ModelManager, ResolvedModel};
 use super::stats::add;
-use crate::executor::{Builtins, ExecOutput, ExecRequest, ExecResult, Executor};
+use crate::executor::{BUILTIN_MODELS, Builtins, ExecOutput, ExecRequest, ExecResult, Executor};
 use crate::model::{ErrorBody, StepRecord, Target};
 use crate::providers::cache::{CacheKey, CachePolicy};
 use crate::providers::{Provider, ProviderError, ProviderInput, ProviderOutput};
@@ -250,9 +250,6 @@ impl ModelExecutor {
         }
     }
 }
-
-/// Model ids the [`Builtins`] answer.
-const BUILTIN_MODELS: [&str; 2] = ["echo", "echo@1"];
 
 impl Executor for ModelExecutor {
     fn execute<'a>(
