@@ -52,6 +52,9 @@
 
 #![allow(missing_docs, unreachable_pub)]
 
+#[path = "support/realistic.rs"]
+mod realistic;
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -638,68 +641,6 @@ fn padding(tag: &str, bytes: usize) -> String {
     "x".repeat(bytes.saturating_sub(base))
 }
 
-/// A request for the `realistic` pipeline: a review by one of `entities` users, whose text is
-/// as long as it takes to make the request about `bytes` bytes (like identity's).
-fn realistic_request(tag: &str, seq: usize, bytes: usize, entities: usize) -> String {
-    let user = mix(seq as u64 ^ 0x5eed) % entities.max(1) as u64;
-    let body = |text: &str| {
-        format!(
-            r#"{{"request_id":"{tag}-{seq}","pipeline":"realistic","entity":{{"type":"user","id":"u-{user}"}},"data":{{"text":"{text}"}}}}"#
-        )
-    };
-    let text = review_text(seq, bytes.saturating_sub(body("").len()));
-    body(&text)
-}
-
-/// Pieces of customer reviews: positive, negative and neutral, with the capitals, repeated
-/// punctuation and emoticons VADER weighs. ASCII without quotes or backslashes (they go into
-/// JSON as they are).
-const REVIEW_PARTS: &[&str] = &[
-    "The delivery was FAST and the packaging was great.",
-    "Terrible support, nobody answered my emails for a week!!!",
-    "It works as described.",
-    "I love the colour but the battery life is awful.",
-    "Not bad for the price :)",
-    "Absolutely horrible experience, never again.",
-    "Pretty good overall, a few scratches on the box.",
-    "The app keeps crashing and I am very disappointed.",
-    "Five stars, would buy again!",
-    "meh",
-    "The size was wrong so I sent it back.",
-    "Excellent quality, highly recommended.",
-    "Arrived late and damaged :(",
-    "Does the job, nothing special.",
-    "My kids LOVE it, thank you so much!!",
-    "The instructions were confusing and one screw was missing.",
-    "Cheap plastic, broke after two days.",
-    "Friendly courier, quick refund, no complaints.",
-];
-
-/// A review text of `len` bytes (ASCII): a tab and messy spacing for the cleaning step, the
-/// request's number (so no two texts are alike and the result cache never answers), then
-/// review pieces picked by `seq`.
-fn review_text(seq: usize, len: usize) -> String {
-    let mut text = format!("  \\tOrder #{seq}:  ");
-    let minimum = text.len();
-    let mut state = seq as u64;
-    while text.len() < len {
-        state = mix(state);
-        let part = REVIEW_PARTS[(state % REVIEW_PARTS.len() as u64) as usize];
-        text.push_str(part);
-        text.push_str(if state % 5 == 0 { "   " } else { " " });
-    }
-    text.truncate(len.max(minimum));
-    text
-}
-
-/// SplitMix64's finaliser: a well-spread hash of a counter.
-fn mix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// Builds the requests of one workload, all of about `E2E_PAYLOAD_BYTES`.
 struct Requests {
     workload: Workload,
@@ -727,7 +668,7 @@ impl Requests {
     fn body(&self, seq: usize) -> String {
         match self.workload {
             Workload::Identity => request(self.tag, seq, &self.pad),
-            Workload::Realistic => realistic_request(self.tag, seq, self.bytes, self.entities),
+            Workload::Realistic => realistic::request(self.tag, seq, self.bytes, self.entities),
         }
     }
 }
@@ -788,7 +729,7 @@ fn preload(s: &Settings, topic: &str, n: usize, workload: Workload) {
 /// same `INFERFLOW__…` overrides), before any run. Fails loudly when Cassandra does not answer.
 fn seed_features(s: &Settings) {
     use inferflow::config::{Config, Sources};
-    use inferflow::feature_store::{FeatureStore, FeatureUpdate};
+    use inferflow::feature_store::FeatureStore;
 
     let config = Config::load(&Sources::standard(Some(s.realistic_config.clone())))
         .unwrap_or_else(|e| panic!("{}: {e}", s.realistic_config.display()));
@@ -817,21 +758,7 @@ fn seed_features(s: &Settings) {
     let version = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_millis() as u64);
-    let segments = ["gold", "silver", "silver", "bronze", "bronze", "bronze"];
-    let updates: Vec<FeatureUpdate> = (0..s.entities)
-        .map(|user| {
-            let h = mix(user as u64);
-            let values = serde_json::json!({
-                "segment": segments[(h % segments.len() as u64) as usize],
-                "trust": ((h >> 8) % 1000) as f64 / 1000.0,
-                "reviews": (h >> 20) % 200,
-            });
-            let serde_json::Value::Object(values) = values else {
-                unreachable!("an object literal")
-            };
-            FeatureUpdate::new("user", format!("u-{user}"), "profile", values, version)
-        })
-        .collect();
+    let updates = realistic::profiles(s.entities, version);
     runtime.block_on(async {
         let store = tokio::time::timeout(Duration::from_secs(120), FeatureStore::open(fs))
             .await
