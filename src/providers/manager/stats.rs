@@ -12,7 +12,8 @@ pub struct ModelStats {
     pub errors: u64,
     /// Requests answered from the result cache (hits and coalesced calls).
     pub cache_hits: u64,
-    /// Calls made to the provider ([`Provider::infer_batch`](crate::providers::Provider::infer_batch)).
+    /// Calls made to the provider
+    /// ([`Provider::infer_batch`](crate::providers::Provider::infer_batch)).
     pub provider_calls: u64,
     /// Inputs sent in those calls.
     pub provider_inputs: u64,
