@@ -98,6 +98,9 @@ pub struct Builtins;
 
 /// The only version of the built-in `echo` model.
 pub const ECHO_VERSION: &str = "1";
+/// Model ids the [`Builtins`] answer without a provider: the model manager falls back to them
+/// and pipeline validation knows them.
+pub(crate) const BUILTIN_MODELS: [&str; 2] = ["echo", "echo@1"];
 /// Longest `delay_ms` the echo model accepts.
 const MAX_ECHO_DELAY_MS: u64 = 60_000;
 
@@ -182,7 +185,9 @@ impl Executor for Builtins {
         Box::pin(async move {
             match target {
                 Target::Pipeline(id) if id == "identity" => Self::identity(requests),
-                Target::Model(id) if id == "echo" || id == "echo@1" => Self::echo(requests).await,
+                Target::Model(id) if BUILTIN_MODELS.contains(&id.as_str()) => {
+                    Self::echo(requests).await
+                }
                 Target::Pipeline(id) => all_fail(
                     requests.len(),
                     ErrorBody::new(
@@ -194,7 +199,7 @@ impl Executor for Builtins {
                     requests.len(),
                     ErrorBody::new(
                         ErrorKind::UnknownModel,
-                        format!("no model `{id}` (known: echo, echo@1)"),
+                        format!("no model `{id}` (known: {})", BUILTIN_MODELS.join(", ")),
                     ),
                 ),
             }

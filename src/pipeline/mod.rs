@@ -52,14 +52,12 @@ pub use self::def::{OnError, PipelineDef, StepDef, StepType, load_dir};
 use self::run::{Engine, Item};
 pub use self::transform::{TransformContext, TransformDef, TransformFn};
 use crate::config::{ConfigError, ConfigErrors};
-use crate::executor::{Builtins, ExecOutput, ExecRequest, ExecResult, Executor};
+use crate::executor::{BUILTIN_MODELS, Builtins, ExecOutput, ExecRequest, ExecResult, Executor};
 use crate::feature_store::FeatureStore;
 use crate::metrics::{PIPELINE_DURATION_SECONDS, PIPELINE_REQUESTS_TOTAL};
 use crate::model::{ErrorBody, ErrorKind, StepRecord, Target};
 use crate::providers::manager::ModelManager;
 
-/// Model ids the built-in executor answers without a provider.
-const BUILTIN_MODELS: [&str; 2] = ["echo", "echo@1"];
 /// The built-in pipeline, used when no configured pipeline takes its id.
 pub const IDENTITY: &str = "identity";
 
