@@ -63,6 +63,16 @@ fn fail(status: u16, message: &str) -> Step {
     }
 }
 
+/// 429 with `Retry-After` as the HTTP-date `secs` seconds from now.
+fn rate_limited_for(secs: u64) -> Step {
+    let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(secs));
+    Step::Fail {
+        status: 429,
+        body: json!({ "error": "slow down" }).to_string(),
+        headers: vec![("retry-after", date)],
+    }
+}
+
 /// One request as the server saw it.
 #[derive(Debug, Clone, PartialEq)]
 struct Seen {
@@ -231,13 +241,7 @@ where
 async fn retry_after_as_an_http_date_is_waited_out_unless_too_far() {
     for_both(|kind| async move {
         // Two seconds ahead, to the second: a wait of more than one second.
-        let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(2));
-        let step = Step::Fail {
-            status: 429,
-            body: json!({"error": "slow down"}).to_string(),
-            headers: vec![("retry-after", date)],
-        };
-        let setup = Setup::start(kind, [step], 3_000, 3).await;
+        let setup = Setup::start(kind, [rate_limited_for(2)], 3_000, 3).await;
         let started = Instant::now();
         let out = setup.call().await;
         assert!(out.is_ok(), "{kind:?}: {out:?}");
@@ -247,13 +251,7 @@ async fn retry_after_as_an_http_date_is_waited_out_unless_too_far() {
         assert!(waited >= Duration::from_secs(1), "{kind:?}: {waited:?}");
 
         // A date beyond max_retry_after_ms: the error at once, carrying the wait.
-        let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(60));
-        let step = Step::Fail {
-            status: 429,
-            body: json!({"error": "slow down"}).to_string(),
-            headers: vec![("retry-after", date)],
-        };
-        let setup = Setup::start(kind, [step], 3_000, 3).await;
+        let setup = Setup::start(kind, [rate_limited_for(60)], 3_000, 3).await;
         let err = setup.call().await.unwrap_err();
         assert_eq!(setup.seen().len(), 1, "{kind:?}");
         let wait = err.retry_after().unwrap();
