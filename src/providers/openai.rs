@@ -161,10 +161,10 @@ impl OpenAiConfig {
         self.retry.validate("retry", &mut problems);
         for (name, model) in &self.models {
             let key = format!("models.{name}");
-            if let Some(t) = model.temperature {
-                if !(0.0..=2.0).contains(&t) {
-                    problems.push(format!("{key}.temperature ({t}) must be from 0 to 2"));
-                }
+            if let Some(t) = model.temperature
+                && !(0.0..=2.0).contains(&t)
+            {
+                problems.push(format!("{key}.temperature ({t}) must be from 0 to 2"));
             }
             if model.remote_model.as_deref() == Some("") {
                 problems.push(format!("{key}.remote_model is empty"));
