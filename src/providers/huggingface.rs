@@ -55,7 +55,7 @@ use tokio::sync::Semaphore;
 
 use super::retry::{RetryConfig, RetryPolicy, RetryStats, parse_retry_after};
 use super::{BuildError, Provider, ProviderError, ProviderInput, ProviderOutput, sanitize_message};
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// Which HTTP API the endpoint speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -39,7 +39,7 @@ use super::{
     BuildError, Provider, ProviderError, ProviderInput, ProviderOutput, TokenUsage,
     sanitize_message,
 };
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// Settings of one OpenAI-compatible endpoint. Every key but `models` has a default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
