@@ -119,9 +119,13 @@ fn service(runtime: &Runtime) -> Service {
     config.feature_store.backend = FeatureStoreBackend::Embedded;
     config.feature_store.path = dir.path().join("features.redb");
     runtime.block_on(async {
-        let models = inferflow::providers::build::build_manager(&config)
-            .await
-            .expect("the models of benches/e2e/realistic.toml");
+        let models = inferflow::providers::build::build_manager(
+            &config.providers,
+            &config.models,
+            &config.result_cache,
+        )
+        .await
+        .expect("the models of benches/e2e/realistic.toml");
         let store = Arc::new(
             FeatureStore::open(&config.feature_store)
                 .await

@@ -91,9 +91,9 @@ use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefi
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::FeatureStoreConfig;
 use super::model::{unix_now_ms, validate_entity, validate_key, validate_part, validate_version};
 use super::{Feature, FeatureGroup, FeatureStoreError, FeatureUpdate};
-use crate::config::FeatureStoreConfig;
 
 /// The file used when `feature_store.path` names a directory.
 pub const DEFAULT_FILE_NAME: &str = "features.redb";

@@ -34,11 +34,11 @@ use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::IngestSections;
 use super::coherence::{InvalidatedKey, Publisher};
 use super::model::unix_now_ms;
 use super::{FeatureStore, FeatureStoreError, FeatureUpdate};
 use crate::batching::{Batch, BatchLimits};
-use crate::config::Config;
 use crate::kafka::sink::{DeliverError, Sink};
 use crate::kafka::source::{self, BatchHandler, SourceCore, SourceHandle, SourceSpec, lock};
 use crate::metrics as m;
@@ -354,12 +354,12 @@ enum WriteOutcome {
 /// says: the caller decides). Cancel `stop` to shut it down, then await
 /// [`SourceHandle::join`].
 pub fn start(
-    config: &Config,
+    config: IngestSections<'_>,
     store: Arc<FeatureStore>,
     stop: CancellationToken,
 ) -> anyhow::Result<SourceHandle> {
     use anyhow::Context as _;
-    let producer = Sink::create(crate::kafka::producer_config(&config.kafka).set("linger.ms", "5"))
+    let producer = Sink::create(crate::kafka::producer_config(config.kafka).set("linger.ms", "5"))
         .context("creating the Kafka producer of feature ingestion")?;
     let core = Arc::new(SourceCore::new(
         "features",
@@ -395,7 +395,7 @@ pub fn start(
         rebalance_drain_timeout: Duration::from_millis(config.kafka.rebalance_drain_timeout_ms),
         consumed_metric: m::FEATURE_UPDATES_CONSUMED_TOTAL,
     };
-    source::start(&config.kafka, spec, core, handler, stop)
+    source::start(config.kafka, spec, core, handler, stop)
 }
 
 #[cfg(test)]

@@ -39,12 +39,16 @@ mod scylla;
 
 pub mod cache;
 pub mod coherence;
+mod config;
 pub mod freshness;
 pub mod ingest;
 pub mod model;
 pub mod schema;
 
 pub use self::cache::{CacheStats, TtlCache};
+pub use self::config::{
+    Consistency, FeatureStoreBackend, FeatureStoreConfig, IngestConfig, IngestSections,
+};
 pub use self::embedded::{
     DEFAULT_FILE_NAME, EmbeddedBackend, EmbeddedStats, FORMAT_VERSION, SWEEP_BATCH, SweepStats,
     TOMBSTONE_GRACE_SECS, database_file,
@@ -71,7 +75,6 @@ use ::scylla::statement::Consistency as CqlConsistency;
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
 
-use crate::config::{Consistency, FeatureStoreBackend, FeatureStoreConfig};
 use crate::metrics as m;
 
 /// Why the feature store could not be reached.

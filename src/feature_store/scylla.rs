@@ -40,11 +40,11 @@ use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 use serde_json::{Map, Value};
 
+use super::FeatureStoreConfig;
 use super::model::{
     MAX_VERSION, unix_now_ms, validate_entity, validate_key, validate_part, validate_version,
 };
 use super::{Feature, FeatureGroup, FeatureStoreError, FeatureUpdate, connect, schema};
-use crate::config::FeatureStoreConfig;
 
 /// Most feature names read in one `IN` query. ScyllaDB refuses more than 100 clustering keys
 /// per query by default (`max_clustering_key_restrictions_per_query`); longer lists are split

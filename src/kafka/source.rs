@@ -47,8 +47,8 @@ use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use tokio_util::sync::CancellationToken;
 
+use super::KafkaConfig;
 use crate::batching::{Batch, BatchLimits, Batcher};
-use crate::config::KafkaConfig;
 use crate::kafka::commit::Commits;
 use crate::kafka::offsets::{OffsetTracker, Ticket, TopicPartition};
 use crate::kafka::sink::{DeliverError, OutRecord, Sink};

@@ -44,7 +44,7 @@ use tokio::sync::Semaphore;
 
 use super::retry::{RetryConfig, RetryPolicy, parse_retry_after};
 use super::{BuildError, ProviderError, sanitize_message};
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// Most bytes of an error response body read to find the provider's message.
 pub(crate) const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;

@@ -56,7 +56,7 @@ use serde_json::{Map, Value, json};
 use super::endpoint::{Endpoint, EndpointSettings, ErrorReport, check_base_url, secret_from_env};
 use super::retry::{RetryConfig, RetryPolicy, RetryStats};
 use super::{BuildError, Provider, ProviderError, ProviderInput, ProviderOutput};
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// Which HTTP API the endpoint speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

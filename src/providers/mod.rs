@@ -44,6 +44,7 @@
 pub mod breaker;
 pub mod build;
 pub mod cache;
+mod config;
 mod endpoint;
 pub mod huggingface;
 pub mod local;
@@ -63,6 +64,8 @@ use serde_json::{Map, Value};
 use crate::model::{ErrorBody, ErrorKind};
 
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+pub(crate) use config::check_models_against_providers;
+pub use config::{ModelSection, ModelsConfig, ProviderSection, ProvidersConfig};
 pub use local::{LocalConfig, LocalModelConfig, LocalModelKind, LocalProvider};
 pub use openai::{OpenAiConfig, OpenAiModelConfig, OpenAiProvider, OpenAiTask};
 pub use ratelimit::{RateLimitConfig, RateLimiter};
@@ -433,7 +436,7 @@ pub(crate) fn sanitize_message(text: &str, secret: Option<&str>) -> String {
     let text = text.trim();
     let cleaned = match secret {
         Some(secret) if !secret.is_empty() && text.contains(secret) => {
-            text.replace(secret, crate::config::REDACTED)
+            text.replace(secret, crate::secret::REDACTED)
         }
         _ => text.to_owned(),
     };

@@ -37,7 +37,7 @@ use serde_json::{Map, Value, json};
 use super::endpoint::{Endpoint, EndpointSettings, ErrorReport, check_base_url, secret_from_env};
 use super::retry::{RetryConfig, RetryPolicy, RetryStats};
 use super::{BuildError, Provider, ProviderError, ProviderInput, ProviderOutput, TokenUsage};
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// Settings of one OpenAI-compatible endpoint. Every key but `models` has a default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
