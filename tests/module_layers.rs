@@ -171,10 +171,11 @@ fn top_level_modules(src: &Path) -> BTreeSet<String> {
             "{" => depth += 1,
             "}" => depth = depth.saturating_sub(1),
             "mod" if depth == 0 => {
-                if let (Some(name), Some(end)) = (tokens.get(i + 1), tokens.get(i + 2)) {
-                    if end.text == ";" && is_ident(&name.text) {
-                        modules.insert(name.text.clone());
-                    }
+                if let (Some(name), Some(end)) = (tokens.get(i + 1), tokens.get(i + 2))
+                    && end.text == ";"
+                    && is_ident(&name.text)
+                {
+                    modules.insert(name.text.clone());
                 }
             }
             _ => {}

@@ -92,13 +92,12 @@ impl Collector {
                         arrivals.strays.fetch_add(1, Ordering::Relaxed);
                         continue;
                     };
-                    if let Some(headers) = message.headers() {
-                        if headers
+                    if let Some(headers) = message.headers()
+                        && headers
                             .iter()
                             .any(|h| h.key == "inferflow-status" && h.value == Some(b"error"))
-                        {
-                            arrivals.errors.fetch_add(1, Ordering::Relaxed);
-                        }
+                    {
+                        arrivals.errors.fetch_add(1, Ordering::Relaxed);
                     }
                     if slot
                         .compare_exchange(

@@ -73,7 +73,7 @@ fn review_text(seq: usize, len: usize) -> String {
         state = mix(state);
         let part = REVIEW_PARTS[(state % REVIEW_PARTS.len() as u64) as usize];
         text.push_str(part);
-        text.push_str(if state % 5 == 0 { "   " } else { " " });
+        text.push_str(if state.is_multiple_of(5) { "   " } else { " " });
     }
     text.truncate(len.max(minimum));
     text

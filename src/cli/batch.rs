@@ -302,10 +302,10 @@ fn check_target(
         }
         Target::Model(id) => {
             let models = pipelines.models();
-            if !matches!(id.as_str(), "echo" | "echo@1") {
-                if let Err(e) = models.resolve(id) {
-                    bail!("{}", e.message);
-                }
+            if !matches!(id.as_str(), "echo" | "echo@1")
+                && let Err(e) = models.resolve(id)
+            {
+                bail!("{}", e.message);
             }
         }
     }

@@ -171,11 +171,11 @@ impl Config {
     /// Loads, parses and validates the configuration, reporting every problem at once.
     pub fn load(sources: &Sources) -> Result<Config, ConfigErrors> {
         let mut problems = Problems::default();
-        if let Some(file) = &sources.file {
-            if !file.is_file() {
-                problems.push("--config", format!("{}: no such file", file.display()));
-                return Err(ConfigErrors(problems.0));
-            }
+        if let Some(file) = &sources.file
+            && !file.is_file()
+        {
+            problems.push("--config", format!("{}: no such file", file.display()));
+            return Err(ConfigErrors(problems.0));
         }
         let fig = figment(sources);
         Self::from_figment(&fig, &mut problems)

@@ -55,13 +55,13 @@ const MAX_TRANSACTION_TIMEOUT_MS: u64 = 900_000;
 
 impl Section for ProcessingConfig {
     fn validate(&self, p: &mut Problems) {
-        if let Some(id) = &self.transactional_id {
-            if id.trim().is_empty() {
-                p.push(
-                    "processing.transactional_id",
-                    "must not be empty; remove the key to derive it",
-                );
-            }
+        if let Some(id) = &self.transactional_id
+            && id.trim().is_empty()
+        {
+            p.push(
+                "processing.transactional_id",
+                "must not be empty; remove the key to derive it",
+            );
         }
         let timeout = self.transaction_timeout_ms.get();
         if !(1000..=MAX_TRANSACTION_TIMEOUT_MS).contains(&timeout) {

@@ -97,13 +97,13 @@ pub fn decode_update(
     // `0`. A message that does not parse is `invalid_json` wherever its first problem is.
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let parsed = serde_path_to_error::deserialize::<_, FeatureUpdateMessage>(&mut de);
-    if parsed.is_err() || de.end().is_err() {
-        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
-            return Err(ErrorBody::new(
-                ErrorKind::InvalidJson,
-                format!("not valid JSON: {e}"),
-            ));
-        }
+    if (parsed.is_err() || de.end().is_err())
+        && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+    {
+        return Err(ErrorBody::new(
+            ErrorKind::InvalidJson,
+            format!("not valid JSON: {e}"),
+        ));
     }
     let msg: FeatureUpdateMessage = parsed.map_err(|e| {
         let path = e.path().to_string();

@@ -180,13 +180,13 @@ impl Section for KafkaConfig {
         if self.client_id.trim().is_empty() {
             p.push("kafka.client_id", "must not be empty");
         }
-        if let Some(id) = &self.group_instance_id {
-            if id.trim().is_empty() {
-                p.push(
-                    "kafka.group_instance_id",
-                    "must not be empty; remove the key for dynamic membership",
-                );
-            }
+        if let Some(id) = &self.group_instance_id
+            && id.trim().is_empty()
+        {
+            p.push(
+                "kafka.group_instance_id",
+                "must not be empty; remove the key for dynamic membership",
+            );
         }
         if self.session_timeout_ms.get() < 6000 {
             p.push(
@@ -284,10 +284,10 @@ impl Section for TopicsConfig {
                 p.push(key, why);
             }
         }
-        if !self.feature_invalidations.is_empty() {
-            if let Err(why) = check_topic_name(&self.feature_invalidations) {
-                p.push("topics.feature_invalidations", why);
-            }
+        if !self.feature_invalidations.is_empty()
+            && let Err(why) = check_topic_name(&self.feature_invalidations)
+        {
+            p.push("topics.feature_invalidations", why);
         }
         if self.features == self.requests {
             p.push(

@@ -326,10 +326,11 @@ impl SourceCore {
             .unwrap_or(0);
         let left = before.saturating_sub(n);
         let wake_below = self.wake_below.load(Ordering::SeqCst);
-        if left < wake_below && self.wake_below.swap(0, Ordering::SeqCst) != 0 {
-            if let Some(thread) = self.consumer_thread.get() {
-                thread.unpark();
-            }
+        if left < wake_below
+            && self.wake_below.swap(0, Ordering::SeqCst) != 0
+            && let Some(thread) = self.consumer_thread.get()
+        {
+            thread.unpark();
         }
         before
     }

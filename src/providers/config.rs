@@ -248,17 +248,17 @@ pub(crate) fn check_models_against_providers(
             .clone()
             .or_else(|| ModelsConfig::split_id(id).map(|(n, _)| n.to_owned()))
             .unwrap_or_default();
-        if let Some(local) = &provider.local {
-            if !local.models.contains_key(&remote) {
-                p.push(
-                    format!("models.\"{id}\".remote_model"),
-                    format!(
-                        "`{remote}` is not a model of local provider `{}` (it has: {})",
-                        model.provider,
-                        local.models.keys().cloned().collect::<Vec<_>>().join(", ")
-                    ),
-                );
-            }
+        if let Some(local) = &provider.local
+            && !local.models.contains_key(&remote)
+        {
+            p.push(
+                format!("models.\"{id}\".remote_model"),
+                format!(
+                    "`{remote}` is not a model of local provider `{}` (it has: {})",
+                    model.provider,
+                    local.models.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            );
         }
     }
 }

@@ -583,10 +583,10 @@ async fn the_file_watch_reloads_pipelines_and_models() {
             async move {
                 let deadline = Instant::now() + Duration::from_secs(60);
                 loop {
-                    if let Some(doc) = execute(pipeline, data.clone()).await {
-                        if check(&doc) {
-                            return doc;
-                        }
+                    if let Some(doc) = execute(pipeline, data.clone()).await
+                        && check(&doc)
+                    {
+                        return doc;
                     }
                     assert!(Instant::now() < deadline, "not within 60 s: {what}");
                     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -223,10 +223,8 @@ impl ModelManager {
             !registry.ever_loaded.insert(id)
         };
         // The same id may now mean another provider or remote model: drop the old answers.
-        if reloaded {
-            if let Some(cache) = &self.cache {
-                cache.invalidate_all();
-            }
+        if reloaded && let Some(cache) = &self.cache {
+            cache.invalidate_all();
         }
         Ok(())
     }
