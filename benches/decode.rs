@@ -17,9 +17,11 @@
 // not API.
 #![allow(missing_docs)]
 
+#[path = "support/criterion.rs"]
+mod support;
+
 use std::collections::HashSet;
 use std::hint::black_box;
-use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use inferflow::decode::{DecodeRules, Decoded, decode};
@@ -102,17 +104,9 @@ fn bench_decode(c: &mut Criterion) {
     group.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(50)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-        .without_plots()
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = support::config(50, 3);
     targets = bench_decode
 }
 criterion_main!(benches);

@@ -26,6 +26,9 @@
 // not API.
 #![allow(missing_docs)]
 
+#[path = "support/criterion.rs"]
+mod support;
+
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -256,17 +259,9 @@ fn bench_executor(c: &mut Criterion) {
     group.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(50)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-        .without_plots()
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = support::config(50, 3);
     targets = bench_executor
 }
 criterion_main!(benches);

@@ -17,6 +17,9 @@
 // not API.
 #![allow(missing_docs)]
 
+#[path = "support/criterion.rs"]
+mod support;
+
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,17 +80,9 @@ fn bench_feature_cache(c: &mut Criterion) {
     group.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(50)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-        .without_plots()
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = support::config(50, 3);
     targets = bench_feature_cache
 }
 criterion_main!(benches);

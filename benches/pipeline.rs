@@ -19,9 +19,12 @@
 // not API.
 #![allow(missing_docs)]
 
+#[path = "support/criterion.rs"]
+mod support;
+
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use inferflow::executor::ExecRequest;
@@ -234,17 +237,9 @@ fn report_slopes() {
     }
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(30)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-        .without_plots()
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = support::config(30, 3);
     targets = bench_pipeline
 }
 

@@ -19,6 +19,9 @@
 // not API.
 #![allow(missing_docs)]
 
+#[path = "support/criterion.rs"]
+mod support;
+
 use std::num::{NonZeroU64, NonZeroUsize};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -220,17 +223,9 @@ fn bench_providers(c: &mut Criterion) {
     group.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(30)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-        .without_plots()
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = support::config(30, 3);
     targets = bench_providers
 }
 criterion_main!(benches);

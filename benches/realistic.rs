@@ -26,6 +26,11 @@
 // not API.
 #![allow(missing_docs)]
 
+#[path = "support/realistic.rs"]
+mod realistic;
+#[path = "support/criterion.rs"]
+mod support;
+
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,7 +41,7 @@ use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group};
 use inferflow::config::{Config, FeatureStoreBackend, Sources};
 use inferflow::decode::{DecodeRules, Decoded, decode};
 use inferflow::executor::{ExecRequest, Executor};
-use inferflow::feature_store::{FeatureStore, FeatureUpdate};
+use inferflow::feature_store::FeatureStore;
 use inferflow::model::Target;
 use inferflow::pipeline::{PipelineExecutor, PipelineManager};
 use tokio::runtime::Runtime;
@@ -49,61 +54,7 @@ const PAYLOAD_BYTES: usize = 256;
 const BATCHES: [usize; 2] = [64, 256];
 
 // ---------------------------------------------------------------------------------------------
-// requests, as benches/e2e.rs makes them
-
-/// SplitMix64's finaliser: a well-spread hash of a counter.
-fn mix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-const REVIEW_PARTS: &[&str] = &[
-    "The delivery was FAST and the packaging was great.",
-    "Terrible support, nobody answered my emails for a week!!!",
-    "It works as described.",
-    "I love the colour but the battery life is awful.",
-    "Not bad for the price :)",
-    "Absolutely horrible experience, never again.",
-    "Pretty good overall, a few scratches on the box.",
-    "The app keeps crashing and I am very disappointed.",
-    "Five stars, would buy again!",
-    "meh",
-    "The size was wrong so I sent it back.",
-    "Excellent quality, highly recommended.",
-    "Arrived late and damaged :(",
-    "Does the job, nothing special.",
-    "My kids LOVE it, thank you so much!!",
-    "The instructions were confusing and one screw was missing.",
-    "Cheap plastic, broke after two days.",
-    "Friendly courier, quick refund, no complaints.",
-];
-
-fn review_text(seq: usize, len: usize) -> String {
-    let mut text = format!("  \\tOrder #{seq}:  ");
-    let minimum = text.len();
-    let mut state = seq as u64;
-    while text.len() < len {
-        state = mix(state);
-        let part = REVIEW_PARTS[(state % REVIEW_PARTS.len() as u64) as usize];
-        text.push_str(part);
-        text.push_str(if state % 5 == 0 { "   " } else { " " });
-    }
-    text.truncate(len.max(minimum));
-    text
-}
-
-fn realistic_request(seq: usize) -> String {
-    let user = mix(seq as u64 ^ 0x5eed) % ENTITIES as u64;
-    let body = |text: &str| {
-        format!(
-            r#"{{"request_id":"tp-{seq}","pipeline":"realistic","entity":{{"type":"user","id":"u-{user}"}},"data":{{"text":"{text}"}}}}"#
-        )
-    };
-    let text = review_text(seq, PAYLOAD_BYTES.saturating_sub(body("").len()));
-    body(&text)
-}
+// requests, as benches/e2e.rs makes them (benches/support/realistic.rs)
 
 /// Makes batches of requests never seen before (so the result cache never answers).
 struct Requests {
@@ -126,7 +77,7 @@ impl Requests {
         let start = self.next.fetch_add(n, Ordering::Relaxed);
         (start..start + n)
             .map(|seq| {
-                let body = realistic_request(seq);
+                let body = realistic::request("tp", seq, PAYLOAD_BYTES, ENTITIES);
                 match decode(Some(body.as_bytes()), &self.rules, 0) {
                     Decoded::Request { request, .. } => ExecRequest {
                         request_id: request.request_id,
@@ -168,9 +119,13 @@ fn service(runtime: &Runtime) -> Service {
     config.feature_store.backend = FeatureStoreBackend::Embedded;
     config.feature_store.path = dir.path().join("features.redb");
     runtime.block_on(async {
-        let models = inferflow::providers::build::build_manager(&config)
-            .await
-            .expect("the models of benches/e2e/realistic.toml");
+        let models = inferflow::providers::build::build_manager(
+            &config.providers,
+            &config.models,
+            &config.result_cache,
+        )
+        .await
+        .expect("the models of benches/e2e/realistic.toml");
         let store = Arc::new(
             FeatureStore::open(&config.feature_store)
                 .await
@@ -189,21 +144,7 @@ fn service(runtime: &Runtime) -> Service {
 
 /// Writes every user's `profile` as benches/e2e.rs does, then reads each once (the cache).
 async fn seed(store: &FeatureStore) {
-    let segments = ["gold", "silver", "silver", "bronze", "bronze", "bronze"];
-    let updates: Vec<FeatureUpdate> = (0..ENTITIES)
-        .map(|user| {
-            let h = mix(user as u64);
-            let values = serde_json::json!({
-                "segment": segments[(h % segments.len() as u64) as usize],
-                "trust": ((h >> 8) % 1000) as f64 / 1000.0,
-                "reviews": (h >> 20) % 200,
-            });
-            let serde_json::Value::Object(values) = values else {
-                unreachable!("an object literal")
-            };
-            FeatureUpdate::new("user", format!("u-{user}"), "profile", values, 1)
-        })
-        .collect();
+    let updates = realistic::profiles(ENTITIES, 1);
     for outcome in store.set_features(&updates).await {
         outcome.expect("a feature write");
     }
@@ -317,17 +258,9 @@ fn report(runtime: &Runtime, service: &Service, requests: &Requests, n: usize, s
     );
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(30)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(4))
-        .without_plots()
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = support::config(30, 4);
     targets = bench_realistic
 }
 

@@ -213,10 +213,10 @@ fn tokenize(text: &str) -> Vec<Token<'_>> {
         while a < b && "\"'([{“‘«".contains(chars[a].1) {
             a += 1;
         }
-        if a > i {
-            if let Some(last) = tokens.last_mut() {
-                last.breaks = true;
-            }
+        if a > i
+            && let Some(last) = tokens.last_mut()
+        {
+            last.breaks = true;
         }
         let mut breaks = false;
         while a < b {
@@ -355,17 +355,17 @@ fn money(tokens: &[Token<'_>], i: usize) -> Option<Match> {
         let end = if next(i + 1, MAGNITUDES) { i + 1 } else { i };
         return Some(("MONEY", i, end, PATTERN));
     }
-    if CURRENCY_CODES.contains(&t.text) && !t.breaks {
-        if let Some(n) = tokens.get(i + 1) {
-            if is_number(n.text) {
-                let end = if next(i + 2, MAGNITUDES) {
-                    i + 2
-                } else {
-                    i + 1
-                };
-                return Some(("MONEY", i, end, PATTERN));
-            }
-        }
+    if CURRENCY_CODES.contains(&t.text)
+        && !t.breaks
+        && let Some(n) = tokens.get(i + 1)
+        && is_number(n.text)
+    {
+        let end = if next(i + 2, MAGNITUDES) {
+            i + 2
+        } else {
+            i + 1
+        };
+        return Some(("MONEY", i, end, PATTERN));
     }
     if is_number(t.text) {
         let mut end = i;

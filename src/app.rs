@@ -95,9 +95,13 @@ pub async fn run(config: Config, sources: Sources) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding http.listen = {}", config.http.listen))?;
     let stop = CancellationToken::new();
-    let models = crate::providers::build::build_manager(&config)
-        .await
-        .context("starting the models of [providers] and [models]")?;
+    let models = crate::providers::build::build_manager(
+        &config.providers,
+        &config.models,
+        &config.result_cache,
+    )
+    .await
+    .context("starting the models of [providers] and [models]")?;
     let defs = config.pipelines.load().map_err(|errs| {
         anyhow::anyhow!("loading pipelines from {}: {errs}", config.pipelines.dir)
     })?;
@@ -222,7 +226,7 @@ fn start_features(
             }
         });
     }
-    let handle = crate::feature_store::ingest::start(config, store, stop.clone())?;
+    let handle = crate::feature_store::ingest::start(config.into(), store, stop.clone())?;
     tracing::info!(topic = %config.topics.features, group = %config.ingest.group_id, "ingesting feature updates");
     Ok(handle)
 }
@@ -366,9 +370,13 @@ async fn reload(
     }
     let models = if models_changed {
         Some(
-            crate::providers::build::build_manager(&next)
-                .await
-                .context("starting the new models")?,
+            crate::providers::build::build_manager(
+                &next.providers,
+                &next.models,
+                &next.result_cache,
+            )
+            .await
+            .context("starting the new models")?,
         )
     } else {
         None

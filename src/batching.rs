@@ -8,6 +8,10 @@
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
+use crate::section::Section;
+
 /// Limits of one batch.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
@@ -127,6 +131,19 @@ impl<T> Batcher<T> {
         }
     }
 }
+
+/// `[batch]`: when a micro-batch is closed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchConfig {
+    /// Records per batch at most.
+    pub max_records: NonZeroUsize,
+    /// Bytes of message values per batch at most.
+    pub max_bytes: NonZeroUsize,
+    /// Time from a batch's first record to its flush.
+    pub linger_ms: u64,
+}
+
+impl Section for BatchConfig {}
 
 #[cfg(test)]
 mod tests {

@@ -67,12 +67,11 @@ pub fn decode(value: Option<&[u8]>, rules: &DecodeRules, now_ms: i64) -> Decoded
     // Fast path: a well-formed request parses straight into its type, in one pass. Anything
     // else (not an object, a bad field, a duplicate key) goes the slow way below, which reads
     // the id first and classifies the problem; so the outcome is the same either way.
-    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
-        if let Ok(request) = serde_json::from_slice::<InferenceRequest>(bytes) {
-            if valid_request_id(&request.request_id) {
-                return check(request, rules, now_ms);
-            }
-        }
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+        && let Ok(request) = serde_json::from_slice::<InferenceRequest>(bytes)
+        && valid_request_id(&request.request_id)
+    {
+        return check(request, rules, now_ms);
     }
     let json: Value = match serde_json::from_slice(bytes) {
         Ok(v) => v,
@@ -150,26 +149,26 @@ fn check(request: InferenceRequest, rules: &DecodeRules, now_ms: i64) -> Decoded
             );
         }
     };
-    if let Some(topic) = &request.reply_to {
-        if !rules.reply_to_allowed.contains(topic) {
-            return reject(
-                Some(target),
-                ErrorKind::ReplyToNotAllowed,
-                format!("reply_to `{topic}` is not in topics.reply_to_allowed"),
-            );
-        }
+    if let Some(topic) = &request.reply_to
+        && !rules.reply_to_allowed.contains(topic)
+    {
+        return reject(
+            Some(target),
+            ErrorKind::ReplyToNotAllowed,
+            format!("reply_to `{topic}` is not in topics.reply_to_allowed"),
+        );
     }
-    if let Some(deadline) = request.deadline_ms {
-        if deadline <= now_ms {
-            return reject(
-                Some(target),
-                ErrorKind::DeadlineExceeded,
-                format!(
-                    "the deadline passed {} ms before processing",
-                    now_ms - deadline
-                ),
-            );
-        }
+    if let Some(deadline) = request.deadline_ms
+        && deadline <= now_ms
+    {
+        return reject(
+            Some(target),
+            ErrorKind::DeadlineExceeded,
+            format!(
+                "the deadline passed {} ms before processing",
+                now_ms - deadline
+            ),
+        );
     }
     Decoded::Request { request, target }
 }

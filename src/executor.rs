@@ -5,13 +5,16 @@
 //! gets back one outcome per request, in order. Pipelines and model providers plug in behind
 //! this trait; the built-ins stay for tests and benchmarks.
 
+use std::num::{NonZeroU64, NonZeroUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::model::{Entity, ErrorBody, ErrorKind, StepRecord, Target};
+use crate::section::Section;
 
 /// One request, as an executor sees it.
 #[derive(Debug, Clone)]
@@ -98,6 +101,9 @@ pub struct Builtins;
 
 /// The only version of the built-in `echo` model.
 pub const ECHO_VERSION: &str = "1";
+/// Model ids the [`Builtins`] answer without a provider: the model manager falls back to them
+/// and pipeline validation knows them.
+pub(crate) const BUILTIN_MODELS: [&str; 2] = ["echo", "echo@1"];
 /// Longest `delay_ms` the echo model accepts.
 const MAX_ECHO_DELAY_MS: u64 = 60_000;
 
@@ -182,7 +188,9 @@ impl Executor for Builtins {
         Box::pin(async move {
             match target {
                 Target::Pipeline(id) if id == "identity" => Self::identity(requests),
-                Target::Model(id) if id == "echo" || id == "echo@1" => Self::echo(requests).await,
+                Target::Model(id) if BUILTIN_MODELS.contains(&id.as_str()) => {
+                    Self::echo(requests).await
+                }
                 Target::Pipeline(id) => all_fail(
                     requests.len(),
                     ErrorBody::new(
@@ -194,13 +202,43 @@ impl Executor for Builtins {
                     requests.len(),
                     ErrorBody::new(
                         ErrorKind::UnknownModel,
-                        format!("no model `{id}` (known: echo, echo@1)"),
+                        format!("no model `{id}` (known: {})", BUILTIN_MODELS.join(", ")),
                     ),
                 ),
             }
         })
     }
 }
+
+/// `[executor]`: how much work is in flight.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecutorConfig {
+    /// Batches processed concurrently.
+    pub max_in_flight_batches: NonZeroUsize,
+    /// Records consumed but not yet answered; at it the consumer stops taking records.
+    pub max_in_flight_records: NonZeroUsize,
+    /// Largest accepted message value.
+    pub max_request_bytes: NonZeroUsize,
+    /// Longest time a batch may spend in the executor.
+    pub execute_timeout_ms: NonZeroU64,
+    /// Time to drain and commit on shutdown.
+    pub shutdown_timeout_ms: NonZeroU64,
+    /// Whether records with the same Kafka key run in order.
+    pub ordering: KeyOrdering,
+}
+
+/// `executor.ordering`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyOrdering {
+    /// Batches run concurrently; records of one key may finish in any order.
+    Unordered,
+    /// Records with the same key run one after another, in consumption order; different keys
+    /// still run concurrently (in `executor.max_in_flight_batches` lanes).
+    PerKey,
+}
+
+impl Section for ExecutorConfig {}
 
 #[cfg(test)]
 mod tests {

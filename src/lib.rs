@@ -8,6 +8,10 @@
 //! - [`backoff`]: the one retry-pacing rule (capped exponential backoff, full jitter, budget).
 //! - [`config`]: layered configuration (embedded defaults, a user file, `INFERFLOW__*`
 //!   environment variables), strict parsing and one validation pass reporting every problem.
+//!   Each component owns the types of its own sections; `config` aggregates them into
+//!   [`config::Config`] (and re-exports them). [`secret`] (passwords, redacted when printed) and
+//!   [`section`] (what a section is, and configuration errors) are leaves every layer uses.
+//!   `ARCHITECTURE.md` ("Layers") has the import rule, which `tests/module_layers.rs` checks.
 //! - [`kafka`]: building librdkafka clients from configuration.
 //! - [`feature_store`]: the feature store (CQL and embedded backends, schema, TTL cache,
 //!   ingestion from Kafka, cross-instance invalidation, freshness).
@@ -37,4 +41,6 @@ pub mod pipeline;
 pub mod processor;
 pub mod providers;
 pub mod replay;
+pub mod secret;
+pub mod section;
 pub mod telemetry;

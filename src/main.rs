@@ -147,7 +147,8 @@ fn main() -> ExitCode {
                 // reported the same way as configuration problems.
                 let problems = match config.pipelines.load() {
                     Ok(defs) => {
-                        let problems = inferflow::pipeline::check_against_config(&config, &defs);
+                        let problems =
+                            inferflow::pipeline::check_against_config(&config.models, &defs);
                         if problems.is_empty() {
                             let ids: Vec<&str> = defs.iter().map(|d| d.id.as_str()).collect();
                             eprintln!(

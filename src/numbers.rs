@@ -29,10 +29,10 @@ pub fn is_integer_text(n: &Number) -> bool {
 /// an integer a double cannot hold exactly (beyond ±2^53, unless it happens to be one), or a
 /// value beyond the double range (`1e400`).
 pub fn to_f64(n: &Number) -> Result<f64, String> {
-    if let Some(i) = n.as_i64() {
-        if i.unsigned_abs() <= MAX_EXACT_F64_INT {
-            return Ok(i as f64);
-        }
+    if let Some(i) = n.as_i64()
+        && i.unsigned_abs() <= MAX_EXACT_F64_INT
+    {
+        return Ok(i as f64);
     }
     let text = n.as_str();
     // Always parses: the text is a JSON number. Out-of-range values parse as ±inf or 0.

@@ -1114,7 +1114,12 @@ pub async fn start(
         per_key: config.executor.ordering == KeyOrdering::PerKey,
         lanes: Mutex::new(Vec::new()),
         runtime: Handle::current(),
-        replay: ReplayStore::open(config).await?,
+        replay: ReplayStore::open(
+            &config.replay,
+            &config.feature_store,
+            &config.kafka.group_id,
+        )
+        .await?,
         metrics: Handles::new(),
     });
     if config.executor.ordering == KeyOrdering::PerKey {

@@ -244,9 +244,13 @@ async fn execute(mut config: Config, args: BatchArgs) -> anyhow::Result<Counts> 
 /// Models from `[providers]`/`[models]`, pipelines from `pipelines.dir`, and the feature store
 /// when a pipeline needs one.
 async fn build_executor(config: &Config) -> anyhow::Result<PipelineExecutor> {
-    let models = inferflow::providers::build::build_manager(config)
-        .await
-        .context("starting the models of [providers] and [models]")?;
+    let models = inferflow::providers::build::build_manager(
+        &config.providers,
+        &config.models,
+        &config.result_cache,
+    )
+    .await
+    .context("starting the models of [providers] and [models]")?;
     let defs = config.pipelines.load().map_err(|errs| {
         anyhow::anyhow!("loading pipelines from {}: {errs}", config.pipelines.dir)
     })?;
@@ -298,10 +302,10 @@ fn check_target(
         }
         Target::Model(id) => {
             let models = pipelines.models();
-            if !matches!(id.as_str(), "echo" | "echo@1") {
-                if let Err(e) = models.resolve(id) {
-                    bail!("{}", e.message);
-                }
+            if !matches!(id.as_str(), "echo" | "echo@1")
+                && let Err(e) = models.resolve(id)
+            {
+                bail!("{}", e.message);
             }
         }
     }

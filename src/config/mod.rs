@@ -20,15 +20,21 @@
 //! the first one: each section is parsed on its own, unknown keys are collected rather than
 //! rejected one at a time, and the semantic checks run on whatever parsed. The result is a
 //! [`ConfigErrors`] listing every problem, each with its key path and where the value came from.
+//!
+//! # Where the sections are defined
+//!
+//! Each component defines the tables it reads, with their own checks: `[kafka]` and `[topics]`
+//! in [`crate::kafka`], `[feature_store]` and `[ingest]` in [`crate::feature_store`],
+//! `[replay]` in [`crate::replay`], `[providers]`, `[models]` and `[result_cache]` in
+//! [`crate::providers`], `[pipelines]` in [`crate::pipeline`], `[batch]` in
+//! [`crate::batching`], `[executor]` in [`crate::executor`], `[log]` in [`crate::telemetry`].
+//! This module aggregates them into [`Config`] (re-exporting them here too), and defines only
+//! the tables no component reads (`[processing]`, `[http]`) and the checks across tables. It
+//! depends on the components; they never depend on it.
 
-mod models;
-mod secret;
 mod sections;
 
-use sections::Section;
-
 use std::collections::BTreeSet;
-use std::fmt;
 use std::path::PathBuf;
 
 use figment::Figment;
@@ -36,14 +42,27 @@ use figment::providers::{Env, Format, Toml};
 use figment::value::Value;
 use serde_path_to_error::Segment;
 
-pub use models::{ModelSection, ModelsConfig, ProviderSection, ProvidersConfig};
-pub use secret::{REDACTED, Secret};
-pub use sections::{
-    BatchConfig, Config, Consistency, ExecutorConfig, FeatureStoreBackend, FeatureStoreConfig,
-    Guarantee, HttpConfig, IngestConfig, KafkaConfig, KeyOrdering, LogConfig, LogFormat,
-    OffsetReset, PipelinesConfig, ProcessingConfig, RESERVED_KAFKA_PROPERTIES, ReplayConfig,
-    ReplayStoreKind, SaslMechanism, SecurityProtocol, TopicsConfig, check_topic_name,
+pub use sections::{Config, Guarantee, HttpConfig, ProcessingConfig};
+// The sections the components own, and the leaf types, where library users have found them.
+pub use crate::batching::BatchConfig;
+pub use crate::executor::{ExecutorConfig, KeyOrdering};
+pub use crate::feature_store::{
+    Consistency, FeatureStoreBackend, FeatureStoreConfig, IngestConfig,
 };
+pub use crate::kafka::{
+    KafkaConfig, OffsetReset, RESERVED_KAFKA_PROPERTIES, SaslMechanism, SecurityProtocol,
+    TopicsConfig, check_topic_name,
+};
+pub use crate::pipeline::PipelinesConfig;
+pub use crate::providers::{ModelSection, ModelsConfig, ProviderSection, ProvidersConfig};
+pub use crate::replay::{ReplayConfig, ReplayStoreKind};
+pub use crate::secret::{REDACTED, Secret};
+pub use crate::section::{ConfigError, ConfigErrors};
+pub use crate::telemetry::{LogConfig, LogFormat};
+
+use crate::providers::cache::ResultCacheConfig;
+use crate::providers::check_models_against_providers;
+use crate::section::{Problems, Section};
 
 /// The defaults, embedded at build time.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
@@ -114,53 +133,6 @@ const SECTIONS: &[&str] = &[
     "log",
 ];
 
-/// One configuration problem.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// Dotted key path, e.g. `kafka.bootstrap_servers`.
-    pub path: String,
-    /// What is wrong, and what would be right.
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
-}
-
-/// Every problem found while loading a configuration.
-#[derive(Debug, Clone, thiserror::Error)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.0.len();
-        writeln!(
-            f,
-            "invalid configuration ({n} problem{}):",
-            if n == 1 { "" } else { "s" }
-        )?;
-        for e in &self.0 {
-            writeln!(f, "  - {e}")?;
-        }
-        Ok(())
-    }
-}
-
-/// Collects problems during validation.
-#[derive(Debug, Default)]
-pub(crate) struct Problems(Vec<ConfigError>);
-
-impl Problems {
-    pub(crate) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(ConfigError {
-            path: path.into(),
-            message: message.into(),
-        });
-    }
-}
-
 /// Where the configuration comes from, besides the embedded defaults.
 #[derive(Debug, Clone, Default)]
 pub struct Sources {
@@ -199,11 +171,11 @@ impl Config {
     /// Loads, parses and validates the configuration, reporting every problem at once.
     pub fn load(sources: &Sources) -> Result<Config, ConfigErrors> {
         let mut problems = Problems::default();
-        if let Some(file) = &sources.file {
-            if !file.is_file() {
-                problems.push("--config", format!("{}: no such file", file.display()));
-                return Err(ConfigErrors(problems.0));
-            }
+        if let Some(file) = &sources.file
+            && !file.is_file()
+        {
+            problems.push("--config", format!("{}: no such file", file.display()));
+            return Err(ConfigErrors(problems.0));
         }
         let fig = figment(sources);
         Self::from_figment(&fig, &mut problems)
@@ -256,8 +228,7 @@ impl Config {
         let replay = section::<ReplayConfig>(fig, "replay", problems);
         let providers = section::<ProvidersConfig>(fig, "providers", problems);
         let models = section::<ModelsConfig>(fig, "models", problems);
-        let result_cache =
-            section::<crate::providers::cache::ResultCacheConfig>(fig, "result_cache", problems);
+        let result_cache = section::<ResultCacheConfig>(fig, "result_cache", problems);
         let pipelines = section::<PipelinesConfig>(fig, "pipelines", problems);
         let http = section::<HttpConfig>(fig, "http", problems);
         let log = section::<LogConfig>(fig, "log", problems);
@@ -278,7 +249,7 @@ impl Config {
             log: log?,
         };
         config.validate_across_sections(problems);
-        models::check_models_against_providers(&config.models, &config.providers, problems);
+        check_models_against_providers(&config.models, &config.providers, problems);
         Some(config)
     }
 
@@ -858,5 +829,83 @@ mod tests {
         .unwrap_err()
         .0;
         assert_eq!(errs[0].path, "--config");
+    }
+
+    #[test]
+    fn providers_and_models_parse_and_defaults_are_derived() {
+        let config = Config::from_toml_str(
+            r#"
+            [providers.local.local.models.iris]
+            kind = "onnx"
+            path = "models/iris"
+            [providers.gpt.openai]
+            base_url = "http://127.0.0.1:9/v1"
+            [providers.gpt.openai.models.chat]
+            task = "chat"
+            [providers.gpt.breaker]
+            failure_threshold = 3
+            [providers.gpt.rate_limit]
+            requests_per_minute = 60
+            [models."iris@1"]
+            provider = "local"
+            [models."chat@1"]
+            provider = "gpt"
+            cache = false
+            [models."chat@2"]
+            provider = "gpt"
+            remote_model = "chat"
+            default = true
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(config.providers.0.len(), 2);
+        assert!(config.providers.0["gpt"].breaker.is_some());
+        assert!(!config.models.0["chat@1"].cache);
+        let defaults = config.models.default_versions();
+        assert_eq!(defaults["iris"], "1");
+        assert_eq!(defaults["chat"], "2");
+    }
+
+    #[test]
+    fn mistakes_are_reported_with_their_keys() {
+        let errors = Config::from_toml_str(
+            r#"
+            [providers.none]
+            [providers.both.openai]
+            [providers.both.local]
+            [providers.local.local.models.iris]
+            kind = "onnx"
+            path = "models/iris"
+            [models.noversion]
+            provider = "local"
+            [models."ghost@1"]
+            provider = "missing"
+            [models."tulip@1"]
+            provider = "local"
+            [models."x@1"]
+            provider = "local"
+            remote_model = "iris"
+            default = true
+            [models."x@2"]
+            provider = "local"
+            remote_model = "iris"
+            default = true
+            "#,
+        )
+        .expect_err("invalid");
+        let text = errors.to_string();
+        for needle in [
+            "providers.none",
+            "names no kind",
+            "providers.both",
+            "more than one kind",
+            "models.\"noversion\"",
+            "models.\"ghost@1\".provider",
+            "`missing` is not a configured provider",
+            "models.\"tulip@1\".remote_model",
+            "2 versions marked default",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
     }
 }

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::model::unix_now_ms;
 use super::{FeatureStore, FeatureUpdate};
-use crate::config::KafkaConfig;
+use crate::kafka::KafkaConfig;
 use crate::kafka::sink::{DeliverError, OutRecord, Sink};
 use crate::metrics as m;
 

@@ -50,6 +50,9 @@
 //! ([`tokio::task::spawn_blocking`]), never on the async workers. A write whose future is
 //! dropped midway still completes or rolls back as a whole, like a CQL write already sent.
 //!
+//! [`FeatureBackend::put_feature`]: super::FeatureBackend::put_feature
+//! [`FeatureBackend::create_feature_group`]: super::FeatureBackend::create_feature_group
+//!
 //! The cost: writes are serialised and each waits for its own fsync, so write throughput is
 //! bounded by how many fsyncs a second the disk completes. Reads run
 //! concurrently with each other and with the writer, each on a consistent snapshot.
@@ -84,14 +87,13 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::FeatureStoreConfig;
 use super::model::{unix_now_ms, validate_entity, validate_key, validate_part, validate_version};
-use super::{Feature, FeatureBackend, FeatureGroup, FeatureStoreError, FeatureUpdate};
-use crate::config::FeatureStoreConfig;
+use super::{Feature, FeatureGroup, FeatureStoreError, FeatureUpdate};
 
 /// The file used when `feature_store.path` names a directory.
 pub const DEFAULT_FILE_NAME: &str = "features.redb";
@@ -1033,57 +1035,7 @@ fn describe_open_error(err: redb::DatabaseError) -> String {
     }
 }
 
-impl FeatureBackend for EmbeddedBackend {
-    fn put_feature<'a>(
-        &'a self,
-        update: &'a FeatureUpdate,
-    ) -> BoxFuture<'a, Result<(), FeatureStoreError>> {
-        Box::pin(self.put(update))
-    }
-
-    fn get_feature<'a>(
-        &'a self,
-        entity_type: &'a str,
-        entity_id: &'a str,
-        name: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Feature>, FeatureStoreError>> {
-        Box::pin(self.get(entity_type, entity_id, name))
-    }
-
-    fn get_feature_at_version<'a>(
-        &'a self,
-        entity_type: &'a str,
-        entity_id: &'a str,
-        name: &'a str,
-        version: u64,
-    ) -> BoxFuture<'a, Result<Option<Feature>, FeatureStoreError>> {
-        Box::pin(self.get_at_version(entity_type, entity_id, name, version))
-    }
-
-    fn get_features<'a>(
-        &'a self,
-        entity_type: &'a str,
-        entity_id: &'a str,
-        names: &'a [&'a str],
-    ) -> BoxFuture<'a, Result<Vec<Option<Feature>>, FeatureStoreError>> {
-        Box::pin(self.get_many(entity_type, entity_id, names))
-    }
-
-    fn create_feature_group<'a>(
-        &'a self,
-        group: &'a FeatureGroup,
-    ) -> BoxFuture<'a, Result<(), FeatureStoreError>> {
-        Box::pin(self.create_group(group))
-    }
-
-    fn get_feature_group<'a>(
-        &'a self,
-        name: &'a str,
-        version: Option<u32>,
-    ) -> BoxFuture<'a, Result<Option<FeatureGroup>, FeatureStoreError>> {
-        Box::pin(self.get_group(name, version))
-    }
-}
+super::forward_backend!(EmbeddedBackend);
 
 #[cfg(test)]
 mod tests {
@@ -1092,6 +1044,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::feature_store::FeatureBackend;
 
     const T0: u64 = 1_700_000_000_000;
 

@@ -35,12 +35,12 @@ use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::IngestSections;
 use super::coherence::{InvalidatedKey, Publisher};
 use super::model::unix_now_ms;
 use super::{FeatureStore, FeatureStoreError, FeatureUpdate};
 use crate::backoff::Backoff;
 use crate::batching::{Batch, BatchLimits};
-use crate::config::Config;
 use crate::kafka::sink::{DeliverError, Sink};
 use crate::kafka::source::{self, BatchHandler, SourceCore, SourceHandle, SourceSpec, lock};
 use crate::metrics as m;
@@ -99,13 +99,13 @@ pub fn decode_update(
     // `0`. A message that does not parse is `invalid_json` wherever its first problem is.
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let parsed = serde_path_to_error::deserialize::<_, FeatureUpdateMessage>(&mut de);
-    if parsed.is_err() || de.end().is_err() {
-        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
-            return Err(ErrorBody::new(
-                ErrorKind::InvalidJson,
-                format!("not valid JSON: {e}"),
-            ));
-        }
+    if (parsed.is_err() || de.end().is_err())
+        && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+    {
+        return Err(ErrorBody::new(
+            ErrorKind::InvalidJson,
+            format!("not valid JSON: {e}"),
+        ));
     }
     let msg: FeatureUpdateMessage = parsed.map_err(|e| {
         let path = e.path().to_string();
@@ -339,12 +339,12 @@ enum WriteOutcome {
 /// says: the caller decides). Cancel `stop` to shut it down, then await
 /// [`SourceHandle::join`].
 pub fn start(
-    config: &Config,
+    config: IngestSections<'_>,
     store: Arc<FeatureStore>,
     stop: CancellationToken,
 ) -> anyhow::Result<SourceHandle> {
     use anyhow::Context as _;
-    let producer = Sink::create(&crate::kafka::producer_config(&config.kafka))
+    let producer = Sink::create(&crate::kafka::producer_config(config.kafka))
         .context("creating the Kafka producer of feature ingestion")?;
     let core = Arc::new(SourceCore::new(
         "features",
@@ -380,7 +380,7 @@ pub fn start(
         rebalance_drain_timeout: Duration::from_millis(config.kafka.rebalance_drain_timeout_ms),
         consumed_metric: m::FEATURE_UPDATES_CONSUMED_TOTAL,
     };
-    source::start(&config.kafka, spec, core, handler, stop)
+    source::start(config.kafka, spec, core, handler, stop)
 }
 
 #[cfg(test)]

@@ -39,12 +39,16 @@ mod scylla;
 
 pub mod cache;
 pub mod coherence;
+mod config;
 pub mod freshness;
 pub mod ingest;
 pub mod model;
 pub mod schema;
 
 pub use self::cache::{CacheStats, TtlCache};
+pub use self::config::{
+    Consistency, FeatureStoreBackend, FeatureStoreConfig, IngestConfig, IngestSections,
+};
 pub use self::embedded::{
     DEFAULT_FILE_NAME, EmbeddedBackend, EmbeddedStats, FORMAT_VERSION, SWEEP_BATCH, SweepStats,
     TOMBSTONE_GRACE_SECS, database_file,
@@ -71,7 +75,6 @@ use ::scylla::statement::Consistency as CqlConsistency;
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
 
-use crate::config::{Consistency, FeatureStoreBackend, FeatureStoreConfig};
 use crate::metrics as m;
 
 /// Why the feature store could not be reached.
@@ -181,6 +184,75 @@ pub trait FeatureBackend: Send + Sync + 'static {
         version: Option<u32>,
     ) -> BoxFuture<'a, Result<Option<FeatureGroup>, FeatureStoreError>>;
 }
+
+/// Implements [`FeatureBackend`] for a backend whose inherent async methods do the work:
+/// `put`, `get`, `get_at_version`, `get_many`, `create_group` and `get_group`, each with the
+/// arguments of the trait method it serves. Every method of the trait boxes the future of its
+/// inherent method, so the backends share one forwarding impl instead of each writing it out.
+macro_rules! forward_backend {
+    ($backend:ty) => {
+        const _: () = {
+            use futures::future::BoxFuture;
+
+            use $crate::feature_store::{
+                Feature, FeatureBackend, FeatureGroup, FeatureStoreError, FeatureUpdate,
+            };
+
+            impl FeatureBackend for $backend {
+                fn put_feature<'a>(
+                    &'a self,
+                    update: &'a FeatureUpdate,
+                ) -> BoxFuture<'a, Result<(), FeatureStoreError>> {
+                    Box::pin(self.put(update))
+                }
+
+                fn get_feature<'a>(
+                    &'a self,
+                    entity_type: &'a str,
+                    entity_id: &'a str,
+                    name: &'a str,
+                ) -> BoxFuture<'a, Result<Option<Feature>, FeatureStoreError>> {
+                    Box::pin(self.get(entity_type, entity_id, name))
+                }
+
+                fn get_feature_at_version<'a>(
+                    &'a self,
+                    entity_type: &'a str,
+                    entity_id: &'a str,
+                    name: &'a str,
+                    version: u64,
+                ) -> BoxFuture<'a, Result<Option<Feature>, FeatureStoreError>> {
+                    Box::pin(self.get_at_version(entity_type, entity_id, name, version))
+                }
+
+                fn get_features<'a>(
+                    &'a self,
+                    entity_type: &'a str,
+                    entity_id: &'a str,
+                    names: &'a [&'a str],
+                ) -> BoxFuture<'a, Result<Vec<Option<Feature>>, FeatureStoreError>> {
+                    Box::pin(self.get_many(entity_type, entity_id, names))
+                }
+
+                fn create_feature_group<'a>(
+                    &'a self,
+                    group: &'a FeatureGroup,
+                ) -> BoxFuture<'a, Result<(), FeatureStoreError>> {
+                    Box::pin(self.create_group(group))
+                }
+
+                fn get_feature_group<'a>(
+                    &'a self,
+                    name: &'a str,
+                    version: Option<u32>,
+                ) -> BoxFuture<'a, Result<Option<FeatureGroup>, FeatureStoreError>> {
+                    Box::pin(self.get_group(name, version))
+                }
+            }
+        };
+    };
+}
+use forward_backend;
 
 /// Backend calls in flight at most in the batch methods ([`FeatureStore::set_features`],
 /// [`FeatureStore::get_feature_vectors`]).

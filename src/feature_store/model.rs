@@ -119,15 +119,15 @@ impl FeatureUpdate {
                 ),
             ));
         }
-        if let Some(ttl) = self.ttl_secs {
-            if ttl == 0 || ttl > MAX_TTL_SECS {
-                return Err(FeatureStoreError::invalid(
-                    "feature update",
-                    format!(
-                        "ttl_secs {ttl} is out of range: use 1 to {MAX_TTL_SECS}, or no TTL at all"
-                    ),
-                ));
-            }
+        if let Some(ttl) = self.ttl_secs
+            && (ttl == 0 || ttl > MAX_TTL_SECS)
+        {
+            return Err(FeatureStoreError::invalid(
+                "feature update",
+                format!(
+                    "ttl_secs {ttl} is out of range: use 1 to {MAX_TTL_SECS}, or no TTL at all"
+                ),
+            ));
         }
         Ok(())
     }

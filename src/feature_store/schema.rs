@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use scylla::client::session::Session;
 
+use super::FeatureStoreConfig;
 use super::FeatureStoreError;
-use crate::config::FeatureStoreConfig;
 
 /// The least time a schema statement may take (`feature_store.request_timeout_ms` when longer).
 const SCHEMA_TIMEOUT: Duration = Duration::from_secs(30);
@@ -177,12 +177,13 @@ fn schema_error(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::section::defaults_with;
 
     fn cfg() -> FeatureStoreConfig {
-        Config::from_toml_str("[feature_store]\nkeyspace = \"ks_test\"\nreplication_factor = 3\n")
-            .expect("config")
-            .feature_store
+        defaults_with(
+            "feature_store",
+            "[feature_store]\nkeyspace = \"ks_test\"\nreplication_factor = 3\n",
+        )
     }
 
     #[test]

@@ -35,18 +35,16 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use futures::future::{BoxFuture, try_join_all};
+use futures::future::try_join_all;
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 use serde_json::{Map, Value};
 
+use super::FeatureStoreConfig;
 use super::model::{
     MAX_VERSION, unix_now_ms, validate_entity, validate_key, validate_part, validate_version,
 };
-use super::{
-    Feature, FeatureBackend, FeatureGroup, FeatureStoreError, FeatureUpdate, connect, schema,
-};
-use crate::config::FeatureStoreConfig;
+use super::{Feature, FeatureGroup, FeatureStoreError, FeatureUpdate, connect, schema};
 
 /// Most feature names read in one `IN` query. ScyllaDB refuses more than 100 clustering keys
 /// per query by default (`max_clustering_key_restrictions_per_query`); longer lists are split
@@ -485,57 +483,7 @@ fn decode_features(
         .collect()
 }
 
-impl FeatureBackend for ScyllaBackend {
-    fn put_feature<'a>(
-        &'a self,
-        update: &'a FeatureUpdate,
-    ) -> BoxFuture<'a, Result<(), FeatureStoreError>> {
-        Box::pin(self.put(update))
-    }
-
-    fn get_feature<'a>(
-        &'a self,
-        entity_type: &'a str,
-        entity_id: &'a str,
-        name: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Feature>, FeatureStoreError>> {
-        Box::pin(self.get(entity_type, entity_id, name))
-    }
-
-    fn get_feature_at_version<'a>(
-        &'a self,
-        entity_type: &'a str,
-        entity_id: &'a str,
-        name: &'a str,
-        version: u64,
-    ) -> BoxFuture<'a, Result<Option<Feature>, FeatureStoreError>> {
-        Box::pin(self.get_at_version(entity_type, entity_id, name, version))
-    }
-
-    fn get_features<'a>(
-        &'a self,
-        entity_type: &'a str,
-        entity_id: &'a str,
-        names: &'a [&'a str],
-    ) -> BoxFuture<'a, Result<Vec<Option<Feature>>, FeatureStoreError>> {
-        Box::pin(self.get_many(entity_type, entity_id, names))
-    }
-
-    fn create_feature_group<'a>(
-        &'a self,
-        group: &'a FeatureGroup,
-    ) -> BoxFuture<'a, Result<(), FeatureStoreError>> {
-        Box::pin(self.create_group(group))
-    }
-
-    fn get_feature_group<'a>(
-        &'a self,
-        name: &'a str,
-        version: Option<u32>,
-    ) -> BoxFuture<'a, Result<Option<FeatureGroup>, FeatureStoreError>> {
-        Box::pin(self.get_group(name, version))
-    }
-}
+super::forward_backend!(ScyllaBackend);
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,7 @@
 //! inferflow never logs a `ClientConfig` anyway.
 
 pub mod commit;
+mod config;
 pub mod offsets;
 pub mod preflight;
 pub mod sink;
@@ -14,7 +15,10 @@ pub mod transactional;
 
 use rdkafka::ClientConfig;
 
-use crate::config::KafkaConfig;
+pub use self::config::{
+    KafkaConfig, OffsetReset, RESERVED_KAFKA_PROPERTIES, SaslMechanism, SecurityProtocol,
+    TopicsConfig, check_topic_name,
+};
 
 /// Connection, security and pass-through settings shared by every client (consumer, producer,
 /// admin). Role-specific settings (group, offsets, acks) are added by the caller.
@@ -79,13 +83,13 @@ pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::section::defaults_with;
 
     #[test]
     fn consumer_never_auto_stores_offsets_and_extra_settings_pass_through() {
-        let config =
-            Config::from_toml_str("[kafka.extra]\n\"fetch.wait.max.ms\" = \"100\"\n").unwrap();
-        let client = consumer_config(&config.kafka, "g");
+        let kafka: KafkaConfig =
+            defaults_with("kafka", "[kafka.extra]\n\"fetch.wait.max.ms\" = \"100\"\n");
+        let client = consumer_config(&kafka, "g");
         assert_eq!(client.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(client.get("auto.offset.reset"), Some("earliest"));
         assert_eq!(client.get("group.id"), Some("g"));
@@ -94,19 +98,20 @@ mod tests {
 
     #[test]
     fn every_producer_lingers_as_configured() {
-        let config = Config::from_toml_str("").unwrap();
-        assert_eq!(producer_config(&config.kafka).get("linger.ms"), Some("5"));
-        let config = Config::from_toml_str("[kafka]\nproducer_linger_ms = 0\n").unwrap();
-        let client = producer_config(&config.kafka);
+        let kafka: KafkaConfig = defaults_with("kafka", "");
+        assert_eq!(producer_config(&kafka).get("linger.ms"), Some("5"));
+        let kafka: KafkaConfig = defaults_with("kafka", "[kafka]\nproducer_linger_ms = 0\n");
+        let client = producer_config(&kafka);
         assert_eq!(client.get("linger.ms"), Some("0"));
         assert_eq!(client.get("acks"), Some("all"));
         // Consumers are not given a producer property (librdkafka would warn about it).
-        assert_eq!(consumer_config(&config.kafka, "g").get("linger.ms"), None);
+        assert_eq!(consumer_config(&kafka, "g").get("linger.ms"), None);
     }
 
     #[test]
     fn sasl_settings_reach_librdkafka_but_not_debug_output() {
-        let config = Config::from_toml_str(
+        let kafka: KafkaConfig = defaults_with(
+            "kafka",
             r#"
             [kafka]
             security_protocol = "sasl_ssl"
@@ -114,9 +119,8 @@ mod tests {
             sasl_username = "svc"
             sasl_password = "pa55word"
             "#,
-        )
-        .unwrap();
-        let client = producer_config(&config.kafka);
+        );
+        let client = producer_config(&kafka);
         assert_eq!(client.get("sasl.password"), Some("pa55word"));
         assert_eq!(client.get("sasl.mechanism"), Some("SCRAM-SHA-256"));
         assert!(!format!("{client:?}").contains("pa55word"));

@@ -96,11 +96,12 @@ impl PartitionState {
 
     fn complete(&mut self, offset: i64) {
         let at = self.window.partition_point(|(o, _)| *o < offset);
-        if let Some((o, done)) = self.window.get_mut(at) {
-            if *o == offset && !*done {
-                *done = true;
-                self.pending -= 1;
-            }
+        if let Some((o, done)) = self.window.get_mut(at)
+            && *o == offset
+            && !*done
+        {
+            *done = true;
+            self.pending -= 1;
         }
         while self.window.front().is_some_and(|(_, done)| *done) {
             self.window.pop_front();
@@ -136,12 +137,11 @@ impl Inner {
     /// Applies the completions sent since the last call.
     fn apply(&mut self) {
         while let Ok(ticket) = self.completions.try_recv() {
-            if let Some(slot) = self.slots.get_mut(ticket.slot as usize) {
-                if slot.generation == ticket.generation {
-                    if let Some(state) = &mut slot.state {
-                        state.complete(ticket.offset);
-                    }
-                }
+            if let Some(slot) = self.slots.get_mut(ticket.slot as usize)
+                && slot.generation == ticket.generation
+                && let Some(state) = &mut slot.state
+            {
+                state.complete(ticket.offset);
             }
         }
     }
@@ -261,10 +261,10 @@ impl OffsetTracker {
     pub fn complete(&self, ticket: Ticket) {
         // The receiver lives as long as the tracker, so the send cannot fail.
         let _ = self.done.send(ticket);
-        if self.draining.load(Ordering::Acquire) {
-            if let Some(thread) = self.waiter.get() {
-                thread.unpark();
-            }
+        if self.draining.load(Ordering::Acquire)
+            && let Some(thread) = self.waiter.get()
+        {
+            thread.unpark();
         }
     }
 
@@ -357,16 +357,13 @@ impl OffsetTracker {
             }) {
                 continue;
             }
-            if let Some(position) = state.committable() {
-                if state.stored.is_none_or(|stored| position > stored) {
-                    // `store_offsets` stores exactly this value: the next offset to consume.
-                    let _ = tpl.add_partition_offset(
-                        &slot.topic,
-                        slot.partition,
-                        Offset::Offset(position),
-                    );
-                    state.stored = Some(position);
-                }
+            if let Some(position) = state.committable()
+                && state.stored.is_none_or(|stored| position > stored)
+            {
+                // `store_offsets` stores exactly this value: the next offset to consume.
+                let _ =
+                    tpl.add_partition_offset(&slot.topic, slot.partition, Offset::Offset(position));
+                state.stored = Some(position);
             }
         }
         tpl
@@ -376,10 +373,10 @@ impl OffsetTracker {
     fn forget_stored(&self, tpl: &TopicPartitionList) {
         let mut inner = self.lock();
         for e in tpl.elements() {
-            if let Some(i) = inner.find(e.topic(), e.partition()) {
-                if let Some(state) = &mut inner.slots[i].state {
-                    state.stored = None;
-                }
+            if let Some(i) = inner.find(e.topic(), e.partition())
+                && let Some(state) = &mut inner.slots[i].state
+            {
+                state.stored = None;
             }
         }
     }
@@ -390,11 +387,11 @@ impl OffsetTracker {
     pub fn store<C: ConsumerContext>(&self, consumer: &impl Consumer<C>) -> KafkaResult<usize> {
         let tpl = self.take_committable(None);
         let n = tpl.count();
-        if n > 0 {
-            if let Err(err) = consumer.store_offsets(&tpl) {
-                self.forget_stored(&tpl);
-                return Err(err);
-            }
+        if n > 0
+            && let Err(err) = consumer.store_offsets(&tpl)
+        {
+            self.forget_stored(&tpl);
+            return Err(err);
         }
         Ok(n)
     }
@@ -408,11 +405,11 @@ impl OffsetTracker {
         partitions: Option<&[TopicPartition]>,
     ) -> KafkaResult<()> {
         let tpl = self.take_committable(partitions);
-        if tpl.count() > 0 {
-            if let Err(err) = consumer.store_offsets(&tpl) {
-                self.forget_stored(&tpl);
-                return Err(err);
-            }
+        if tpl.count() > 0
+            && let Err(err) = consumer.store_offsets(&tpl)
+        {
+            self.forget_stored(&tpl);
+            return Err(err);
         }
         match consumer.commit_consumer_state(CommitMode::Sync) {
             // Nothing stored since the last commit is not a failure.

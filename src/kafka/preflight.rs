@@ -20,7 +20,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::config::KafkaConfig;
+use super::KafkaConfig;
 
 /// Why the cluster refused this client.
 #[derive(Debug, thiserror::Error)]

@@ -47,8 +47,8 @@ use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use tokio_util::sync::CancellationToken;
 
+use super::KafkaConfig;
 use crate::batching::{Batch, BatchLimits, Batcher};
-use crate::config::KafkaConfig;
 use crate::kafka::commit::Commits;
 use crate::kafka::offsets::{OffsetTracker, Ticket, TopicPartition};
 use crate::kafka::sink::{DeliverError, OutRecord, Sink};
@@ -326,10 +326,11 @@ impl SourceCore {
             .unwrap_or(0);
         let left = before.saturating_sub(n);
         let wake_below = self.wake_below.load(Ordering::SeqCst);
-        if left < wake_below && self.wake_below.swap(0, Ordering::SeqCst) != 0 {
-            if let Some(thread) = self.consumer_thread.get() {
-                thread.unpark();
-            }
+        if left < wake_below
+            && self.wake_below.swap(0, Ordering::SeqCst) != 0
+            && let Some(thread) = self.consumer_thread.get()
+        {
+            thread.unpark();
         }
         before
     }

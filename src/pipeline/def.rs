@@ -34,7 +34,7 @@ use serde_json::Value;
 use super::path::JsonPath;
 use super::transform::{Transform, TransformDef, TransformFn, context_path};
 use crate::backoff::Backoff;
-use crate::config::ConfigError;
+use crate::section::ConfigError;
 
 /// Deepest chain of `pipeline` and `map` steps one request may go through.
 pub const MAX_DEPTH: usize = 8;

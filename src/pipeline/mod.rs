@@ -34,6 +34,7 @@
 //! # Ok(()) }
 //! ```
 
+mod config;
 pub mod def;
 pub mod path;
 mod run;
@@ -47,19 +48,19 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use self::config::PipelinesConfig;
 use self::def::{Catalog, Pipeline, compile_all};
 pub use self::def::{OnError, PipelineDef, StepDef, StepType, load_dir};
 use self::run::{Engine, Item};
 pub use self::transform::{TransformContext, TransformDef, TransformFn};
-use crate::config::{ConfigError, ConfigErrors};
-use crate::executor::{Builtins, ExecOutput, ExecRequest, ExecResult, Executor};
+use crate::executor::{BUILTIN_MODELS, Builtins, ExecOutput, ExecRequest, ExecResult, Executor};
 use crate::feature_store::FeatureStore;
 use crate::metrics::{PIPELINE_DURATION_SECONDS, PIPELINE_REQUESTS_TOTAL};
 use crate::model::{ErrorBody, ErrorKind, StepRecord, Target};
+use crate::providers::ModelsConfig;
 use crate::providers::manager::ModelManager;
+use crate::section::{ConfigError, ConfigErrors};
 
-/// Model ids the built-in executor answers without a provider.
-const BUILTIN_MODELS: [&str; 2] = ["echo", "echo@1"];
 /// The built-in pipeline, used when no configured pipeline takes its id.
 pub const IDENTITY: &str = "identity";
 
@@ -417,19 +418,15 @@ impl Executor for PipelineExecutor {
 }
 
 /// Problems of `defs` as [`ConfigError`]s, for `check-config`: checked against the models
-/// the configuration declares (without loading them) and a feature store.
-pub fn check_against_config(
-    config: &crate::config::Config,
-    defs: &[PipelineDef],
-) -> Vec<ConfigError> {
+/// the configuration declares in `[models]` (without loading them) and a feature store.
+pub fn check_against_config(models: &ModelsConfig, defs: &[PipelineDef]) -> Vec<ConfigError> {
     let model_known = |id: &str| {
-        if BUILTIN_MODELS.contains(&id) || config.models.0.contains_key(id) {
+        if BUILTIN_MODELS.contains(&id) || models.0.contains_key(id) {
             return true;
         }
         // A bare name resolves to some version of it.
         !id.contains('@')
-            && config
-                .models
+            && models
                 .0
                 .keys()
                 .any(|k| k.split_once('@').map(|(name, _)| name) == Some(id))

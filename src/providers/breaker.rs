@@ -63,12 +63,12 @@ impl Default for BreakerConfig {
 impl BreakerConfig {
     /// Checks what the types cannot express, pushing each problem with its key under `prefix`.
     pub fn validate(&self, prefix: &str, problems: &mut Vec<String>) {
-        if let Some(ratio) = self.failure_ratio {
-            if !(ratio > 0.0 && ratio <= 1.0) {
-                problems.push(format!(
-                    "{prefix}.failure_ratio ({ratio}) must be above 0 and at most 1"
-                ));
-            }
+        if let Some(ratio) = self.failure_ratio
+            && !(ratio > 0.0 && ratio <= 1.0)
+        {
+            problems.push(format!(
+                "{prefix}.failure_ratio ({ratio}) must be above 0 and at most 1"
+            ));
         }
         if self.open_ms > self.max_open_ms {
             problems.push(format!(

@@ -8,13 +8,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use super::cache::ResultCache;
+use super::cache::{ResultCache, ResultCacheConfig};
 use super::huggingface::HuggingFaceProvider;
 use super::local::LocalProvider;
 use super::manager::{ModelManager, ModelSpec, ProviderPolicy};
 use super::openai::OpenAiProvider;
-use super::{Provider, ProviderInput};
-use crate::config::{Config, ModelsConfig, ProviderSection};
+use super::{ModelsConfig, Provider, ProviderInput, ProviderSection, ProvidersConfig};
 
 /// How often idle models are looked for.
 const IDLE_SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -41,13 +40,17 @@ fn provider(name: &str, section: &ProviderSection) -> anyhow::Result<Arc<dyn Pro
     Ok(built)
 }
 
-/// Builds the model manager `config` describes: registers every provider, loads every model
-/// (warm-ups run one after another; a failing warm-up fails start-up, naming the model), and
-/// sets default versions.
-pub async fn build_manager(config: &Config) -> anyhow::Result<Arc<ModelManager>> {
-    let cache = ResultCache::new(config.result_cache.clone()).context("result_cache")?;
+/// Builds the model manager the `[providers]`, `[models]` and `[result_cache]` sections
+/// describe: registers every provider, loads every model (warm-ups run one after another; a
+/// failing warm-up fails start-up, naming the model), and sets default versions.
+pub async fn build_manager(
+    providers: &ProvidersConfig,
+    models: &ModelsConfig,
+    result_cache: &ResultCacheConfig,
+) -> anyhow::Result<Arc<ModelManager>> {
+    let cache = ResultCache::new(result_cache.clone()).context("result_cache")?;
     let manager = Arc::new(ModelManager::with_cache(cache));
-    for (name, section) in &config.providers.0 {
+    for (name, section) in &providers.0 {
         let built = provider(name, section)?;
         let policy = ProviderPolicy {
             breaker: section.breaker.clone(),
@@ -58,7 +61,7 @@ pub async fn build_manager(config: &Config) -> anyhow::Result<Arc<ModelManager>>
             .with_context(|| format!("providers.{name}"))?;
     }
     let mut idle_unload = false;
-    for (id, model) in &config.models.0 {
+    for (id, model) in &models.0 {
         let Some((name, version)) = ModelsConfig::split_id(id) else {
             anyhow::bail!("models.\"{id}\": not a name@version id");
         };
@@ -84,7 +87,7 @@ pub async fn build_manager(config: &Config) -> anyhow::Result<Arc<ModelManager>>
         }
         tracing::info!(model = %id, provider = %model.provider, "model loaded");
     }
-    for (name, version) in config.models.default_versions() {
+    for (name, version) in models.default_versions() {
         manager.set_default_version(name, version);
     }
     if idle_unload {

@@ -2,10 +2,12 @@
 //! extraction over HTTP, against the serverless Inference API or a self-hosted Text Embeddings
 //! Inference (TEI) server.
 //!
-//! Built like the [OpenAI-compatible provider](super::openai): one pooled `reqwest` client, a
-//! connect and a per-attempt timeout, a semaphore bounding the HTTP requests in flight (held
-//! for one attempt, not across retry sleeps), and every call under the provider's
-//! [`RetryPolicy`].
+//! The HTTP plumbing is the endpoint it shares with the [OpenAI-compatible
+//! provider](super::openai) (`endpoint.rs`): one pooled `reqwest` client, a connect and a
+//! per-attempt timeout, a semaphore bounding the HTTP requests in flight (held for one attempt,
+//! not across retry sleeps), every call under the provider's [`RetryPolicy`], and HTTP failures
+//! classified into [`ProviderError`]s. This module has the request shapes, the response parsing
+//! and Hugging Face's error format.
 //!
 //! Every task is batch-aware: the inputs of a batch are packed into one request (up to
 //! `max_batch_inputs` each; larger batches are split and the requests run concurrently) and
@@ -45,17 +47,16 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::num::{NonZeroU64, NonZeroUsize};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures::future::{BoxFuture, join_all};
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use tokio::sync::Semaphore;
 
-use super::retry::{RetryConfig, RetryPolicy, RetryStats, parse_retry_after};
-use super::{BuildError, Provider, ProviderError, ProviderInput, ProviderOutput, sanitize_message};
-use crate::config::Secret;
+use super::endpoint::{Endpoint, EndpointSettings, ErrorReport, check_base_url, secret_from_env};
+use super::retry::{RetryConfig, RetryPolicy, RetryStats};
+use super::{BuildError, Provider, ProviderError, ProviderInput, ProviderOutput};
+use crate::secret::Secret;
 
 /// Which HTTP API the endpoint speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -237,24 +238,11 @@ impl HuggingFaceConfig {
     /// Checks what the types cannot express and returns every problem, each naming its key.
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        match reqwest::Url::parse(&self.base_url) {
-            Err(e) => problems.push(format!("base_url is not a valid URL: {e}")),
-            Ok(url) => {
-                if !matches!(url.scheme(), "http" | "https") {
-                    problems.push("base_url must start with http:// or https://".to_owned());
-                }
-                if !url.username().is_empty() || url.password().is_some() {
-                    problems.push(
-                        "base_url must not contain credentials; name the token's variable in \
-                         token_env"
-                            .to_owned(),
-                    );
-                }
-                if url.query().is_some() || url.fragment().is_some() {
-                    problems.push("base_url must not have a query or a fragment".to_owned());
-                }
-            }
-        }
+        check_base_url(
+            &self.base_url,
+            "the token's variable in token_env",
+            &mut problems,
+        );
         match (&self.token_env, self.flavour) {
             (Some(env), _) if env.is_empty() => problems.push(
                 "token_env is empty; leave it out for servers without authentication".to_owned(),
@@ -294,27 +282,11 @@ impl HuggingFaceConfig {
 
 /// A Hugging Face provider. See the [module documentation](self).
 pub struct HuggingFaceProvider {
-    /// The one pooled client; connections are reused across calls and models.
-    client: reqwest::Client,
-    /// API root, without a trailing slash.
-    base_url: String,
+    /// Client, token, concurrency limit and retry policy, shared by every model.
+    endpoint: Endpoint,
     flavour: HfFlavour,
-    /// The token, used only to build `auth` and to redact provider messages that quote it.
-    token: Option<Secret>,
-    /// `Bearer <token>`, marked sensitive so that `Debug` of a request or header map masks it.
-    auth: Option<HeaderValue>,
-    /// The per-attempt timeout, reported in [`ProviderError::Timeout`].
-    timeout: Duration,
-    /// The connect timeout, reported when connecting is what timed out.
-    connect_timeout: Duration,
-    /// One permit per HTTP request in flight.
-    permits: Semaphore,
-    /// Kept for `Debug` only.
-    max_concurrency: usize,
     /// Most inputs per request.
     max_batch_inputs: usize,
-    /// Attempts, backoff and the budget shared by every call of this provider.
-    retry: RetryPolicy,
     /// The models, by the name callers use.
     models: BTreeMap<String, HfModelConfig>,
 }
@@ -322,11 +294,8 @@ pub struct HuggingFaceProvider {
 impl fmt::Debug for HuggingFaceProvider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HuggingFaceProvider")
-            .field("base_url", &self.base_url)
+            .field("endpoint", &self.endpoint)
             .field("flavour", &self.flavour)
-            .field("token", &self.token)
-            .field("timeout", &self.timeout)
-            .field("max_concurrency", &self.max_concurrency)
             .field("max_batch_inputs", &self.max_batch_inputs)
             .field("models", &self.models.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
@@ -336,19 +305,10 @@ impl fmt::Debug for HuggingFaceProvider {
 /// An input's text with its position in the batch.
 type Indexed = (usize, String);
 
-/// Most bytes of an error response body read to find the provider's message.
-const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
-
 impl HuggingFaceProvider {
     /// Builds the provider, reading the token from the variable named by `token_env`.
     pub fn new(config: HuggingFaceConfig) -> Result<Self, BuildError> {
-        let token = match &config.token_env {
-            Some(env) if !env.is_empty() => match std::env::var(env) {
-                Ok(token) if !token.is_empty() => Some(Secret::new(token)),
-                _ => return Err(BuildError::MissingApiKey { env: env.clone() }),
-            },
-            _ => None,
-        };
+        let token = secret_from_env(config.token_env.as_deref())?;
         Self::with_token(config, token)
     }
 
@@ -362,128 +322,42 @@ impl HuggingFaceProvider {
         if !problems.is_empty() {
             return Err(BuildError::InvalidConfig { problems });
         }
-        let auth = match &token {
-            None => None,
-            Some(token) if token.is_empty() => return Err(BuildError::InvalidApiKey),
-            Some(token) => {
-                let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
-                    .map_err(|_| BuildError::InvalidApiKey)?;
-                value.set_sensitive(true);
-                Some(value)
-            }
+        let settings = EndpointSettings {
+            base_url: &config.base_url,
+            connect_timeout_ms: config.connect_timeout_ms,
+            timeout_ms: config.timeout_ms,
+            max_concurrency: config.max_concurrency,
+            retry: config.retry,
+            error_format: read_error,
         };
-        let timeout = Duration::from_millis(config.timeout_ms.get());
-        let connect_timeout = Duration::from_millis(config.connect_timeout_ms.get());
-        let client = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .timeout(timeout)
-            .pool_max_idle_per_host(config.max_concurrency.get())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("inferflow/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| BuildError::Client {
-                message: e.without_url().to_string(),
-            })?;
         Ok(HuggingFaceProvider {
-            client,
-            base_url: config.base_url.trim_end_matches('/').to_owned(),
+            endpoint: Endpoint::new(settings, token)?,
             flavour: config.flavour,
-            token,
-            auth,
-            timeout,
-            connect_timeout,
-            permits: Semaphore::new(config.max_concurrency.get()),
-            max_concurrency: config.max_concurrency.get(),
             max_batch_inputs: config.max_batch_inputs.get(),
-            retry: RetryPolicy::new(config.retry),
             models: config.models,
         })
     }
 
     /// Retry counters of this provider, across all its models.
     pub fn retry_stats(&self) -> RetryStats {
-        self.retry.stats()
+        self.endpoint.retry().stats()
     }
 
     /// The retry policy, whose budget every call shares.
     pub fn retry_policy(&self) -> &RetryPolicy {
-        &self.retry
+        self.endpoint.retry()
     }
 
-    fn secret(&self) -> Option<&str> {
-        self.token.as_ref().map(Secret::expose)
-    }
-
-    /// Where requests for `model` go.
-    fn url(&self, model_name: &str, model: &HfModelConfig) -> String {
+    /// Where requests for `model` go, below `base_url`.
+    fn path(&self, model_name: &str, model: &HfModelConfig) -> String {
         match (self.flavour, model.task) {
             (HfFlavour::InferenceApi, _) => format!(
-                "{}/models/{}",
-                self.base_url,
+                "/models/{}",
                 model.remote_model.as_deref().unwrap_or(model_name)
             ),
-            (HfFlavour::Tei, HfTask::FeatureExtraction) => format!("{}/embed", self.base_url),
-            (HfFlavour::Tei, _) => format!("{}/predict", self.base_url),
+            (HfFlavour::Tei, HfTask::FeatureExtraction) => "/embed".to_owned(),
+            (HfFlavour::Tei, _) => "/predict".to_owned(),
         }
-    }
-
-    /// The longest wait a 503 "model loading" answer may ask for: the policy's cap.
-    fn max_loading_wait(&self) -> Duration {
-        Duration::from_millis(self.retry.config().max_retry_after_ms)
-    }
-
-    /// One HTTP request, holding a concurrency permit until its body has been read.
-    async fn attempt(&self, url: &str, body: Vec<u8>) -> Result<Value, ProviderError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| ProviderError::Connection {
-                message: "the provider has been shut down".to_owned(),
-            })?;
-        let mut request = self
-            .client
-            .post(url)
-            .header(CONTENT_TYPE, "application/json")
-            .body(body);
-        if let Some(auth) = &self.auth {
-            request = request.header(AUTHORIZATION, auth.clone());
-        }
-        let mut response = request.send().await.map_err(|e| self.transport_error(e))?;
-        let status = response.status();
-        if !status.is_success() {
-            let header_wait = parse_retry_after(response.headers(), SystemTime::now());
-            let mut body = Vec::new();
-            while let Ok(Some(chunk)) = response.chunk().await {
-                body.extend_from_slice(&chunk);
-                if body.len() >= MAX_ERROR_BODY_BYTES {
-                    break;
-                }
-            }
-            let error = HfError::parse(&body, status);
-            let retry_after = header_wait.or_else(|| {
-                (status == reqwest::StatusCode::SERVICE_UNAVAILABLE)
-                    .then_some(error.estimated_time?.min(self.max_loading_wait()))
-            });
-            tracing::debug!(status = status.as_u16(), "provider answered with an error");
-            return Err(ProviderError::from_status(
-                status.as_u16(),
-                sanitize_message(&error.message, self.secret()),
-                retry_after,
-            ));
-        }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| self.transport_error(e))?;
-        serde_json::from_slice(&bytes).map_err(|e| ProviderError::InvalidResponse {
-            message: format!("the body is not JSON: {e}"),
-        })
-    }
-
-    /// Classifies a transport failure, describing it without the URL.
-    fn transport_error(&self, error: reqwest::Error) -> ProviderError {
-        super::transport_error(error, self.connect_timeout, self.timeout, self.secret())
     }
 
     /// The request body for `texts` with `parameters`.
@@ -516,26 +390,20 @@ impl HuggingFaceProvider {
     /// One request for `chunk` (under the retry policy); one outcome per text, in order.
     async fn call_chunk(
         &self,
-        url: &str,
+        path: &str,
         task: HfTask,
         parameters: &Map<String, Value>,
         chunk: &[(usize, String)],
     ) -> Vec<Result<ProviderOutput, ProviderError>> {
         let all = |error: ProviderError| vec![Err(error); chunk.len()];
         let texts: Vec<&str> = chunk.iter().map(|(_, t)| t.as_str()).collect();
-        let body = match serde_json::to_vec(&self.request_body(task, &texts, parameters)) {
-            Ok(body) => body,
-            Err(e) => {
-                return all(ProviderError::InvalidInput {
-                    message: format!("the request cannot be encoded: {e}"),
-                });
-            }
-        };
-        let response = match self
-            .retry
-            .run(|_attempt| self.attempt(url, body.clone()))
-            .await
-        {
+        let request = self.request_body(task, &texts, parameters);
+        let response = self.endpoint.post_json(path, &request).await;
+        let response = match response.and_then(|bytes| {
+            serde_json::from_slice::<Value>(&bytes).map_err(|e| ProviderError::InvalidResponse {
+                message: format!("the body is not JSON: {e}"),
+            })
+        }) {
             Ok(response) => response,
             Err(e) => return all(e),
         };
@@ -573,7 +441,7 @@ impl HuggingFaceProvider {
                 Err(e) => outcomes[position] = Some(Err(e)),
             }
         }
-        let url = self.url(model_name, model);
+        let path = self.path(model_name, model);
         let mut chunks: Vec<(&Map<String, Value>, &[Indexed])> = Vec::new();
         for (parameters, texts) in &groups {
             for chunk in texts.chunks(self.max_batch_inputs) {
@@ -592,7 +460,7 @@ impl HuggingFaceProvider {
         let results = join_all(
             chunks
                 .iter()
-                .map(|(parameters, chunk)| self.call_chunk(&url, model.task, parameters, chunk)),
+                .map(|(parameters, chunk)| self.call_chunk(&path, model.task, parameters, chunk)),
         )
         .await;
         for ((_, chunk), results) in chunks.iter().zip(results) {
@@ -752,53 +620,31 @@ struct LabelScore {
     score: f64,
 }
 
-/// What an error response said.
-#[derive(Debug, PartialEq)]
-struct HfError {
-    /// The message, not yet redacted or truncated.
-    message: String,
-    /// The Inference API's guess of how long the model takes to load, on 503.
-    estimated_time: Option<Duration>,
-}
-
-impl HfError {
-    /// Reads `{"error": "…", "estimated_time": …}` (the Inference API), `{"error": [...]}`,
-    /// `{"error": "…", "error_type": "…"}` (TEI), or falls back to the body's text.
-    fn parse(body: &[u8], status: reqwest::StatusCode) -> HfError {
-        let reason = status.canonical_reason().unwrap_or("error").to_owned();
-        let Ok(value) = serde_json::from_slice::<Value>(body) else {
-            let text = String::from_utf8_lossy(body);
-            return HfError {
-                message: if text.trim().is_empty() {
-                    reason
-                } else {
-                    text.into_owned()
-                },
-                estimated_time: None,
-            };
-        };
-        let message = match value.get("error") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(list)) => list
-                .iter()
-                .map(|e| e.as_str().map_or_else(|| e.to_string(), str::to_owned))
-                .collect::<Vec<_>>()
-                .join("; "),
-            _ => value.to_string(),
-        };
-        let message = match value.get("error_type").and_then(Value::as_str) {
-            Some(kind) => format!("{message} [{kind}]"),
-            None => message,
-        };
-        let estimated_time = value
-            .get("estimated_time")
-            .and_then(Value::as_f64)
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(|s| Duration::from_secs_f64(s.min(86_400.0)));
-        HfError {
-            message,
-            estimated_time,
-        }
+/// The endpoint's error format: `{"error": "…", "estimated_time": …}` (the Inference API),
+/// `{"error": [...]}`, or `{"error": "…", "error_type": "…"}` (TEI). On 503, `estimated_time`
+/// (the Inference API's guess of how long the model takes to load) is the wait.
+fn read_error(value: &Value, status: reqwest::StatusCode) -> ErrorReport {
+    let message = match value.get("error") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|e| e.as_str().map_or_else(|| e.to_string(), str::to_owned))
+            .collect::<Vec<_>>()
+            .join("; "),
+        _ => value.to_string(),
+    };
+    let message = match value.get("error_type").and_then(Value::as_str) {
+        Some(kind) => format!("{message} [{kind}]"),
+        None => message,
+    };
+    let estimated_time = value
+        .get("estimated_time")
+        .and_then(Value::as_f64)
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(|s| Duration::from_secs_f64(s.min(86_400.0)));
+    ErrorReport {
+        message,
+        wait: estimated_time.filter(|_| status == reqwest::StatusCode::SERVICE_UNAVAILABLE),
     }
 }
 
@@ -817,25 +663,27 @@ mod tests {
     #[test]
     fn error_bodies_are_read_in_every_format() {
         let status = reqwest::StatusCode::SERVICE_UNAVAILABLE;
-        let loading = br#"{"error":"Model x is currently loading","estimated_time":20.5}"#;
+        let loading = json!({"error": "Model x is currently loading", "estimated_time": 20.5});
         assert_eq!(
-            HfError::parse(loading, status),
-            HfError {
+            read_error(&loading, status),
+            ErrorReport {
                 message: "Model x is currently loading".into(),
-                estimated_time: Some(Duration::from_millis(20_500)),
+                wait: Some(Duration::from_millis(20_500)),
             }
         );
-        let tei = br#"{"error":"Input validation error","error_type":"validation"}"#;
+        // Only a 503 waits for the model.
+        let failed = read_error(&loading, reqwest::StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(failed.wait, None);
+        let tei = json!({"error": "Input validation error", "error_type": "validation"});
         assert_eq!(
-            HfError::parse(tei, status).message,
+            read_error(&tei, status).message,
             "Input validation error [validation]"
         );
-        let list = br#"{"error":["a","b"]}"#;
-        assert_eq!(HfError::parse(list, status).message, "a; b");
-        assert_eq!(HfError::parse(b"", status).message, "Service Unavailable");
-        assert_eq!(HfError::parse(b"oops", status).message, "oops");
-        let negative = br#"{"error":"x","estimated_time":-1}"#;
-        assert_eq!(HfError::parse(negative, status).estimated_time, None);
+        let list = json!({"error": ["a", "b"]});
+        assert_eq!(read_error(&list, status).message, "a; b");
+        assert_eq!(read_error(&json!({"x": 1}), status).message, r#"{"x":1}"#);
+        let negative = json!({"error": "x", "estimated_time": -1});
+        assert_eq!(read_error(&negative, status).wait, None);
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Model providers: what answers a model call, behind the [`Provider`] trait.
 //!
 //! A provider takes the inputs of one batch for one model and returns one outcome per input, in
-//! order. Remote providers (`openai`, `huggingface`) own their HTTP client, concurrency limit and
-//! retries ([`retry`]); the [`local`] provider runs ONNX models (tract) and the VADER sentiment
-//! analyser ([`vader`]) in-process. Failures are outcomes carrying a [`ProviderError`], which
-//! maps to the wire's [`ErrorKind`]. Nothing here knows about Kafka, and the model registry,
-//! rate limits ([`ratelimit`]), circuit breaking ([`breaker`]) and the result cache ([`cache`])
-//! sit in front of this trait, not inside it. The model registry is
+//! order. Remote providers (`openai`, `huggingface`) each own one HTTP endpoint (`endpoint.rs`:
+//! the client, credential, concurrency limit, retries ([`retry`]) and the classification of
+//! HTTP failures), with their own request and error formats on top; the [`local`] provider
+//! runs ONNX models (tract) and the VADER sentiment analyser ([`vader`]) in-process. Failures
+//! are outcomes carrying a [`ProviderError`], which maps to the wire's [`ErrorKind`]. Nothing
+//! here knows about Kafka, and the model registry, rate limits ([`ratelimit`]), circuit
+//! breaking ([`breaker`]) and the result cache ([`cache`]) sit in front of this trait, not
+//! inside it. The model registry is
 //! [`manager::ModelManager`]: versioned models, usage stats, idle unload, an executor.
 //!
 //! A custom provider only needs [`Provider::infer_batch`]:
@@ -42,6 +44,8 @@
 pub mod breaker;
 pub mod build;
 pub mod cache;
+mod config;
+mod endpoint;
 pub mod huggingface;
 pub mod local;
 pub mod manager;
@@ -60,6 +64,8 @@ use serde_json::{Map, Value};
 use crate::model::{ErrorBody, ErrorKind};
 
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+pub(crate) use config::check_models_against_providers;
+pub use config::{ModelSection, ModelsConfig, ProviderSection, ProvidersConfig};
 pub use local::{LocalConfig, LocalModelConfig, LocalModelKind, LocalProvider};
 pub use openai::{OpenAiConfig, OpenAiModelConfig, OpenAiProvider, OpenAiTask};
 pub use ratelimit::{RateLimitConfig, RateLimiter};
@@ -420,40 +426,6 @@ pub enum BuildError {
     },
 }
 
-/// Classifies a reqwest transport failure (no HTTP status): a timeout, after `connect_timeout`
-/// or `timeout` depending on the phase, or a connection error described with its causes but
-/// without the URL, and with `secret` masked.
-pub(crate) fn transport_error(
-    error: reqwest::Error,
-    connect_timeout: Duration,
-    timeout: Duration,
-    secret: Option<&str>,
-) -> ProviderError {
-    use std::error::Error as _;
-    if error.is_timeout() {
-        let after = if error.is_connect() {
-            connect_timeout
-        } else {
-            timeout
-        };
-        return ProviderError::Timeout { after };
-    }
-    let error = error.without_url();
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    ProviderError::Connection {
-        message: sanitize_message(&text, secret),
-    }
-}
-
 /// Longest provider message, in characters, kept in an error.
 pub(crate) const MAX_MESSAGE_CHARS: usize = 300;
 
@@ -464,7 +436,7 @@ pub(crate) fn sanitize_message(text: &str, secret: Option<&str>) -> String {
     let text = text.trim();
     let cleaned = match secret {
         Some(secret) if !secret.is_empty() && text.contains(secret) => {
-            text.replace(secret, crate::config::REDACTED)
+            text.replace(secret, crate::secret::REDACTED)
         }
         _ => text.to_owned(),
     };

@@ -1,10 +1,13 @@
 //! The OpenAI-compatible provider: chat completions and embeddings over HTTP, for OpenAI itself
 //! and for servers that speak its API (vLLM, TGI, Ollama, llama.cpp).
 //!
-//! One pooled `reqwest` client per provider, with a connect timeout and a per-request timeout;
-//! a semaphore bounds the HTTP requests in flight (a permit is held for one attempt, not
-//! across retry sleeps, so waiting calls do not hold capacity); every call goes through the
-//! provider's [`RetryPolicy`].
+//! The HTTP plumbing is the provider's endpoint (`endpoint.rs`, shared with the Hugging Face
+//! provider): one pooled `reqwest` client with a connect timeout and a per-attempt timeout, a
+//! semaphore bounding the HTTP requests in flight (a permit is held for one attempt, not across
+//! retry sleeps, so waiting calls do not hold capacity), every call under the provider's
+//! [`RetryPolicy`] with `Retry-After` honoured, and HTTP failures classified into
+//! [`ProviderError`]s. This module has the request shapes, the response parsing and OpenAI's
+//! error format.
 //!
 //! - **Chat** (`POST {base_url}/chat/completions`): one HTTP call per input; the inputs of a
 //!   batch run concurrently. The input's `data` is the user message (a string), or an object
@@ -25,21 +28,16 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
-use std::time::{Duration, SystemTime};
 
 use futures::future::{BoxFuture, join_all};
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use tokio::sync::Semaphore;
 
-use super::retry::{RetryConfig, RetryPolicy, RetryStats, parse_retry_after};
-use super::{
-    BuildError, Provider, ProviderError, ProviderInput, ProviderOutput, TokenUsage,
-    sanitize_message,
-};
-use crate::config::Secret;
+use super::endpoint::{Endpoint, EndpointSettings, ErrorReport, check_base_url, secret_from_env};
+use super::retry::{RetryConfig, RetryPolicy, RetryStats};
+use super::{BuildError, Provider, ProviderError, ProviderInput, ProviderOutput, TokenUsage};
+use crate::secret::Secret;
 
 /// Settings of one OpenAI-compatible endpoint. Every key but `models` has a default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -150,24 +148,11 @@ impl OpenAiConfig {
     /// Checks what the types cannot express and returns every problem, each naming its key.
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        match reqwest::Url::parse(&self.base_url) {
-            Err(e) => problems.push(format!("base_url is not a valid URL: {e}")),
-            Ok(url) => {
-                if !matches!(url.scheme(), "http" | "https") {
-                    problems.push("base_url must start with http:// or https://".to_owned());
-                }
-                if !url.username().is_empty() || url.password().is_some() {
-                    problems.push(
-                        "base_url must not contain credentials; name the key's variable in \
-                         api_key_env"
-                            .to_owned(),
-                    );
-                }
-                if url.query().is_some() || url.fragment().is_some() {
-                    problems.push("base_url must not have a query or a fragment".to_owned());
-                }
-            }
-        }
+        check_base_url(
+            &self.base_url,
+            "the key's variable in api_key_env",
+            &mut problems,
+        );
         if self.api_key_env.as_deref() == Some("") {
             problems.push(
                 "api_key_env is empty; leave it out for servers without authentication".to_owned(),
@@ -176,10 +161,10 @@ impl OpenAiConfig {
         self.retry.validate("retry", &mut problems);
         for (name, model) in &self.models {
             let key = format!("models.{name}");
-            if let Some(t) = model.temperature {
-                if !(0.0..=2.0).contains(&t) {
-                    problems.push(format!("{key}.temperature ({t}) must be from 0 to 2"));
-                }
+            if let Some(t) = model.temperature
+                && !(0.0..=2.0).contains(&t)
+            {
+                problems.push(format!("{key}.temperature ({t}) must be from 0 to 2"));
             }
             if model.remote_model.as_deref() == Some("") {
                 problems.push(format!("{key}.remote_model is empty"));
@@ -215,30 +200,10 @@ impl OpenAiConfig {
 
 /// An OpenAI-compatible provider. See the [module documentation](self).
 pub struct OpenAiProvider {
-    /// The one pooled client; connections are reused across calls and models.
-    client: reqwest::Client,
-    /// Kept for `Debug` only.
-    base_url: String,
-    /// `{base_url}/chat/completions`.
-    chat_url: String,
-    /// `{base_url}/embeddings`.
-    embeddings_url: String,
-    /// The key, used only to build `auth` and to redact provider messages that quote it.
-    api_key: Option<Secret>,
-    /// `Bearer <key>`, marked sensitive so that `Debug` of a request or header map masks it.
-    auth: Option<HeaderValue>,
-    /// The per-attempt timeout, reported in [`ProviderError::Timeout`].
-    timeout: Duration,
-    /// The connect timeout, reported when connecting is what timed out.
-    connect_timeout: Duration,
-    /// One permit per HTTP request in flight.
-    permits: Semaphore,
-    /// Kept for `Debug` only.
-    max_concurrency: usize,
+    /// Client, key, concurrency limit and retry policy, shared by every model.
+    endpoint: Endpoint,
     /// Most texts per embeddings request.
     max_embedding_inputs: usize,
-    /// Attempts, backoff and the budget shared by every call of this provider.
-    retry: RetryPolicy,
     /// The models, by the name callers use.
     models: BTreeMap<String, OpenAiModelConfig>,
 }
@@ -246,40 +211,21 @@ pub struct OpenAiProvider {
 impl fmt::Debug for OpenAiProvider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OpenAiProvider")
-            .field("base_url", &self.base_url)
-            .field("api_key", &self.api_key)
-            .field("timeout", &self.timeout)
-            .field("max_concurrency", &self.max_concurrency)
+            .field("endpoint", &self.endpoint)
             .field("models", &self.models.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
 
-/// Most bytes of an error response body read to find the provider's message.
-const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
-
-/// Reads the key from the variable `env` through `lookup`.
-fn resolve_api_key(
-    env: &str,
-    lookup: impl FnOnce(&str) -> Option<String>,
-) -> Result<Secret, BuildError> {
-    match lookup(env) {
-        Some(key) if !key.is_empty() => Ok(Secret::new(key)),
-        _ => Err(BuildError::MissingApiKey {
-            env: env.to_owned(),
-        }),
-    }
-}
+/// Appended to `base_url` for chat completions.
+const CHAT_PATH: &str = "/chat/completions";
+/// Appended to `base_url` for embeddings.
+const EMBEDDINGS_PATH: &str = "/embeddings";
 
 impl OpenAiProvider {
     /// Builds the provider, reading the API key from the variable named by `api_key_env`.
     pub fn new(config: OpenAiConfig) -> Result<Self, BuildError> {
-        let api_key = match &config.api_key_env {
-            Some(env) if !env.is_empty() => {
-                Some(resolve_api_key(env, |name| std::env::var(name).ok())?)
-            }
-            _ => None,
-        };
+        let api_key = secret_from_env(config.api_key_env.as_deref())?;
         Self::with_api_key(config, api_key)
     }
 
@@ -290,124 +236,41 @@ impl OpenAiProvider {
         if !problems.is_empty() {
             return Err(BuildError::InvalidConfig { problems });
         }
-        let auth = match &api_key {
-            None => None,
-            Some(key) if key.is_empty() => return Err(BuildError::InvalidApiKey),
-            Some(key) => {
-                let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-                    .map_err(|_| BuildError::InvalidApiKey)?;
-                value.set_sensitive(true);
-                Some(value)
-            }
+        let settings = EndpointSettings {
+            base_url: &config.base_url,
+            connect_timeout_ms: config.connect_timeout_ms,
+            timeout_ms: config.timeout_ms,
+            max_concurrency: config.max_concurrency,
+            retry: config.retry,
+            error_format: read_error,
         };
-        let timeout = Duration::from_millis(config.timeout_ms.get());
-        let connect_timeout = Duration::from_millis(config.connect_timeout_ms.get());
-        let client = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .timeout(timeout)
-            .pool_max_idle_per_host(config.max_concurrency.get())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("inferflow/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| BuildError::Client {
-                message: e.without_url().to_string(),
-            })?;
-        let base = config.base_url.trim_end_matches('/');
         Ok(OpenAiProvider {
-            client,
-            base_url: base.to_owned(),
-            chat_url: format!("{base}/chat/completions"),
-            embeddings_url: format!("{base}/embeddings"),
-            api_key,
-            auth,
-            timeout,
-            connect_timeout,
-            permits: Semaphore::new(config.max_concurrency.get()),
-            max_concurrency: config.max_concurrency.get(),
+            endpoint: Endpoint::new(settings, api_key)?,
             max_embedding_inputs: config.max_embedding_inputs.get(),
-            retry: RetryPolicy::new(config.retry),
             models: config.models,
         })
     }
 
     /// Retry counters of this provider, across all its models.
     pub fn retry_stats(&self) -> RetryStats {
-        self.retry.stats()
+        self.endpoint.retry().stats()
     }
 
     /// The retry policy, whose budget every call shares.
     pub fn retry_policy(&self) -> &RetryPolicy {
-        &self.retry
+        self.endpoint.retry()
     }
 
-    fn secret(&self) -> Option<&str> {
-        self.api_key.as_ref().map(Secret::expose)
-    }
-
-    /// POSTs `body` to `url` under the retry policy and parses a successful answer as `T`.
+    /// POSTs `request` to `path` (under the retry policy) and parses a successful answer as `T`.
     async fn post<T: DeserializeOwned>(
         &self,
-        url: &str,
-        body: Vec<u8>,
+        path: &str,
+        request: &impl Serialize,
     ) -> Result<T, ProviderError> {
-        self.retry
-            .run(|_attempt| self.attempt(url, body.clone()))
-            .await
-    }
-
-    /// One HTTP request, holding a concurrency permit until its body has been read.
-    async fn attempt<T: DeserializeOwned>(
-        &self,
-        url: &str,
-        body: Vec<u8>,
-    ) -> Result<T, ProviderError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| ProviderError::Connection {
-                message: "the provider has been shut down".to_owned(),
-            })?;
-        let mut request = self
-            .client
-            .post(url)
-            .header(CONTENT_TYPE, "application/json")
-            .body(body);
-        if let Some(auth) = &self.auth {
-            request = request.header(AUTHORIZATION, auth.clone());
-        }
-        let mut response = request.send().await.map_err(|e| self.transport_error(e))?;
-        let status = response.status();
-        if !status.is_success() {
-            let retry_after = parse_retry_after(response.headers(), SystemTime::now());
-            let mut body = Vec::new();
-            // Whatever arrives before an error or the cap is enough to find the message.
-            while let Ok(Some(chunk)) = response.chunk().await {
-                body.extend_from_slice(&chunk);
-                if body.len() >= MAX_ERROR_BODY_BYTES {
-                    break;
-                }
-            }
-            let message = provider_message(&body, status);
-            tracing::debug!(status = status.as_u16(), "provider answered with an error");
-            return Err(ProviderError::from_status(
-                status.as_u16(),
-                sanitize_message(&message, self.secret()),
-                retry_after,
-            ));
-        }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| self.transport_error(e))?;
+        let bytes = self.endpoint.post_json(path, request).await?;
         serde_json::from_slice(&bytes).map_err(|e| ProviderError::InvalidResponse {
             message: format!("the body is not the JSON the API describes: {e}"),
         })
-    }
-
-    /// Classifies a transport failure, describing it without the URL.
-    fn transport_error(&self, error: reqwest::Error) -> ProviderError {
-        super::transport_error(error, self.connect_timeout, self.timeout, self.secret())
     }
 
     async fn chat(
@@ -427,10 +290,7 @@ impl OpenAiProvider {
                 kind: "json_object",
             }),
         };
-        let body = serde_json::to_vec(&request).map_err(|e| ProviderError::InvalidInput {
-            message: format!("the request cannot be encoded: {e}"),
-        })?;
-        let response: ChatResponse = self.post(&self.chat_url, body).await?;
+        let response: ChatResponse = self.post(CHAT_PATH, &request).await?;
         let choice =
             response
                 .choices
@@ -441,10 +301,9 @@ impl OpenAiProvider {
                 })?;
         let Some(content) = choice.message.content else {
             let message = match choice.message.refusal {
-                Some(refusal) => format!(
-                    "the model refused: {}",
-                    sanitize_message(&refusal, self.secret())
-                ),
+                Some(refusal) => {
+                    format!("the model refused: {}", self.endpoint.sanitize(&refusal))
+                }
                 None => "the first choice has no message content".to_owned(),
             };
             return Err(ProviderError::InvalidResponse { message });
@@ -522,15 +381,7 @@ impl OpenAiProvider {
             input: chunk.iter().map(|(_, text)| text.as_str()).collect(),
             dimensions,
         };
-        let body = match serde_json::to_vec(&request) {
-            Ok(body) => body,
-            Err(e) => {
-                return all(ProviderError::InvalidInput {
-                    message: format!("the request cannot be encoded: {e}"),
-                });
-            }
-        };
-        let response: EmbeddingsResponse = match self.post(&self.embeddings_url, body).await {
+        let response: EmbeddingsResponse = match self.post(EMBEDDINGS_PATH, &request).await {
             Ok(response) => response,
             Err(e) => return all(e),
         };
@@ -779,21 +630,20 @@ fn embedding_text(input: ProviderInput) -> Result<String, ProviderError> {
     }
 }
 
-/// What the provider said in an error response: OpenAI's `{"error": {"message", "type",
-/// "code"}}`, the `{"error": "…"}` or `{"message": "…"}` some compatible servers send, or the
-/// body's text. Not yet redacted or truncated.
-fn provider_message(body: &[u8], status: reqwest::StatusCode) -> String {
-    let reason = status.canonical_reason().unwrap_or("error").to_owned();
-    let Ok(value) = serde_json::from_slice::<Value>(body) else {
-        let text = String::from_utf8_lossy(body);
-        return if text.trim().is_empty() {
-            reason
-        } else {
-            text.into_owned()
-        };
-    };
+/// The endpoint's error format: what the provider said in a JSON error response.
+fn read_error(value: &Value, _status: reqwest::StatusCode) -> ErrorReport {
+    ErrorReport {
+        message: provider_message(value),
+        wait: None,
+    }
+}
+
+/// OpenAI's `{"error": {"message", "type", "code"}}`, the `{"error": "…"}` or
+/// `{"message": "…"}` some compatible servers send, or else the JSON itself. Not yet redacted
+/// or truncated.
+fn provider_message(value: &Value) -> String {
     let error = value.get("error");
-    let detail = error.filter(|e| e.is_object()).unwrap_or(&value);
+    let detail = error.filter(|e| e.is_object()).unwrap_or(value);
     let message = detail
         .get("message")
         .and_then(Value::as_str)
@@ -1007,28 +857,30 @@ mod tests {
     #[test]
     fn provider_messages_are_found_in_every_error_format() {
         let status = reqwest::StatusCode::TOO_MANY_REQUESTS;
-        let openai = br#"{"error":{"message":"Slow down","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
+        let message = |body: Value| {
+            let report = read_error(&body, status);
+            assert_eq!(report.wait, None, "{body}");
+            report.message
+        };
+        let openai = json!({"error": {"message": "Slow down", "type": "requests", "param": null,
+            "code": "rate_limit_exceeded"}});
+        assert_eq!(message(openai), "Slow down [requests, rate_limit_exceeded]");
         assert_eq!(
-            provider_message(openai, status),
-            "Slow down [requests, rate_limit_exceeded]"
-        );
-        assert_eq!(
-            provider_message(br#"{"error":"model not found"}"#, status),
+            message(json!({"error": "model not found"})),
             "model not found"
         );
         assert_eq!(
-            provider_message(
-                br#"{"object":"error","message":"bad","type":"BadRequestError","code":400}"#,
-                status
+            message(
+                json!({"object": "error", "message": "bad", "type": "BadRequestError",
+                "code": 400})
             ),
             "bad [BadRequestError, 400]"
         );
-        assert_eq!(provider_message(b"upstream down", status), "upstream down");
-        assert_eq!(provider_message(b"", status), "Too Many Requests");
+        assert_eq!(message(json!({"detail": "x"})), r#"{"detail":"x"}"#);
     }
 
     #[test]
-    fn config_problems_are_all_reported_and_the_key_is_read_from_the_environment() {
+    fn config_problems_are_all_reported() {
         let mut config = OpenAiConfig {
             base_url: "ftp://user:pw@host/v1?x=1".into(),
             api_key_env: Some(String::new()),
@@ -1043,21 +895,14 @@ mod tests {
         );
         let problems = config.validate();
         assert_eq!(problems.len(), 6, "{problems:#?}");
+        assert!(
+            problems.contains(
+                &"base_url must not contain credentials; name the key's variable in api_key_env"
+                    .to_owned()
+            ),
+            "{problems:#?}"
+        );
         assert!(OpenAiConfig::default().validate().is_empty());
-
-        let found = resolve_api_key("MY_KEY", |name| {
-            assert_eq!(name, "MY_KEY");
-            Some("sk-live".into())
-        })
-        .unwrap();
-        assert_eq!(found.expose(), "sk-live");
-        for missing in [None, Some(String::new())] {
-            let e = resolve_api_key("MY_KEY", |_| missing.clone()).unwrap_err();
-            assert_eq!(
-                e.to_string(),
-                "environment variable `MY_KEY` (named by api_key_env) is not set or empty"
-            );
-        }
     }
 
     #[test]

@@ -189,12 +189,12 @@ impl Drop for Reservation<'_> {
             (&self.limiter.requests, self.requests),
             (&self.limiter.tokens, self.tokens),
         ] {
-            if let Some(bucket) = bucket {
-                if amount > 0.0 {
-                    bucket.refund(amount);
-                    if self.prepaid {
-                        bucket.draw_prepaid(amount);
-                    }
+            if let Some(bucket) = bucket
+                && amount > 0.0
+            {
+                bucket.refund(amount);
+                if self.prepaid {
+                    bucket.draw_prepaid(amount);
                 }
             }
         }

@@ -507,15 +507,15 @@ impl Vader {
         if let Some(v) = before.iter().find_map(|r| idiom(r.clone())) {
             valence = v;
         }
-        if i + 1 < lower.len() {
-            if let Some(v) = idiom(i..i + 2) {
-                valence = v;
-            }
+        if i + 1 < lower.len()
+            && let Some(v) = idiom(i..i + 2)
+        {
+            valence = v;
         }
-        if i + 2 < lower.len() {
-            if let Some(v) = idiom(i..i + 3) {
-                valence = v;
-            }
+        if i + 2 < lower.len()
+            && let Some(v) = idiom(i..i + 3)
+        {
+            valence = v;
         }
         for range in [&before[3], &before[4], &before[2]] {
             if let Some(boost) = self.phrase_booster(&lower[range.clone()]) {

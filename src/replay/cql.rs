@@ -11,8 +11,8 @@ use std::sync::Arc;
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 
-use crate::config::FeatureStoreConfig;
 use crate::executor::ExecOutput;
+use crate::feature_store::FeatureStoreConfig;
 use crate::feature_store::{FeatureStoreError, connect, prepare_idempotent, schema};
 
 /// Results and marks of one consumer group in a CQL database.

@@ -28,6 +28,7 @@
 //! served the other request's answer (barring a 64-bit collision between two payloads with the
 //! same id). Only successful outputs are kept; errors are computed again.
 
+mod config;
 pub mod cql;
 mod memory;
 
@@ -39,10 +40,11 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use tokio::sync::Semaphore;
 
+pub use self::config::{ReplayConfig, ReplayStoreKind};
 use self::cql::CqlReplay;
 use self::memory::Memory;
-use crate::config::{Config, ReplayStoreKind};
 use crate::executor::ExecOutput;
+use crate::feature_store::FeatureStoreConfig;
 use crate::kafka::source::lock;
 use crate::metrics as m;
 
@@ -121,10 +123,14 @@ impl std::fmt::Debug for ReplayStore {
 }
 
 impl ReplayStore {
-    /// The store `config` describes, or `None` when replay is turned off. With
-    /// `replay.store = "cql"` this connects to the feature store's database.
-    pub async fn open(config: &Config) -> anyhow::Result<Option<ReplayStore>> {
-        let replay = &config.replay;
+    /// The store `replay` describes, or `None` when replay is turned off. With
+    /// `replay.store = "cql"` this connects to the feature store's database and keeps the
+    /// results of consumer group `group_id` (`kafka.group_id`).
+    pub async fn open(
+        replay: &ReplayConfig,
+        feature_store: &FeatureStoreConfig,
+        group_id: &str,
+    ) -> anyhow::Result<Option<ReplayStore>> {
         if !replay.enabled {
             return Ok(None);
         }
@@ -133,18 +139,14 @@ impl ReplayStore {
             Duration::from_secs(replay.ttl_secs.get()),
         );
         if replay.store == ReplayStoreKind::Cql {
-            let cql = CqlReplay::open(
-                &config.feature_store,
-                &config.kafka.group_id,
-                replay.ttl_secs.get(),
-            )
-            .await
-            .map_err(|err| {
-                anyhow::anyhow!(
-                    "replay.store = \"cql\": opening the results table in {}: {err}",
-                    config.feature_store.keyspace
-                )
-            })?;
+            let cql = CqlReplay::open(feature_store, group_id, replay.ttl_secs.get())
+                .await
+                .map_err(|err| {
+                    anyhow::anyhow!(
+                        "replay.store = \"cql\": opening the results table in {}: {err}",
+                        feature_store.keyspace
+                    )
+                })?;
             store.durable = Some(Arc::new(Durable {
                 cql,
                 marks: Mutex::new(HashMap::new()),

@@ -331,7 +331,8 @@ impl Instance {
             });
         }
         let ingestion = ingest.then(|| {
-            ingest::start(config, Arc::clone(&store), stop.clone()).expect("ingestion starts")
+            ingest::start(config.into(), Arc::clone(&store), stop.clone())
+                .expect("ingestion starts")
         });
         Instance {
             store,

@@ -23,7 +23,9 @@ async fn configured_local_models_answer_requests_from_kafka() {
     )
     .expect("config/models.example.toml");
     let config: Config = config(&topics, &group, &example);
-    let manager = build_manager(&config).await.expect("models start");
+    let manager = build_manager(&config.providers, &config.models, &config.result_cache)
+        .await
+        .expect("models start");
     let processor =
         Running::start(&config, Arc::new(ModelExecutor::new(Arc::clone(&manager)))).await;
 

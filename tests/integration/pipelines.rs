@@ -55,7 +55,9 @@ async fn the_sentiment_pipeline_answers_over_kafka_and_http_with_the_same_docume
     let topics = Topics::create("pipelines", 2).await;
     let group = unique_name("pipelines");
     let config: Config = config(&topics, &group, MODELS);
-    let models = build_manager(&config).await.expect("models start");
+    let models = build_manager(&config.providers, &config.models, &config.result_cache)
+        .await
+        .expect("models start");
     let pipelines = Arc::new(PipelineManager::new(models));
     pipelines
         .replace_all(
@@ -581,10 +583,10 @@ async fn the_file_watch_reloads_pipelines_and_models() {
             async move {
                 let deadline = Instant::now() + Duration::from_secs(60);
                 loop {
-                    if let Some(doc) = execute(pipeline, data.clone()).await {
-                        if check(&doc) {
-                            return doc;
-                        }
+                    if let Some(doc) = execute(pipeline, data.clone()).await
+                        && check(&doc)
+                    {
+                        return doc;
                     }
                     assert!(Instant::now() < deadline, "not within 60 s: {what}");
                     tokio::time::sleep(Duration::from_millis(100)).await;

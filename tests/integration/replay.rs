@@ -95,7 +95,7 @@ async fn only_records_below_the_mark_are_looked_up_and_marks_are_read_again_on_a
     drop(cql_session().await);
     let keyspace = unique_name("replay_it");
     let cfg = config(&keyspace, "g");
-    let store = ReplayStore::open(&cfg)
+    let store = ReplayStore::open(&cfg.replay, &cfg.feature_store, &cfg.kafka.group_id)
         .await
         .expect("open")
         .expect("enabled");

@@ -4,6 +4,8 @@
 //! implementations print a fixed mask, so printing or logging a configuration cannot leak it.
 //! The only way to the value is [`Secret::expose`], which call sites use at the last moment
 //! (building an rdkafka `ClientConfig`, an HTTP header), never for logging.
+//!
+//! A leaf module: it imports nothing from the crate, so every layer can hold a secret.
 
 use std::fmt;
 

@@ -1,6 +1,6 @@
 //! `[providers.*]`, `[models.*]` and `[result_cache]`: the model providers, the models they
-//! serve, and the inference result cache, as configuration. `crate::providers::build` turns them
-//! into a running `ModelManager`.
+//! serve, and the inference result cache, as configuration. [`super::build`] turns them into a
+//! running `ModelManager`.
 //!
 //! ```toml
 //! [providers.local.local]               # provider `local`, of kind local
@@ -28,14 +28,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::Problems;
-use super::sections::Section;
-use crate::providers::breaker::BreakerConfig;
-use crate::providers::cache::ResultCacheConfig;
-use crate::providers::huggingface::HuggingFaceConfig;
-use crate::providers::local::LocalConfig;
-use crate::providers::openai::OpenAiConfig;
-use crate::providers::ratelimit::RateLimitConfig;
+use super::breaker::BreakerConfig;
+use super::cache::ResultCacheConfig;
+use super::huggingface::HuggingFaceConfig;
+use super::local::LocalConfig;
+use super::openai::OpenAiConfig;
+use super::ratelimit::RateLimitConfig;
+use crate::section::{Problems, Section};
 
 /// One `[providers.NAME]` table: exactly one of `openai`, `huggingface` or `local`, plus the
 /// optional `breaker` and `rate_limit`.
@@ -221,7 +220,7 @@ impl Section for ResultCacheConfig {
 
 /// Cross-checks of `[models]` against `[providers]`: every model names a configured provider,
 /// and a local provider's model exists in its table.
-pub(super) fn check_models_against_providers(
+pub(crate) fn check_models_against_providers(
     models: &ModelsConfig,
     providers: &ProvidersConfig,
     p: &mut Problems,
@@ -249,100 +248,17 @@ pub(super) fn check_models_against_providers(
             .clone()
             .or_else(|| ModelsConfig::split_id(id).map(|(n, _)| n.to_owned()))
             .unwrap_or_default();
-        if let Some(local) = &provider.local {
-            if !local.models.contains_key(&remote) {
-                p.push(
-                    format!("models.\"{id}\".remote_model"),
-                    format!(
-                        "`{remote}` is not a model of local provider `{}` (it has: {})",
-                        model.provider,
-                        local.models.keys().cloned().collect::<Vec<_>>().join(", ")
-                    ),
-                );
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use crate::config::Config;
-
-    #[test]
-    fn providers_and_models_parse_and_defaults_are_derived() {
-        let config = Config::from_toml_str(
-            r#"
-            [providers.local.local.models.iris]
-            kind = "onnx"
-            path = "models/iris"
-            [providers.gpt.openai]
-            base_url = "http://127.0.0.1:9/v1"
-            [providers.gpt.openai.models.chat]
-            task = "chat"
-            [providers.gpt.breaker]
-            failure_threshold = 3
-            [providers.gpt.rate_limit]
-            requests_per_minute = 60
-            [models."iris@1"]
-            provider = "local"
-            [models."chat@1"]
-            provider = "gpt"
-            cache = false
-            [models."chat@2"]
-            provider = "gpt"
-            remote_model = "chat"
-            default = true
-            "#,
-        )
-        .expect("valid");
-        assert_eq!(config.providers.0.len(), 2);
-        assert!(config.providers.0["gpt"].breaker.is_some());
-        assert!(!config.models.0["chat@1"].cache);
-        let defaults = config.models.default_versions();
-        assert_eq!(defaults["iris"], "1");
-        assert_eq!(defaults["chat"], "2");
-    }
-
-    #[test]
-    fn mistakes_are_reported_with_their_keys() {
-        let errors = Config::from_toml_str(
-            r#"
-            [providers.none]
-            [providers.both.openai]
-            [providers.both.local]
-            [providers.local.local.models.iris]
-            kind = "onnx"
-            path = "models/iris"
-            [models.noversion]
-            provider = "local"
-            [models."ghost@1"]
-            provider = "missing"
-            [models."tulip@1"]
-            provider = "local"
-            [models."x@1"]
-            provider = "local"
-            remote_model = "iris"
-            default = true
-            [models."x@2"]
-            provider = "local"
-            remote_model = "iris"
-            default = true
-            "#,
-        )
-        .expect_err("invalid");
-        let text = errors.to_string();
-        for needle in [
-            "providers.none",
-            "names no kind",
-            "providers.both",
-            "more than one kind",
-            "models.\"noversion\"",
-            "models.\"ghost@1\".provider",
-            "`missing` is not a configured provider",
-            "models.\"tulip@1\".remote_model",
-            "2 versions marked default",
-        ] {
-            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        if let Some(local) = &provider.local
+            && !local.models.contains_key(&remote)
+        {
+            p.push(
+                format!("models.\"{id}\".remote_model"),
+                format!(
+                    "`{remote}` is not a model of local provider `{}` (it has: {})",
+                    model.provider,
+                    local.models.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            );
         }
     }
 }

@@ -1,0 +1,325 @@
+//! One run of a candidate: from a backlog (phase 1, throughput), or live with the generator
+//! producing (phase 2, latency at a paced load; and the passthrough's capacity).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::collector::{Arrivals, Collector};
+use super::kafka::{Admin, unique};
+use super::load::{Requests, generator, send};
+use super::lock;
+use super::process::{CacheCounts, CpuMark, RunTopics, cache_counts, cpu_mark, spawn};
+use super::settings::{Candidate, Settings};
+use super::stats::percentile;
+
+// ---------------------------------------------------------------------------------------------
+// phase 1: throughput from a backlog
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ThroughputSample {
+    pub(crate) rate: f64,
+    /// CPU seconds per 1,000 requests.
+    pub(crate) cpu_candidate: f64,
+    pub(crate) cpu_broker: f64,
+    /// The realistic candidate's cache counters at the end of the run.
+    pub(crate) caches: Option<CacheCounts>,
+}
+
+pub(crate) fn throughput_run(
+    s: &Settings,
+    admin: &Admin,
+    candidate: Candidate,
+    backlog: &str,
+    tag: &str,
+) -> ThroughputSample {
+    let n = s.messages;
+    let warm = n / 10;
+    let t = RunTopics {
+        requests: backlog.to_owned(),
+        results: unique("results"),
+        dlq: unique("dlq"),
+        group: unique(candidate.name()),
+    };
+    admin.create(&t.results, s.partitions);
+    admin.create(&t.dlq, 1);
+    let pid = Arc::new(AtomicU64::new(0));
+    let collector = Collector::start(
+        s,
+        &t.results,
+        n,
+        Instant::now(),
+        vec![warm, n],
+        (Arc::clone(&pid), s.broker_pid),
+    );
+    let mut running = spawn(s, candidate, &t, tag);
+    pid.store(u64::from(running.pid()), Ordering::Release);
+    let deadline = Instant::now() + s.run_timeout;
+    while collector.arrivals.unique.load(Ordering::Acquire) < n {
+        running.check_alive();
+        if Instant::now() > deadline {
+            eprintln!(
+                "[e2e] {tag} {}: only {} of {n} results within {:?}",
+                candidate.name(),
+                collector.arrivals.unique.load(Ordering::Acquire),
+                s.run_timeout
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let caches = running.metrics.as_deref().and_then(cache_counts);
+    if let Some(c) = &caches {
+        eprintln!("[e2e] {tag} {}: {}", candidate.name(), c.describe());
+    }
+    running.stop();
+    let arrivals = collector.finish();
+    admin.delete(&[&t.results, &t.dlq], Some(&t.group));
+    check_outputs(&arrivals, candidate, tag);
+    let marks = lock(&arrivals.marks).clone();
+    let (Some((_, a)), Some((_, b))) = (marks.first(), marks.get(1)) else {
+        return ThroughputSample {
+            rate: f64::NAN,
+            cpu_candidate: f64::NAN,
+            cpu_broker: f64::NAN,
+            caches,
+        };
+    };
+    let requests = (n - warm) as f64;
+    ThroughputSample {
+        rate: requests / b.at.duration_since(a.at).as_secs_f64(),
+        cpu_candidate: (b.candidate - a.candidate) / requests * 1000.0,
+        cpu_broker: (b.broker - a.broker) / requests * 1000.0,
+        caches,
+    }
+}
+
+fn check_outputs(arrivals: &Arrivals, candidate: Candidate, tag: &str) {
+    let errors = arrivals.errors.load(Ordering::Relaxed);
+    assert_eq!(
+        errors,
+        0,
+        "{tag} {}: {errors} error results",
+        candidate.name()
+    );
+    let strays = arrivals.strays.load(Ordering::Relaxed);
+    let dups = arrivals.duplicates.load(Ordering::Relaxed);
+    if strays + dups > 0 {
+        eprintln!(
+            "[e2e] {tag} {}: {dups} duplicate and {strays} unexpected results",
+            candidate.name()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// phase 2: latency at a fixed offered load
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LatencySample {
+    /// Percentiles in milliseconds (infinite when more results than that are missing).
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+    pub(crate) p999: f64,
+    pub(crate) missing: usize,
+    pub(crate) cpu_candidate: f64,
+    pub(crate) cpu_broker: f64,
+}
+
+const WARM_UP: Duration = Duration::from_secs(1);
+/// Requests sent until the candidate first answers, at most.
+const PROBES: usize = 2_000;
+
+/// How a live run offers its requests.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Load {
+    /// Paced at this many requests per second: `WARM_UP`, then `E2E_LATENCY_SECS` measured.
+    Paced(f64),
+    /// This many requests, as fast as the generator sends them (the first tenth a warm-up).
+    Flood(usize),
+}
+
+/// What a live run saw, per request after the probes.
+struct LiveOutcome {
+    /// When each request was produced and its result consumed: microseconds after the
+    /// collector's base, 0 = never.
+    sent: Vec<u64>,
+    received: Vec<u64>,
+    /// Requests before this one are the warm-up.
+    measured_from: usize,
+    /// CPU at the first measured request and after the last one was sent.
+    cpu: (CpuMark, CpuMark),
+}
+
+/// Fresh topics, the candidate started and answering, then requests produced while it runs.
+fn live_run(
+    s: &Settings,
+    admin: &Admin,
+    candidate: Candidate,
+    load: Load,
+    tag: &str,
+) -> LiveOutcome {
+    let t = RunTopics {
+        requests: unique("requests"),
+        results: unique("results"),
+        dlq: unique("dlq"),
+        group: unique(candidate.name()),
+    };
+    admin.create(&t.requests, s.partitions);
+    admin.create(&t.results, s.partitions);
+    admin.create(&t.dlq, 1);
+    let (count, rate, measured_from, drain_for) = match load {
+        Load::Paced(rate) => (
+            ((WARM_UP.as_secs_f64() + s.latency_secs) * rate).ceil() as usize,
+            rate,
+            (WARM_UP.as_secs_f64() * rate) as usize,
+            Duration::from_secs_f64(s.latency_secs.max(5.0)),
+        ),
+        Load::Flood(n) => (n, f64::INFINITY, n / 10, s.run_timeout),
+    };
+    let base = Instant::now();
+    let pid = Arc::new(AtomicU64::new(0));
+    let collector = Collector::start(
+        s,
+        &t.results,
+        PROBES + count,
+        base,
+        Vec::new(),
+        (Arc::clone(&pid), s.broker_pid),
+    );
+    let mut running = spawn(s, candidate, &t, tag);
+    pid.store(u64::from(running.pid()), Ordering::Release);
+    let producer = generator(s);
+    let requests = Requests::new(s, candidate.workload(), "l");
+    // Wait until the candidate answers (group joined, partitions assigned), probing every 50 ms.
+    let ready_by = Instant::now() + Duration::from_secs(90);
+    let mut probe = 0;
+    while collector.arrivals.unique.load(Ordering::Acquire) == 0 {
+        running.check_alive();
+        assert!(
+            Instant::now() < ready_by,
+            "{} did not answer within 90 s",
+            candidate.name()
+        );
+        assert!(probe < PROBES, "too many probes");
+        send(
+            &producer,
+            &t.requests,
+            &requests.key(probe),
+            &requests.body(probe),
+        );
+        probe += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // Every 250 µs, send what the rate owes since the start (everything at once for a flood).
+    let mut sent: Vec<u64> = vec![0; count];
+    let start = Instant::now();
+    let mut cpu_start = None;
+    let mut i = 0;
+    while i < count {
+        let owed = if rate.is_finite() {
+            ((start.elapsed().as_secs_f64() * rate) as usize).min(count)
+        } else {
+            count
+        };
+        while i < owed {
+            if i == measured_from {
+                cpu_start = Some(cpu_mark(running.pid(), s.broker_pid));
+            }
+            let seq = PROBES + i;
+            sent[i] = collector.arrivals.micros(Instant::now());
+            send(
+                &producer,
+                &t.requests,
+                &requests.key(seq),
+                &requests.body(seq),
+            );
+            i += 1;
+        }
+        std::thread::sleep(Duration::from_micros(250));
+    }
+    let cpu_end = cpu_mark(running.pid(), s.broker_pid);
+    // Drain: wait until every request is answered, or give up after `drain_for`.
+    let drain_by = Instant::now() + drain_for;
+    let received = |i: usize| collector.arrivals.received[PROBES + i].load(Ordering::Acquire);
+    let mut pending_from = 0;
+    while Instant::now() < drain_by {
+        while pending_from < count && received(pending_from) != 0 {
+            pending_from += 1;
+        }
+        if pending_from == count {
+            break;
+        }
+        running.check_alive();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    running.stop();
+    let arrivals = collector.finish();
+    drop(producer);
+    admin.delete(&[&t.requests, &t.results, &t.dlq], Some(&t.group));
+    check_outputs(&arrivals, candidate, tag);
+    LiveOutcome {
+        received: (0..count)
+            .map(|i| arrivals.received[PROBES + i].load(Ordering::Acquire))
+            .collect(),
+        sent,
+        measured_from,
+        cpu: (cpu_start.expect("a measured window"), cpu_end),
+    }
+}
+
+/// The passthrough's throughput while the generator produces at the same time, as fast as it
+/// can (a live stream has its production on the same cores): the 100 % of the latency loads.
+pub(crate) fn capacity_run(s: &Settings, admin: &Admin, tag: &str) -> f64 {
+    let outcome = live_run(
+        s,
+        admin,
+        Candidate::Passthrough,
+        Load::Flood(s.messages),
+        tag,
+    );
+    let mut times: Vec<u64> = outcome
+        .received
+        .iter()
+        .copied()
+        .filter(|t| *t != 0)
+        .collect();
+    times.sort_unstable();
+    let from = times.len() / 10;
+    match (times.get(from), times.last()) {
+        (Some(a), Some(b)) if b > a => (times.len() - 1 - from) as f64 / ((b - a) as f64 / 1e6),
+        _ => f64::NAN,
+    }
+}
+
+pub(crate) fn latency_run(
+    s: &Settings,
+    admin: &Admin,
+    candidate: Candidate,
+    rate: f64,
+    tag: &str,
+) -> LatencySample {
+    let o = live_run(s, admin, candidate, Load::Paced(rate), tag);
+    let mut latencies: Vec<f64> = (o.measured_from..o.sent.len())
+        .map(|i| {
+            if o.received[i] == 0 {
+                f64::INFINITY
+            } else {
+                o.received[i].saturating_sub(o.sent[i]) as f64 / 1000.0
+            }
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let missing = latencies.iter().filter(|l| l.is_infinite()).count();
+    let (cpu_start, cpu_end) = o.cpu;
+    let sent_requests = (o.sent.len() - o.measured_from) as f64;
+    LatencySample {
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+        p999: percentile(&latencies, 0.999),
+        missing,
+        cpu_candidate: (cpu_end.candidate - cpu_start.candidate) / sent_requests * 1000.0,
+        cpu_broker: (cpu_end.broker - cpu_start.broker) / sent_requests * 1000.0,
+    }
+}

@@ -1,0 +1,287 @@
+//! Executing model calls: a batch through the result cache and the guarded provider call, each
+//! failure classified for retrying, and the [`ModelExecutor`] that serves `Target::Model`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::future::{BoxFuture, join_all};
+
+use super::lifecycle::InFlight;
+use super::registry::{ModelManager, ResolvedModel};
+use super::stats::add;
+use crate::executor::{BUILTIN_MODELS, Builtins, ExecOutput, ExecRequest, ExecResult, Executor};
+use crate::model::{ErrorBody, StepRecord, Target};
+use crate::providers::cache::{CacheKey, CachePolicy};
+use crate::providers::{Provider, ProviderError, ProviderInput, ProviderOutput};
+
+/// Why a model call failed for one request, classified for whoever might call again: the
+/// error as it goes on the wire, and whether trying again is the caller's business.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelFailure {
+    /// The error as it goes on the wire.
+    pub body: ErrorBody,
+    /// Whether the caller may try the request again.
+    pub retry: RetryAdvice,
+}
+
+/// Whether a failed model call may be tried again by its caller, and why (or why not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryAdvice {
+    /// Trying again cannot help: bad input or parameters, refused credentials (401, 403), a
+    /// rejected request (other 4xx), a malformed response, an unknown model, a local model
+    /// that failed.
+    Never,
+    /// The failure is transient (5xx, 408, 409, 429, timeout, connection), but the provider
+    /// retries such failures itself ([`Provider::retries_itself`]) and this one has had every
+    /// attempt its retry policy allows: the attempt count is spent.
+    Spent,
+    /// The failure is transient and nothing retried it yet: the caller may.
+    Allowed,
+}
+
+impl ModelFailure {
+    /// Classifies what `provider` returned.
+    fn from_provider(error: ProviderError, provider: &dyn Provider) -> Self {
+        let retry = if !error.retryable() {
+            RetryAdvice::Never
+        } else if provider.retries_itself() {
+            RetryAdvice::Spent
+        } else {
+            RetryAdvice::Allowed
+        };
+        ModelFailure {
+            body: error.into(),
+            retry,
+        }
+    }
+
+    /// A failure that retrying cannot fix.
+    pub fn never(body: ErrorBody) -> Self {
+        ModelFailure {
+            body,
+            retry: RetryAdvice::Never,
+        }
+    }
+}
+
+/// An outcome of [`ModelExecutor::execute_classified`].
+pub type ClassifiedResult = Result<ExecOutput, ModelFailure>;
+
+impl ModelManager {
+    /// Runs `requests` through the model `id` resolves to; one outcome per request, in order.
+    pub async fn infer(&self, id: &str, requests: Vec<ExecRequest>) -> Vec<ExecResult> {
+        match self.resolve(id) {
+            Ok(model) => self.infer_resolved(&model, requests).await,
+            Err(error) => vec![Err(error); requests.len()],
+        }
+    }
+
+    async fn infer_resolved(
+        &self,
+        model: &ResolvedModel,
+        requests: Vec<ExecRequest>,
+    ) -> Vec<ExecResult> {
+        self.infer_classified(model, requests)
+            .await
+            .into_iter()
+            .map(|outcome| outcome.map_err(|failure| failure.body))
+            .collect()
+    }
+
+    /// [`infer_resolved`](Self::infer_resolved) with each failure classified for retrying.
+    async fn infer_classified(
+        &self,
+        model: &ResolvedModel,
+        requests: Vec<ExecRequest>,
+    ) -> Vec<ClassifiedResult> {
+        let n = requests.len();
+        let _in_flight = InFlight::new(&model.life);
+        if let Err(error) = model.ensure_loaded().await {
+            add(&model.counters.requests, n as u64);
+            add(&model.counters.errors, n as u64);
+            return vec![Err(ModelFailure::from_provider(error, &*model.provider)); n];
+        }
+        let outcomes: Vec<(Result<ProviderOutput, ProviderError>, bool, u64)> =
+            match (&self.cache, model.spec.cache) {
+                // A batch: the misses go to the provider in one call.
+                (Some(cache), true) if n > 1 => {
+                    let mut inputs: Vec<Option<ProviderInput>> = Vec::with_capacity(n);
+                    let mut keys = Vec::with_capacity(n);
+                    for r in requests {
+                        let input = ProviderInput::with_parameters(r.data, r.parameters);
+                        keys.push(CacheKey::new(r.tenant.as_deref(), &model.id, &input));
+                        inputs.push(Some(input));
+                    }
+                    let started = Instant::now();
+                    let answers = cache
+                        .get_or_compute_batch(keys, |positions| {
+                            let batch: Vec<ProviderInput> =
+                                positions.iter().filter_map(|&i| inputs[i].take()).collect();
+                            model.call(batch)
+                        })
+                        .await;
+                    let latency = started.elapsed().as_micros() as u64;
+                    answers
+                        .into_iter()
+                        .map(|(outcome, status)| (outcome, status.served_from_cache(), latency))
+                        .collect()
+                }
+                // One request: it may wait for an identical call already running.
+                (Some(cache), true) => {
+                    let calls = requests.into_iter().map(|r| {
+                        let input = ProviderInput::with_parameters(r.data, r.parameters);
+                        let key = CacheKey::new(r.tenant.as_deref(), &model.id, &input);
+                        async move {
+                            let started = Instant::now();
+                            let (outcome, status) = cache
+                                .get_or_compute(key, CachePolicy::ENABLED, || async move {
+                                    model.call(vec![input]).await.remove(0)
+                                })
+                                .await;
+                            let latency = started.elapsed().as_micros() as u64;
+                            (outcome, status.served_from_cache(), latency)
+                        }
+                    });
+                    join_all(calls).await
+                }
+                _ => {
+                    let inputs = requests
+                        .into_iter()
+                        .map(|r| ProviderInput::with_parameters(r.data, r.parameters))
+                        .collect();
+                    let started = Instant::now();
+                    let outcomes = if n == 0 {
+                        Vec::new()
+                    } else {
+                        model.call(inputs).await
+                    };
+                    let latency = started.elapsed().as_micros() as u64;
+                    outcomes.into_iter().map(|o| (o, false, latency)).collect()
+                }
+            };
+        let c = &model.counters;
+        add(&c.requests, n as u64);
+        let step_name = format!("model:{}", model.id);
+        outcomes
+            .into_iter()
+            .map(|(outcome, cached, latency_us)| {
+                if cached {
+                    add(&c.cache_hits, 1);
+                }
+                match outcome {
+                    Ok(out) => Ok(ExecOutput {
+                        output: out.output,
+                        model_version: Some(model.spec.version.clone()),
+                        cached,
+                        steps: vec![StepRecord {
+                            name: step_name.clone(),
+                            latency_us,
+                            cached,
+                            output: None,
+                        }],
+                    }),
+                    Err(error) => {
+                        add(&c.errors, 1);
+                        Err(ModelFailure::from_provider(error, &*model.provider))
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// An [`Executor`] for models in a [`ModelManager`], falling back to the [`Builtins`] for
+/// pipelines and for model ids the manager does not know (`echo`).
+#[derive(Debug, Clone)]
+pub struct ModelExecutor {
+    manager: Arc<ModelManager>,
+    builtins: Builtins,
+}
+
+impl ModelExecutor {
+    /// An executor over `manager`.
+    pub fn new(manager: Arc<ModelManager>) -> Self {
+        ModelExecutor {
+            manager,
+            builtins: Builtins,
+        }
+    }
+
+    /// The manager.
+    pub fn manager(&self) -> &Arc<ModelManager> {
+        &self.manager
+    }
+
+    /// [`Executor::execute`] with each failure classified: whether the caller may try the
+    /// request again ([`RetryAdvice`]). A pipeline step decides its retries from this.
+    pub async fn execute_classified(
+        &self,
+        target: &Target,
+        requests: Vec<ExecRequest>,
+    ) -> Vec<ClassifiedResult> {
+        let builtins = |outcomes: Vec<ExecResult>| -> Vec<ClassifiedResult> {
+            outcomes
+                .into_iter()
+                .map(|o| o.map_err(ModelFailure::never))
+                .collect()
+        };
+        let id = match target {
+            Target::Model(id) => id,
+            Target::Pipeline(_) => return builtins(self.builtins.execute(target, requests).await),
+        };
+        match self.manager.resolve_listing(id, &BUILTIN_MODELS) {
+            Ok(model) => self.manager.infer_classified(&model, requests).await,
+            Err(_) if BUILTIN_MODELS.contains(&id.as_str()) => {
+                builtins(self.builtins.execute(target, requests).await)
+            }
+            Err(error) => vec![Err(ModelFailure::never(error)); requests.len()],
+        }
+    }
+
+    /// Whether the provider answering `target` retries its transient failures itself
+    /// ([`Provider::retries_itself`]); false for unknown models and the built-ins.
+    pub fn retries_itself(&self, target: &Target) -> bool {
+        match target {
+            Target::Model(id) => self
+                .manager
+                .resolve(id)
+                .is_ok_and(|model| model.provider.retries_itself()),
+            Target::Pipeline(_) => false,
+        }
+    }
+}
+
+impl Executor for ModelExecutor {
+    fn execute<'a>(
+        &'a self,
+        target: &'a Target,
+        requests: Vec<ExecRequest>,
+    ) -> BoxFuture<'a, Vec<ExecResult>> {
+        Box::pin(async move {
+            let id = match target {
+                Target::Model(id) => id,
+                // Pipelines come later; for now the built-in `identity` answers.
+                Target::Pipeline(_) => return self.builtins.execute(target, requests).await,
+            };
+            match self.manager.resolve_listing(id, &BUILTIN_MODELS) {
+                Ok(model) => self.manager.infer_resolved(&model, requests).await,
+                Err(_) if BUILTIN_MODELS.contains(&id.as_str()) => {
+                    self.builtins.execute(target, requests).await
+                }
+                Err(error) => vec![Err(error); requests.len()],
+            }
+        })
+    }
+
+    fn admit<'a>(&'a self, target: &'a Target, requests: usize) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Target::Model(id) = target {
+                self.manager.admit(id, requests).await;
+            }
+        })
+    }
+
+    fn hold(&self) -> Option<String> {
+        self.manager.hold()
+    }
+}
