@@ -994,6 +994,33 @@ mod tests {
     }
 
     #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "a record finished twice?")]
+    fn a_record_finished_twice_is_named_in_debug_builds() {
+        let core = core();
+        core.in_flight.store(1, Ordering::SeqCst);
+        core.finish(&message(0), false);
+        core.finish(&message(0), false);
+    }
+
+    #[test]
+    fn releasing_more_than_is_in_flight_does_not_wedge_the_budget() {
+        // What a double finish does in a release build: the count stops at zero instead of
+        // wrapping to usize::MAX, which would keep the consumer thread waiting for room forever.
+        let core = core();
+        core.consumer_thread.set(std::thread::current()).unwrap();
+        core.in_flight.store(1, Ordering::SeqCst);
+        core.release(2);
+        assert_eq!(core.in_flight(), 0);
+        let started = Instant::now();
+        core.wait_below(1, Duration::from_secs(10));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "room at once after a double release"
+        );
+    }
+
+    #[test]
     fn waiting_for_room_gives_up_at_the_timeout() {
         let core = core();
         core.consumer_thread.set(std::thread::current()).unwrap();

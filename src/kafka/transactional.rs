@@ -325,7 +325,7 @@ impl Transactions {
                 released += old.outputs.len();
             }
         }
-        state.held -= released;
+        unhold(&mut state.held, released);
         drop(state);
         core.release(released);
     }
@@ -340,7 +340,7 @@ impl Transactions {
                 released += old.outputs.len();
             }
         }
-        state.held -= released;
+        unhold(&mut state.held, released);
         drop(state);
         if released > 0 {
             tracing::info!(
@@ -412,7 +412,7 @@ impl Transactions {
                 }
                 positions.push((tp.clone(), position));
             }
-            state.held -= taken;
+            unhold(&mut state.held, taken);
         }
         if positions.is_empty() {
             core.release(dropped);
@@ -680,6 +680,17 @@ fn count_outputs(core: &SourceCore, outputs: &[(TopicPartition, i64, Output)]) {
     }
 }
 
+/// Takes `n` released outputs off the held count, saturating at zero: releasing more than is
+/// held is a bug (an output released twice), which must not wrap the count and hold every
+/// commit back; debug builds stop on it.
+fn unhold(held: &mut usize, n: usize) {
+    debug_assert!(
+        *held >= n,
+        "{n} held outputs released with only {held} held (an output released twice?)"
+    );
+    *held = held.saturating_sub(n);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -694,6 +705,21 @@ mod tests {
         };
         assert!(fits(&record(1000)));
         assert!(!fits(&record(MAX_RECORD_BYTES)));
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "an output released twice?")]
+    fn releasing_more_than_is_held_is_named_in_debug_builds() {
+        let mut held = 1;
+        unhold(&mut held, 2);
+    }
+
+    #[test]
+    fn releasing_what_is_held_counts_down() {
+        let mut held = 3;
+        unhold(&mut held, 2);
+        assert_eq!(held, 1);
     }
 
     const S: Duration = Duration::from_secs(1);
