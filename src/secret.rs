@@ -131,6 +131,107 @@ impl<'de> serde::de::Visitor<'de> for SecretVisitor {
     }
 }
 
+/// A connection URL (a DSN such as `postgres://user:password@host:5432/db`) whose password is
+/// secret: every printed form (`Debug`, `Display`, `Serialize`) shows the URL with the password
+/// (the one in the user-info part, and a `password=` query parameter) replaced by
+/// [`REDACTED`], so logs, errors and `inferflow check-config` say which server and user without
+/// leaking it. [`SecretUrl::expose`] gives the URL itself, for the database driver only.
+#[derive(Clone)]
+pub struct SecretUrl(Secret);
+
+impl SecretUrl {
+    /// Wraps a URL.
+    pub fn new(value: impl Into<String>) -> Self {
+        SecretUrl(Secret::new(value))
+    }
+
+    /// The URL with its password. Pass it straight to the driver; never log it.
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+
+    /// The URL with its password replaced by [`REDACTED`]: safe to print.
+    pub fn redacted(&self) -> String {
+        redact_url(self.expose())
+    }
+}
+
+/// `url` with the password of its user-info part and of any `password=` query parameter
+/// replaced by [`REDACTED`]. Text that is not a URL is redacted whole.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return REDACTED.to_owned();
+    };
+    let rest_start = scheme_end + 3;
+    let rest = &url[rest_start..];
+    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_len);
+    let mut out = String::with_capacity(url.len());
+    out.push_str(&url[..rest_start]);
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            match userinfo.find(':') {
+                Some(colon) => {
+                    out.push_str(&userinfo[..=colon]);
+                    out.push_str(REDACTED);
+                }
+                None => out.push_str(userinfo),
+            }
+            out.push_str(&authority[at..]);
+        }
+        None => out.push_str(authority),
+    }
+    match tail.split_once('?') {
+        Some((path, query)) => {
+            out.push_str(path);
+            out.push('?');
+            let params: Vec<String> = query
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}={REDACTED}"),
+                    _ => param.to_owned(),
+                })
+                .collect();
+            out.push_str(&params.join("&"));
+        }
+        None => out.push_str(tail),
+    }
+    out
+}
+
+/// The password in `url`'s user-info part, if it has one (as written, percent-encoding and all).
+pub fn url_password(url: &str) -> Option<&str> {
+    let rest = &url[url.find("://")? + 3..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let userinfo = &authority[..authority.rfind('@')?];
+    userinfo.split_once(':').map(|(_, password)| password)
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for SecretUrl {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted())
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretUrl {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Secret::deserialize(deserializer).map(SecretUrl)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +246,32 @@ mod tests {
             format!("\"{REDACTED}\"")
         );
         assert_eq!(secret.expose(), "hunter2");
+    }
+
+    #[test]
+    fn urls_print_without_their_password() {
+        for (url, shown) in [
+            (
+                "postgres://inferflow:hunter2@db:5432/features?sslmode=require",
+                "postgres://inferflow:<redacted>@db:5432/features?sslmode=require",
+            ),
+            ("mysql://u:p@ss:w@rd@h/db", "mysql://u:<redacted>@h/db"),
+            (
+                "postgres://db/f?user=u&password=hunter2&x=1",
+                "postgres://db/f?user=u&password=<redacted>&x=1",
+            ),
+            ("postgres://u@db/f", "postgres://u@db/f"),
+            ("hunter2", "<redacted>"),
+        ] {
+            let secret = SecretUrl::new(url);
+            assert_eq!(format!("{secret}"), shown);
+            assert_eq!(format!("{secret:?}"), shown);
+            assert_eq!(
+                serde_json::to_string(&secret).unwrap(),
+                format!("\"{shown}\"")
+            );
+            assert_eq!(secret.expose(), url);
+        }
     }
 
     #[test]

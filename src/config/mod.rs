@@ -47,7 +47,7 @@ pub use sections::{Config, Guarantee, HttpConfig, ProcessingConfig};
 pub use crate::batching::BatchConfig;
 pub use crate::executor::{ExecutorConfig, KeyOrdering};
 pub use crate::feature_store::{
-    Consistency, FeatureStoreBackend, FeatureStoreConfig, IngestConfig,
+    Consistency, FeatureStoreBackend, FeatureStoreConfig, IngestConfig, SqlConfig,
 };
 pub use crate::kafka::{
     KafkaConfig, OffsetReset, RESERVED_KAFKA_PROPERTIES, SaslMechanism, SecurityProtocol,
@@ -56,7 +56,7 @@ pub use crate::kafka::{
 pub use crate::pipeline::PipelinesConfig;
 pub use crate::providers::{ModelSection, ModelsConfig, ProviderSection, ProvidersConfig};
 pub use crate::replay::{ReplayConfig, ReplayStoreKind};
-pub use crate::secret::{REDACTED, Secret};
+pub use crate::secret::{REDACTED, Secret, SecretUrl};
 pub use crate::section::{ConfigError, ConfigErrors};
 pub use crate::telemetry::{LogConfig, LogFormat};
 
@@ -71,7 +71,12 @@ pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 pub const ENV_PREFIX: &str = "INFERFLOW__";
 
 /// Keys holding a [`Secret`], whose environment overrides are read as exact strings.
-pub const SECRET_KEYS: &[&str] = &["kafka.sasl_password", "feature_store.password"];
+pub const SECRET_KEYS: &[&str] = &[
+    "kafka.sasl_password",
+    "feature_store.password",
+    "feature_store.postgres.url",
+    "feature_store.mysql.url",
+];
 
 /// The environment overrides of [`SECRET_KEYS`], as strings, never parsed as TOML values
 /// (figment's `Env` would turn `12345` into a number, `0042` into 42, `true` into a boolean).
@@ -83,6 +88,25 @@ impl SecretEnv {
             "{ENV_PREFIX}{}",
             key.replace('.', "__").to_ascii_uppercase()
         )
+    }
+}
+
+/// Puts `value` at `path` in `dict`: `["a", "b", "c"]` is the key `c` of the table `a.b`, made
+/// if missing.
+fn insert_at(dict: &mut figment::value::Dict, path: &[&str], value: Value) {
+    match path {
+        [] => {}
+        [name] => {
+            dict.insert((*name).to_owned(), value);
+        }
+        [table, rest @ ..] => {
+            let entry = dict
+                .entry((*table).to_owned())
+                .or_insert_with(|| Value::from(figment::value::Dict::new()));
+            if let Value::Dict(_, inner) = entry {
+                insert_at(inner, rest, value);
+            }
+        }
     }
 }
 
@@ -99,17 +123,11 @@ impl figment::Provider for SecretEnv {
         for key in SECRET_KEYS {
             // Not UTF-8: left out here, so the variable is simply absent (and a required
             // password is reported missing).
-            let (Ok(value), Some((section, name))) =
-                (std::env::var(Self::var_name(key)), key.split_once('.'))
-            else {
+            let Ok(value) = std::env::var(Self::var_name(key)) else {
                 continue;
             };
-            let table = dict
-                .entry(section.to_owned())
-                .or_insert_with(|| Value::from(figment::value::Dict::new()));
-            if let Value::Dict(_, table) = table {
-                table.insert(name.to_owned(), Value::from(value));
-            }
+            let path: Vec<&str> = key.split('.').collect();
+            insert_at(&mut dict, &path, Value::from(value));
         }
         Ok(figment::Profile::Default.collect(dict))
     }

@@ -2,7 +2,7 @@
 //! in front of it, and feature ingestion from Kafka. Every key is documented in
 //! `config/default.toml`.
 
-use std::num::{NonZeroU64, NonZeroUsize};
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -11,7 +11,7 @@ use super::MAX_TTL_SECS;
 use crate::batching::BatchConfig;
 use crate::executor::ExecutorConfig;
 use crate::kafka::{KafkaConfig, TopicsConfig};
-use crate::secret::Secret;
+use crate::secret::{Secret, SecretUrl};
 use crate::section::{Problems, Section, check_host_port};
 
 /// `[feature_store]`: the backend (a CQL database or an embedded file) and the cache in front
@@ -46,6 +46,24 @@ pub struct FeatureStoreConfig {
     pub cache_max_entries: NonZeroUsize,
     /// How long old feature versions stay readable; 0 keeps them until deleted.
     pub history_retention_secs: u64,
+    /// `[feature_store.postgres]`: the PostgreSQL backend.
+    pub postgres: SqlConfig,
+    /// `[feature_store.mysql]`: the MySQL (or MariaDB) backend.
+    pub mysql: SqlConfig,
+}
+
+/// `[feature_store.postgres]` and `[feature_store.mysql]`: the DSN and the connection pool of a
+/// SQL backend.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SqlConfig {
+    /// The DSN, e.g. `postgres://user:password@host:5432/db`; its password is redacted when
+    /// printed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<SecretUrl>,
+    /// Connections in the pool at most.
+    pub max_connections: NonZeroU32,
+    /// Longest wait for a connection: to open one, or for a free one from the pool.
+    pub connect_timeout_ms: NonZeroU64,
 }
 
 /// `feature_store.backend`.
@@ -56,6 +74,22 @@ pub enum FeatureStoreBackend {
     Scylla,
     /// One local redb file at `path`, for a single process.
     Embedded,
+    /// PostgreSQL at `feature_store.postgres.url`.
+    Postgres,
+    /// MySQL or MariaDB at `feature_store.mysql.url`.
+    Mysql,
+}
+
+impl FeatureStoreBackend {
+    /// The backend's name in `feature_store.backend`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeatureStoreBackend::Scylla => "scylla",
+            FeatureStoreBackend::Embedded => "embedded",
+            FeatureStoreBackend::Postgres => "postgres",
+            FeatureStoreBackend::Mysql => "mysql",
+        }
+    }
 }
 
 /// The longest TTL CQL accepts (20 years, on ScyllaDB and Cassandra alike): [`MAX_TTL_SECS`].
@@ -83,6 +117,15 @@ impl Section for FeatureStoreConfig {
             // The CQL keys are ignored by the embedded backend, so they are not checked for it.
             FeatureStoreBackend::Scylla => self.validate_cql(p),
             FeatureStoreBackend::Embedded => self.validate_path(p),
+            FeatureStoreBackend::Postgres => validate_sql(
+                &self.postgres,
+                "feature_store.postgres",
+                &["postgres", "postgresql"],
+                p,
+            ),
+            FeatureStoreBackend::Mysql => {
+                validate_sql(&self.mysql, "feature_store.mysql", &["mysql", "mariadb"], p)
+            }
         }
         if self.history_retention_secs > MAX_CQL_TTL_SECS {
             p.push(
@@ -146,6 +189,46 @@ impl FeatureStoreConfig {
         } else if path.contains('\0') {
             p.push("feature_store.path", "must not contain a NUL character");
         }
+    }
+}
+
+/// The checks of a SQL backend's section `key`: a URL with one of `schemes`, and a pool of at
+/// most 1000 connections. Whether the server answers is found out when the store opens.
+fn validate_sql(cfg: &SqlConfig, key: &str, schemes: &[&str], p: &mut Problems) {
+    let url_key = format!("{key}.url");
+    match &cfg.url {
+        None => p.push(
+            url_key,
+            format!(
+                "required when feature_store.backend = \"{backend}\" (e.g. \"{scheme}://user:password@127.0.0.1/inferflow\"; prefer the environment variable INFERFLOW__{env}__URL)",
+                backend = if schemes[0] == "postgres" { "postgres" } else { "mysql" },
+                scheme = schemes[0],
+                env = key.replace('.', "__").to_ascii_uppercase()
+            ),
+        ),
+        Some(url) => {
+            let scheme = url.expose().split_once("://").map(|(s, _)| s);
+            if !scheme.is_some_and(|s| schemes.iter().any(|ok| s.eq_ignore_ascii_case(ok))) {
+                p.push(
+                    url_key,
+                    format!(
+                        "`{url}` is not a {} URL: it must start with {}",
+                        schemes[0],
+                        schemes
+                            .iter()
+                            .map(|s| format!("{s}://"))
+                            .collect::<Vec<_>>()
+                            .join(" or ")
+                    ),
+                );
+            }
+        }
+    }
+    if cfg.max_connections.get() > 1000 {
+        p.push(
+            format!("{key}.max_connections"),
+            format!("{} is more than 1000", cfg.max_connections),
+        );
     }
 }
 

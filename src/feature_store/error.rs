@@ -102,6 +102,48 @@ pub enum FeatureStoreError {
         source: Box<redb::Error>,
     },
 
+    /// A statement creating or migrating a SQL schema failed.
+    #[error(
+        "could not apply {database} schema version {version} (`{statement}`): {reason}; check that the user may create tables, or set feature_store.create_schema = false and apply schemas/sql/ by hand"
+    )]
+    SqlSchema {
+        /// PostgreSQL or MySQL.
+        database: &'static str,
+        /// The schema version being applied.
+        version: u32,
+        /// The start of the failing statement.
+        statement: String,
+        /// The database's error.
+        reason: String,
+    },
+
+    /// A statement on PostgreSQL or MySQL failed, in the database or on the way to it.
+    #[error(
+        "{database} {operation} failed: {source}; check that the database is reachable and the schema is current"
+    )]
+    Sql {
+        /// PostgreSQL or MySQL.
+        database: &'static str,
+        /// Which operation, e.g. `feature write`.
+        operation: &'static str,
+        /// sqlx's error.
+        #[source]
+        source: Box<sqlx::Error>,
+    },
+
+    /// A statement on PostgreSQL or MySQL took longer than `feature_store.request_timeout_ms`.
+    #[error(
+        "{database} {operation} took longer than {timeout_ms} ms (feature_store.request_timeout_ms); check that the database is reachable and not overloaded"
+    )]
+    SqlTimeout {
+        /// PostgreSQL or MySQL.
+        database: &'static str,
+        /// Which operation.
+        operation: &'static str,
+        /// The timeout.
+        timeout_ms: u64,
+    },
+
     /// A group version already exists with a different definition. Group versions never change.
     #[error(
         "feature group {name} version {version} already exists with a different definition; create a new version instead"
@@ -174,6 +216,8 @@ impl FeatureStoreError {
         match self {
             FeatureStoreError::Connect(_) => true,
             FeatureStoreError::Embedded { source, .. } => matches!(**source, redb::Error::Io(_)),
+            FeatureStoreError::SqlTimeout { .. } => true,
+            FeatureStoreError::Sql { source, .. } => sql_is_retryable(source),
             FeatureStoreError::Query { source, .. } => match source.as_ref() {
                 ExecutionError::BadQuery(_) | ExecutionError::PrepareError(_) => false,
                 ExecutionError::LastAttemptError(RequestAttemptError::DbError(db, _)) => !matches!(
@@ -195,6 +239,28 @@ impl FeatureStoreError {
             },
             _ => false,
         }
+    }
+}
+
+/// Whether a sqlx error may go away by itself: the connection or the pool failed, or the
+/// database reports a transient condition (PostgreSQL SQLSTATE classes 08, 40, 53, 57 and 58;
+/// MySQL's deadlock, lock wait timeout, too many connections, server gone or shutting down).
+fn sql_is_retryable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            ["08", "40", "53", "57", "58"]
+                .iter()
+                .any(|class| code.starts_with(class))
+                || ["1040", "1053", "1205", "1213", "2006", "2013", "HY000"]
+                    .contains(&code.as_ref())
+        }),
+        _ => false,
     }
 }
 

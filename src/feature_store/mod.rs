@@ -36,6 +36,7 @@
 mod embedded;
 mod error;
 mod scylla;
+mod sql;
 
 pub mod cache;
 pub mod coherence;
@@ -47,7 +48,7 @@ pub mod schema;
 
 pub use self::cache::{CacheStats, TtlCache};
 pub use self::config::{
-    Consistency, FeatureStoreBackend, FeatureStoreConfig, IngestConfig, IngestSections,
+    Consistency, FeatureStoreBackend, FeatureStoreConfig, IngestConfig, IngestSections, SqlConfig,
 };
 pub use self::embedded::{
     DEFAULT_FILE_NAME, EmbeddedBackend, EmbeddedStats, FORMAT_VERSION, SWEEP_BATCH, SweepStats,
@@ -61,6 +62,10 @@ pub use self::model::{
 };
 pub(crate) use self::scylla::prepare_idempotent;
 pub use self::scylla::{MAX_NAMES_PER_QUERY, ScyllaBackend, write_timestamp};
+pub use self::sql::{
+    MYSQL_MIGRATIONS, MysqlBackend, POSTGRES_MIGRATIONS, PURGE_BATCH, PURGE_INTERVAL,
+    PostgresBackend, SqlMigration, key_hash,
+};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -91,6 +96,20 @@ pub enum ConnectError {
         /// The driver's error.
         #[source]
         source: ::scylla::errors::NewSessionError,
+    },
+    /// The SQL database did not answer, refused the credentials, or the DSN is malformed.
+    #[error(
+        "could not connect to the {database} database at {url}: {reason}; check {key}.url (scheme, host, port, user, password, database) and that the server is running"
+    )]
+    Sql {
+        /// PostgreSQL or MySQL.
+        database: &'static str,
+        /// The configuration section, e.g. `feature_store.postgres`.
+        key: &'static str,
+        /// The DSN, its password redacted.
+        url: String,
+        /// What went wrong, without the password.
+        reason: String,
     },
 }
 
@@ -312,6 +331,8 @@ impl FeatureStore {
         let backend: Arc<dyn FeatureBackend> = match cfg.backend {
             FeatureStoreBackend::Scylla => Arc::new(ScyllaBackend::connect(cfg).await?),
             FeatureStoreBackend::Embedded => Arc::new(EmbeddedBackend::open(cfg).await?),
+            FeatureStoreBackend::Postgres => Arc::new(PostgresBackend::connect(cfg).await?),
+            FeatureStoreBackend::Mysql => Arc::new(MysqlBackend::connect(cfg).await?),
         };
         Ok(Self::with_config(backend, cfg))
     }

@@ -76,6 +76,24 @@ impl SharedStore {
             FeatureStoreBackend::Embedded => {
                 format!("embedded file {}", self.config.path.display())
             }
+            FeatureStoreBackend::Postgres => format!(
+                "postgres database at {}",
+                self.config
+                    .postgres
+                    .url
+                    .as_ref()
+                    .map(|u| u.redacted())
+                    .unwrap_or_default()
+            ),
+            FeatureStoreBackend::Mysql => format!(
+                "mysql database at {}",
+                self.config
+                    .mysql
+                    .url
+                    .as_ref()
+                    .map(|u| u.redacted())
+                    .unwrap_or_default()
+            ),
         }
     }
 }

@@ -50,6 +50,28 @@ macro_rules! on_both_backends {
                 }
             )*
         }
+
+        mod on_postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let backend = super::Backend::sql(super::Sql::Postgres, concat!("" $(, $extra)?)).await;
+                    super::$name(&backend).await;
+                    backend.finish().await;
+                }
+            )*
+        }
+
+        mod on_mysql {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let backend = super::Backend::sql(super::Sql::Mysql, concat!("" $(, $extra)?)).await;
+                    super::$name(&backend).await;
+                    backend.finish().await;
+                }
+            )*
+        }
     };
 }
 
@@ -78,6 +100,61 @@ enum Cleanup {
     Scylla(Box<Session>),
     /// The directory holding the database file, deleted when dropped.
     Embedded(TempDir),
+    /// Drop this database of the SQL test server.
+    Sql(Sql, String),
+}
+
+/// The SQL servers of `scripts/stack`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sql {
+    Postgres,
+    Mysql,
+}
+
+impl Sql {
+    /// The test login's DSN on database `db` (`INFERFLOW_TEST_POSTGRES_URL` /
+    /// `INFERFLOW_TEST_MYSQL_URL` name another server, ending with the database name).
+    fn url(self, db: &str) -> String {
+        let (var, default) = match self {
+            Sql::Postgres => (
+                "INFERFLOW_TEST_POSTGRES_URL",
+                "postgres://inferflow:inferflow@127.0.0.1:5432/inferflow",
+            ),
+            Sql::Mysql => (
+                "INFERFLOW_TEST_MYSQL_URL",
+                "mysql://inferflow:inferflow@127.0.0.1:3306/inferflow",
+            ),
+        };
+        let base = std::env::var(var).unwrap_or_else(|_| default.to_owned());
+        let (server, _) = base.rsplit_once('/').expect("a DSN ending with /database");
+        format!("{server}/{db}")
+    }
+
+    /// Runs one statement on the test login's own database.
+    async fn admin(self, statement: &str) {
+        use sqlx::Connection as _;
+        let hint = "is the server running? scripts/stack start postgres (or mariadb)";
+        match self {
+            Sql::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&self.url("inferflow"))
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}: {hint}"));
+                sqlx::raw_sql(statement)
+                    .execute(&mut conn)
+                    .await
+                    .expect(statement);
+            }
+            Sql::Mysql => {
+                let mut conn = sqlx::MySqlConnection::connect(&self.url("inferflow"))
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}: {hint}"));
+                sqlx::raw_sql(statement)
+                    .execute(&mut conn)
+                    .await
+                    .expect(statement);
+            }
+        }
+    }
 }
 
 impl Backend {
@@ -118,6 +195,30 @@ impl Backend {
         }
     }
 
+    /// A SQL backend on a new database of the test server; `extra` adds TOML lines to
+    /// `[feature_store]`.
+    async fn sql(sql: Sql, extra: &str) -> Self {
+        utils::init_tracing();
+        let db = unique_name("inferflow_fs");
+        sql.admin(&format!("CREATE DATABASE {db}")).await;
+        let (backend_name, section) = match sql {
+            Sql::Postgres => ("postgres", "postgres"),
+            Sql::Mysql => ("mysql", "mysql"),
+        };
+        let cfg = config(&format!(
+            "backend = \"{backend_name}\"\n{extra}\n[feature_store.{section}]\nurl = \"{}\"\n",
+            sql.url(&db)
+        ));
+        let backend = FeatureStore::open(&cfg)
+            .await
+            .unwrap_or_else(|e| panic!("opening the feature store: {e}"));
+        Backend {
+            backend: backend.backend().clone(),
+            cfg,
+            cleanup: Cleanup::Sql(sql, db),
+        }
+    }
+
     /// A feature store (cache included) over this backend, with the cache settings of `cfg`.
     fn store(&self) -> FeatureStore {
         FeatureStore::with_config(self.backend.clone(), &self.cfg)
@@ -136,6 +237,14 @@ impl Backend {
             Cleanup::Embedded(dir) => {
                 drop(self.backend);
                 dir.close().expect("remove the temporary directory");
+            }
+            Cleanup::Sql(sql, db) => {
+                drop(self.backend);
+                let drop_db = match sql {
+                    Sql::Postgres => format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+                    Sql::Mysql => format!("DROP DATABASE IF EXISTS {db}"),
+                };
+                sql.admin(&drop_db).await;
             }
         }
     }
