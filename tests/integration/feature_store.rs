@@ -106,7 +106,7 @@ enum Cleanup {
 
 /// The SQL servers of `scripts/stack`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Sql {
+pub enum Sql {
     Postgres,
     Mysql,
 }
@@ -114,7 +114,7 @@ enum Sql {
 impl Sql {
     /// The test login's DSN on database `db` (`INFERFLOW_TEST_POSTGRES_URL` /
     /// `INFERFLOW_TEST_MYSQL_URL` name another server, ending with the database name).
-    fn url(self, db: &str) -> String {
+    pub fn url(self, db: &str) -> String {
         let (var, default) = match self {
             Sql::Postgres => (
                 "INFERFLOW_TEST_POSTGRES_URL",
@@ -131,7 +131,7 @@ impl Sql {
     }
 
     /// Runs one statement on the test login's own database.
-    async fn admin(self, statement: &str) {
+    pub async fn admin(self, statement: &str) {
         use sqlx::Connection as _;
         let hint = "is the server running? scripts/stack start postgres (or mariadb)";
         match self {
