@@ -1,11 +1,17 @@
 //! The PostgreSQL and MySQL feature stores through the `inferflow` binary, on the servers of
-//! `scripts/stack`: start-up errors that name the key and never the password.
+//! `scripts/stack`: start-up errors that name the key and never the password, and a pipeline
+//! with a features step served over Kafka and over HTTP.
 
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use inferflow::config::Config;
+use inferflow::feature_store::{FeatureGroup, FeatureStore, FeatureUpdate};
+use serde_json::{Value, json};
+
 use crate::feature_store::Sql;
-use crate::utils::free_port;
+use crate::harness::{Raw, Topics, collect, inferflow_run, produce, results_by_id};
+use crate::utils::{self, free_port, unique_name};
 
 /// A password that appears nowhere else: any occurrence in the output is a leak.
 const PASSWORD: &str = "Zq7-leak-canary-Pw0rd";
@@ -135,4 +141,147 @@ fn start_up_errors_name_the_key_and_never_the_password() {
             );
         }
     }
+}
+
+/// `inferflow run` with `INFERFLOW__FEATURE_STORE__BACKEND=postgres` (or `mysql`) and the DSN
+/// in the environment serves a pipeline with a features step over Kafka and over HTTP: the
+/// features, written first through the store, reach the model's input.
+async fn serves_a_features_step_over_kafka_and_http(sql: Sql) {
+    utils::init_tracing();
+    utils::require_kafka().await;
+    let (backend, url_var) = sql.backend();
+    let db = unique_name("inferflow_run");
+    sql.admin(&format!("CREATE DATABASE {db}")).await;
+    let url = sql.url(&db);
+    let config = Config::from_toml_str(&format!(
+        "[feature_store]\nbackend = \"{backend}\"\n[feature_store.{backend}]\nurl = \"{url}\"\n"
+    ))
+    .expect("test config");
+    // The features first, through the store (which creates the schema).
+    let store = FeatureStore::open(&config.feature_store)
+        .await
+        .unwrap_or_else(|e| panic!("opening the {backend} store: {e}"));
+    for (user, segment) in [("u1", "gold"), ("u2", "silver")] {
+        let values = json!({"segment": segment}).as_object().cloned().unwrap();
+        store
+            .set_feature(&FeatureUpdate::new("user", user, "profile", values, 1))
+            .await
+            .unwrap();
+    }
+    let group: FeatureGroup = serde_json::from_value(json!({
+        "name": "prompting", "version": 1, "entity_type": "user", "features": ["profile"]
+    }))
+    .unwrap();
+    store.create_feature_group(&group).await.unwrap();
+    drop(store);
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("personal.toml"),
+        r#"
+[[steps]]
+type = "features"
+group = "prompting"
+[[steps]]
+type = "preprocess"
+transforms = [{ op = "template", template = "Answer a {{ features.profile.segment }} customer: {{ data.question }}" }]
+[[steps]]
+type = "model"
+model = "echo"
+"#,
+    )
+    .unwrap();
+    let topics = Topics::create(&format!("run{backend}"), 1).await;
+    let group_id = unique_name("run");
+    let port = free_port();
+    let mut cmd = inferflow_run(&topics, &group_id, None, "warn");
+    cmd.env("INFERFLOW__FEATURE_STORE__BACKEND", backend)
+        .env(url_var, &url)
+        .env("INFERFLOW__PIPELINES__DIR", dir.path())
+        .env("INFERFLOW__INGEST__ENABLED", "false")
+        .env("INFERFLOW__HTTP__LISTEN", format!("127.0.0.1:{port}"));
+    let mut child = Killed(cmd.spawn().expect("start inferflow run"));
+
+    // Over Kafka.
+    let requests = [
+        json!({"request_id": "k1", "pipeline": "personal", "entity": {"type": "user", "id": "u1"}, "data": {"question": "where is my order?"}}),
+        json!({"request_id": "k2", "pipeline": "personal", "entity": {"type": "user", "id": "u2"}, "data": {"question": "hi"}}),
+    ];
+    let raw: Vec<Raw> = requests
+        .iter()
+        .map(|r| (None, Some(r.to_string().into_bytes())))
+        .collect();
+    produce(&topics.requests, &raw).await;
+    let out = collect(
+        &[&topics.results],
+        2,
+        Duration::from_secs(90),
+        Duration::from_millis(300),
+    )
+    .await;
+    let by_id = results_by_id(&out);
+    assert_eq!(
+        by_id["k1"]["output"], "Answer a gold customer: where is my order?",
+        "{}",
+        by_id["k1"]
+    );
+    assert_eq!(by_id["k1"]["steps"][0]["name"], "features:prompting");
+    assert_eq!(by_id["k2"]["output"], "Answer a silver customer: hi");
+
+    // Over HTTP, from the same process.
+    let http = reqwest::Client::new();
+    let response = http
+        .post(format!(
+            "http://127.0.0.1:{port}/v1/pipelines/personal/execute"
+        ))
+        .json(&json!({"entity": {"type": "user", "id": "u2"}, "data": {"question": "and now?"}}))
+        .send()
+        .await
+        .expect("POST /v1/pipelines/personal/execute");
+    let doc: Value = response.json().await.expect("a JSON answer");
+    assert_eq!(doc["output"], "Answer a silver customer: and now?", "{doc}");
+    let ready: Value = http
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
+        .await
+        .expect("GET /readyz")
+        .json()
+        .await
+        .expect("a JSON answer");
+    assert_eq!(ready["feature_store"], "ok", "{ready}");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let exited = child.0.wait().expect("wait");
+    assert!(exited.success(), "inferflow exited with {exited}");
+    let drop_db = match sql {
+        Sql::Postgres => format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+        Sql::Mysql => format!("DROP DATABASE IF EXISTS {db}"),
+    };
+    sql.admin(&drop_db).await;
+}
+
+/// The child process, killed if the test fails before it stops it.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inferflow_run_on_postgres_serves_a_features_step_over_kafka_and_http() {
+    serves_a_features_step_over_kafka_and_http(Sql::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inferflow_run_on_mysql_serves_a_features_step_over_kafka_and_http() {
+    serves_a_features_step_over_kafka_and_http(Sql::Mysql).await;
 }
