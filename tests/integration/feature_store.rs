@@ -1,10 +1,11 @@
 //! The feature store's behaviour, written once against `Arc<dyn FeatureBackend>` and
-//! `FeatureStore` and run on both backends by [`on_both_backends!`]: each behaviour becomes
+//! `FeatureStore` and run on the four backends by [`on_both_backends!`]: each behaviour becomes
 //! `on_scylla::<name>` (the real CQL test database, in a keyspace of its own that the store
-//! creates and the test drops) and `on_embedded::<name>` (a redb file in a temporary
-//! directory). Checks only a CQL database can make (write timestamps and TTLs of the rows
-//! behind the store's back, schema creation) and checks only the embedded backend has (reopening
-//! its file, the sweep) come after, one backend each.
+//! creates and the test drops), `on_postgres::<name>` and `on_mysql::<name>` (a database of its
+//! own on the test server, dropped afterwards) and `on_embedded::<name>` (a redb file in a
+//! temporary directory). Checks only a CQL database can make (write timestamps and TTLs of the
+//! rows behind the store's back, schema creation) and checks only the embedded backend has
+//! (reopening its file, the sweep) come after, one backend each.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,8 +25,8 @@ use tempfile::TempDir;
 use crate::number_cases;
 use crate::utils::{self, cql_contact, cql_session, unique_name};
 
-/// Expands each behaviour `name` (an `async fn name(backend: &Backend)` below) into two tests,
-/// `on_scylla::name` and `on_embedded::name`. A behaviour may add TOML lines to the
+/// Expands each behaviour `name` (an `async fn name(backend: &Backend)` below) into four tests,
+/// `on_scylla::name`, `on_embedded::name`, `on_postgres::name` and `on_mysql::name`. A behaviour may add TOML lines to the
 /// `[feature_store]` section: `name("history_retention_secs = 2")`.
 macro_rules! on_both_backends {
     ($($name:ident $(($extra:literal))?;)*) => {
@@ -294,7 +295,7 @@ fn update(entity_id: &str, name: &str, version: u64) -> FeatureUpdate {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Behaviours shared by both backends.
+// Behaviours shared by every backend.
 // ---------------------------------------------------------------------------------------------
 
 async fn out_of_order_and_replayed_writes_converge_to_the_highest_version(b: &Backend) {
