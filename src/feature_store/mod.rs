@@ -153,6 +153,20 @@ pub async fn connect(cfg: &FeatureStoreConfig) -> Result<Session, ConnectError> 
         })
 }
 
+/// `version` of a feature, for a backend that keeps history rows: the history row `history`
+/// found, or else the current value (read by `current`) if it is still that version, since the
+/// history row may be gone (a shorter retention) while the current value is not.
+pub(crate) async fn history_or_current(
+    history: Option<Feature>,
+    version: u64,
+    current: impl Future<Output = Result<Option<Feature>, FeatureStoreError>>,
+) -> Result<Option<Feature>, FeatureStoreError> {
+    match history {
+        Some(feature) => Ok(Some(feature)),
+        None => Ok(current.await?.filter(|f| f.version == version)),
+    }
+}
+
 /// A storage backend of the feature store. Methods take borrowed arguments and return boxed
 /// futures, so a backend can be shared as `Arc<dyn FeatureBackend>`.
 ///

@@ -56,7 +56,9 @@ use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::embedded::TOMBSTONE_GRACE_SECS;
-use super::model::{unix_now_ms, validate_entity, validate_key, validate_part, validate_version};
+use super::model::{
+    unix_now_ms, validate_key, validate_part, validate_vector_key, validate_version,
+};
 use super::{
     ConnectError, Feature, FeatureGroup, FeatureStoreConfig, FeatureStoreError, FeatureUpdate,
     SqlConfig,
@@ -835,15 +837,8 @@ macro_rules! sql_backend {
                     .bind(key_hash(&[entity_type, entity_id, name]))
                     .bind(i64::try_from(version).unwrap_or(i64::MAX))
                     .bind(i64::try_from(now).unwrap_or(i64::MAX));
-                if let Some(feature) = self.fetch_features("feature history read", query, now).await?.pop() {
-                    return Ok(Some(feature));
-                }
-                // The history row may be gone (a shorter retention) while the current value is
-                // still that version.
-                Ok(self
-                    .get(entity_type, entity_id, name)
-                    .await?
-                    .filter(|f| f.version == version))
+                let history = self.fetch_features("feature history read", query, now).await?.pop();
+                super::history_or_current(history, version, self.get(entity_type, entity_id, name)).await
             }
 
             async fn get_many(
@@ -852,10 +847,7 @@ macro_rules! sql_backend {
                 entity_id: &str,
                 names: &[&str],
             ) -> Result<Vec<Option<Feature>>, FeatureStoreError> {
-                validate_entity(entity_type, entity_id)?;
-                for name in names {
-                    validate_part("feature key", "feature name", name)?;
-                }
+                validate_vector_key(entity_type, entity_id, names)?;
                 if names.is_empty() {
                     return Ok(Vec::new());
                 }
