@@ -6,11 +6,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use inferflow::config::Config;
-use inferflow::feature_store::{FeatureGroup, FeatureStore, FeatureUpdate};
+use inferflow::feature_store::FeatureStore;
 use serde_json::{Value, json};
 
 use crate::feature_store::Sql;
-use crate::harness::{Raw, Topics, collect, inferflow_run, produce, results_by_id};
+use crate::harness::{
+    PERSONAL_STEPS, Raw, Topics, collect, inferflow_run, produce, results_by_id, write_profiles,
+};
 use crate::utils::{self, free_port, unique_name};
 
 /// A password that appears nowhere else: any occurrence in the output is a leak.
@@ -161,36 +163,11 @@ async fn serves_a_features_step_over_kafka_and_http(sql: Sql) {
     let store = FeatureStore::open(&config.feature_store)
         .await
         .unwrap_or_else(|e| panic!("opening the {backend} store: {e}"));
-    for (user, segment) in [("u1", "gold"), ("u2", "silver")] {
-        let values = json!({"segment": segment}).as_object().cloned().unwrap();
-        store
-            .set_feature(&FeatureUpdate::new("user", user, "profile", values, 1))
-            .await
-            .unwrap();
-    }
-    let group: FeatureGroup = serde_json::from_value(json!({
-        "name": "prompting", "version": 1, "entity_type": "user", "features": ["profile"]
-    }))
-    .unwrap();
-    store.create_feature_group(&group).await.unwrap();
+    write_profiles(&store).await;
     drop(store);
 
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("personal.toml"),
-        r#"
-[[steps]]
-type = "features"
-group = "prompting"
-[[steps]]
-type = "preprocess"
-transforms = [{ op = "template", template = "Answer a {{ features.profile.segment }} customer: {{ data.question }}" }]
-[[steps]]
-type = "model"
-model = "echo"
-"#,
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("personal.toml"), PERSONAL_STEPS).unwrap();
     let topics = Topics::create(&format!("run{backend}"), 1).await;
     let group_id = unique_name("run");
     let port = free_port();
