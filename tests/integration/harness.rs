@@ -60,6 +60,23 @@ pub async fn write_profiles(store: &FeatureStore) {
         .expect("create the group");
 }
 
+/// Produces `requests` (JSON documents, without keys) to `topics.requests` and collects as
+/// many results (within `timeout`, then `settle` more for any extra), by request id.
+pub async fn request_all(
+    topics: &Topics,
+    requests: &[Value],
+    timeout: Duration,
+    settle: Duration,
+) -> HashMap<String, Value> {
+    let raw: Vec<Raw> = requests
+        .iter()
+        .map(|r| (None, Some(r.to_string().into_bytes())))
+        .collect();
+    produce(&topics.requests, &raw).await;
+    let out = collect(&[&topics.results], requests.len(), timeout, settle).await;
+    results_by_id(&out)
+}
+
 /// The topics of one test.
 pub struct Topics {
     pub requests: String,

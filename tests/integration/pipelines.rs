@@ -441,19 +441,13 @@ async fn a_features_step_reads_the_store_for_the_requests_entity() {
         json!({"request_id": "f3", "pipeline": "personal", "entity": {"type": "user", "id": "nobody"}, "data": {"question": "hi"}}),
         json!({"request_id": "f4", "pipeline": "personal", "data": {"question": "no entity"}}),
     ];
-    let raw: Vec<Raw> = requests
-        .iter()
-        .map(|r| (None, Some(r.to_string().into_bytes())))
-        .collect();
-    produce(&topics.requests, &raw).await;
-    let out = collect(
-        &[&topics.results],
-        4,
+    let by_id = crate::harness::request_all(
+        &topics,
+        &requests,
         Duration::from_secs(60),
         Duration::from_millis(300),
     )
     .await;
-    let by_id = crate::harness::results_by_id(&out);
     assert_eq!(
         by_id["f1"]["output"], "Answer a gold customer: where is my order?",
         "{}",

@@ -10,9 +10,7 @@ use inferflow::feature_store::FeatureStore;
 use serde_json::{Value, json};
 
 use crate::feature_store::Sql;
-use crate::harness::{
-    PERSONAL_STEPS, Raw, Topics, collect, inferflow_run, produce, results_by_id, write_profiles,
-};
+use crate::harness::{PERSONAL_STEPS, Topics, inferflow_run, request_all, write_profiles};
 use crate::utils::{self, free_port, unique_name};
 
 /// A password that appears nowhere else: any occurrence in the output is a leak.
@@ -184,19 +182,13 @@ async fn serves_a_features_step_over_kafka_and_http(sql: Sql) {
         json!({"request_id": "k1", "pipeline": "personal", "entity": {"type": "user", "id": "u1"}, "data": {"question": "where is my order?"}}),
         json!({"request_id": "k2", "pipeline": "personal", "entity": {"type": "user", "id": "u2"}, "data": {"question": "hi"}}),
     ];
-    let raw: Vec<Raw> = requests
-        .iter()
-        .map(|r| (None, Some(r.to_string().into_bytes())))
-        .collect();
-    produce(&topics.requests, &raw).await;
-    let out = collect(
-        &[&topics.results],
-        2,
+    let by_id = request_all(
+        &topics,
+        &requests,
         Duration::from_secs(90),
         Duration::from_millis(300),
     )
     .await;
-    let by_id = results_by_id(&out);
     assert_eq!(
         by_id["k1"]["output"], "Answer a gold customer: where is my order?",
         "{}",
