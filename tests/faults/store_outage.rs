@@ -16,7 +16,7 @@ use sqlx::Connection as _;
 
 use crate::harness::{FeatureEnv, Instance, Raw, committed_total, eventually, produce, update};
 use crate::servers::{Outage, Server};
-use crate::utils::{cql_session, unique_name};
+use crate::utils::{Sql, cql_session, unique_name};
 
 const ENTITIES: u64 = 10_000;
 const PARTITIONS: i32 = 3;
@@ -41,26 +41,6 @@ enum Store {
     Postgres { db: String },
 }
 
-/// The PostgreSQL test login's DSN on database `db` (`INFERFLOW_TEST_POSTGRES_URL` names another
-/// server, ending with the database name).
-fn postgres_url(db: &str) -> String {
-    let base = std::env::var("INFERFLOW_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://inferflow:inferflow@127.0.0.1:5432/inferflow".to_owned());
-    let (server, _) = base.rsplit_once('/').expect("a DSN ending with /database");
-    format!("{server}/{db}")
-}
-
-/// Runs `statement` on the PostgreSQL test login's own database.
-async fn postgres_admin(statement: &str) {
-    let mut conn = sqlx::PgConnection::connect(&postgres_url("inferflow"))
-        .await
-        .unwrap_or_else(|e| panic!("{e}: is PostgreSQL running? scripts/stack start postgres"));
-    sqlx::raw_sql(statement)
-        .execute(&mut conn)
-        .await
-        .expect(statement);
-}
-
 impl Store {
     /// The store for `server`, with its database created; `config` pointed at it.
     async fn create(server: Server, config: &mut Config) -> Store {
@@ -68,9 +48,9 @@ impl Store {
             Server::Cassandra => Store::Cql,
             Server::Postgres => {
                 let db = unique_name("outage");
-                postgres_admin(&format!("CREATE DATABASE {db}")).await;
+                Sql::Postgres.admin(&format!("CREATE DATABASE {db}")).await;
                 config.feature_store.backend = FeatureStoreBackend::Postgres;
-                config.feature_store.postgres.url = Some(SecretUrl::new(postgres_url(&db)));
+                config.feature_store.postgres.url = Some(SecretUrl::new(Sql::Postgres.url(&db)));
                 Store::Postgres { db }
             }
             Server::Kafka => unreachable!("Kafka stores no features"),
@@ -118,7 +98,7 @@ impl Store {
                 (current, history_rows)
             }
             Store::Postgres { db } => {
-                let mut conn = sqlx::PgConnection::connect(&postgres_url(db))
+                let mut conn = sqlx::PgConnection::connect(&Sql::Postgres.url(db))
                     .await
                     .expect("connect to the test database");
                 let rows: Vec<(String, i64, String)> =
@@ -143,7 +123,9 @@ impl Store {
         match self {
             Store::Cql => env.drop_keyspace().await,
             Store::Postgres { db } => {
-                postgres_admin(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
+                Sql::Postgres
+                    .admin(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                    .await;
             }
         }
     }

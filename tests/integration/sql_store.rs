@@ -9,9 +9,8 @@ use inferflow::config::Config;
 use inferflow::feature_store::FeatureStore;
 use serde_json::{Value, json};
 
-use crate::feature_store::Sql;
 use crate::harness::{PERSONAL_STEPS, Topics, inferflow_run, request_all, write_profiles};
-use crate::utils::{self, free_port, unique_name};
+use crate::utils::{self, Sql, free_port, unique_name};
 
 /// A password that appears nowhere else: any occurrence in the output is a leak.
 const PASSWORD: &str = "Zq7-leak-canary-Pw0rd";
