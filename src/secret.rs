@@ -164,8 +164,7 @@ pub fn redact_url(url: &str) -> String {
     };
     let rest_start = scheme_end + 3;
     let rest = &url[rest_start..];
-    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_len);
+    let (authority, tail) = rest.split_at(authority_len(rest));
     let mut out = String::with_capacity(url.len());
     out.push_str(&url[..rest_start]);
     match authority.rfind('@') {
@@ -200,10 +199,22 @@ pub fn redact_url(url: &str) -> String {
     out
 }
 
+/// The length of the authority (`user:password@host:port`) at the start of `rest`, the URL
+/// after `scheme://`. The user-info part ends at the last `@`, even past a `/`, `?` or `#`: a
+/// password written without percent-encoding may hold those, and is then still found (a `@`
+/// in the path or query makes more of the URL count as user-info: redacted, never shown).
+fn authority_len(rest: &str) -> usize {
+    let host_start = rest.rfind('@').map_or(0, |at| at + 1);
+    host_start
+        + rest[host_start..]
+            .find(['/', '?', '#'])
+            .unwrap_or(rest.len() - host_start)
+}
+
 /// The password in `url`'s user-info part, if it has one (as written, percent-encoding and all).
 pub fn url_password(url: &str) -> Option<&str> {
     let rest = &url[url.find("://")? + 3..];
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let authority = &rest[..authority_len(rest)];
     let userinfo = &authority[..authority.rfind('@')?];
     userinfo.split_once(':').map(|(_, password)| password)
 }
@@ -261,6 +272,12 @@ mod tests {
                 "postgres://db/f?user=u&password=<redacted>&x=1",
             ),
             ("postgres://u@db/f", "postgres://u@db/f"),
+            // A password with an unencoded `/`, `?` or `#` (a malformed DSN) is still found.
+            (
+                "postgres://u:pa/ss@h:5432/db",
+                "postgres://u:<redacted>@h:5432/db",
+            ),
+            ("mysql://u:p?w#d@h/db?x=1", "mysql://u:<redacted>@h/db?x=1"),
             ("hunter2", "<redacted>"),
         ] {
             let secret = SecretUrl::new(url);

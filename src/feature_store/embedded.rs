@@ -92,7 +92,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::FeatureStoreConfig;
-use super::model::{unix_now_ms, validate_entity, validate_key, validate_part, validate_version};
+use super::model::{
+    unix_now_ms, validate_key, validate_part, validate_vector_key, validate_version,
+};
 use super::{Feature, FeatureGroup, FeatureStoreError, FeatureUpdate};
 
 /// The file used when `feature_store.path` names a directory.
@@ -358,10 +360,7 @@ impl EmbeddedBackend {
         entity_id: &str,
         names: &[&str],
     ) -> Result<Vec<Option<Feature>>, FeatureStoreError> {
-        validate_entity(entity_type, entity_id)?;
-        for name in names {
-            validate_part("feature key", "feature name", name)?;
-        }
+        validate_vector_key(entity_type, entity_id, names)?;
         let (entity_type, entity_id) = (entity_type.to_owned(), entity_id.to_owned());
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         self.blocking("feature vector read", move |inner| {

@@ -1,14 +1,20 @@
-//! The feature store: features, feature groups and feature vectors on a CQL database or in an
-//! embedded one, read through an in-process TTL cache.
+//! The feature store: features, feature groups and feature vectors on a CQL database, on
+//! PostgreSQL, on MySQL or MariaDB, or in an embedded database, read through an in-process TTL
+//! cache.
 //!
 //! - [`model`]: the domain types ([`FeatureUpdate`], [`Feature`], [`FeatureGroup`],
 //!   [`FeatureVector`]) and their rules.
-//! - [`FeatureBackend`]: what a storage backend does. [`ScyllaBackend`] (`scylla.rs`) is the
-//!   CQL one; [`EmbeddedBackend`] (`embedded.rs`) keeps everything in one local redb file.
-//!   `feature_store.backend` chooses ([`FeatureStore::open`]).
+//! - [`FeatureBackend`]: what a storage backend does. Four implement it, with the same
+//!   semantics (one behaviour suite runs on each): [`ScyllaBackend`] (`scylla.rs`) on a CQL
+//!   database; [`PostgresBackend`] and [`MysqlBackend`] (`sql.rs`, both written by one macro
+//!   over `sqlx`) on PostgreSQL and on MySQL or MariaDB, from the DSN in
+//!   `feature_store.postgres.url` / `feature_store.mysql.url`; [`EmbeddedBackend`]
+//!   (`embedded.rs`) in one local redb file. `feature_store.backend` chooses
+//!   ([`FeatureStore::open`]).
 //! - [`cache`]: the bounded TTL cache ([`TtlCache`]), with no I/O and no clock of its own.
 //! - [`FeatureStore`]: a backend plus the cache; what the rest of inferflow calls.
-//! - [`schema`]: the CQL in `schemas/cql/`, applied at start-up when configured to.
+//! - [`schema`]: the CQL in `schemas/cql/`, applied at start-up when configured to (the SQL
+//!   backends apply `schemas/sql/` themselves, see `sql.rs`).
 //! - [`connect`]: the CQL session, shared with the readiness check.
 //!
 //! inferflow speaks CQL through the `scylla` driver. Production runs ScyllaDB; tests run a
@@ -145,6 +151,20 @@ pub async fn connect(cfg: &FeatureStoreConfig) -> Result<Session, ConnectError> 
             contact_points: cfg.contact_points.join(","),
             source,
         })
+}
+
+/// `version` of a feature, for a backend that keeps history rows: the history row `history`
+/// found, or else the current value (read by `current`) if it is still that version, since the
+/// history row may be gone (a shorter retention) while the current value is not.
+pub(crate) async fn history_or_current(
+    history: Option<Feature>,
+    version: u64,
+    current: impl Future<Output = Result<Option<Feature>, FeatureStoreError>>,
+) -> Result<Option<Feature>, FeatureStoreError> {
+    match history {
+        Some(feature) => Ok(Some(feature)),
+        None => Ok(current.await?.filter(|f| f.version == version)),
+    }
 }
 
 /// A storage backend of the feature store. Methods take borrowed arguments and return boxed

@@ -295,6 +295,18 @@ pub(crate) fn validate_entity(entity_type: &str, entity_id: &str) -> Result<(), 
     validate_part("feature key", "entity_id", entity_id)
 }
 
+/// Checks the entity and the feature names of a vector read.
+pub(crate) fn validate_vector_key(
+    entity_type: &str,
+    entity_id: &str,
+    names: &[&str],
+) -> Result<(), FeatureStoreError> {
+    validate_entity(entity_type, entity_id)?;
+    names
+        .iter()
+        .try_for_each(|name| validate_part("feature key", "feature name", name))
+}
+
 /// Checks a version against [`MAX_VERSION`].
 pub(crate) fn validate_version(version: u64) -> Result<(), FeatureStoreError> {
     if version > MAX_VERSION {

@@ -42,7 +42,7 @@ use serde_json::{Map, Value};
 
 use super::FeatureStoreConfig;
 use super::model::{
-    MAX_VERSION, unix_now_ms, validate_entity, validate_key, validate_part, validate_version,
+    MAX_VERSION, unix_now_ms, validate_key, validate_part, validate_vector_key, validate_version,
 };
 use super::{Feature, FeatureGroup, FeatureStoreError, FeatureUpdate, connect, schema};
 
@@ -304,15 +304,8 @@ impl ScyllaBackend {
             )
             .await
             .map_err(|e| FeatureStoreError::query(OPERATION, e))?;
-        if let Some(feature) = decode_features(OPERATION, entity_type, entity_id, result)?.pop() {
-            return Ok(Some(feature));
-        }
-        // The history row may be gone (a shorter retention) while the current value is still
-        // that version.
-        Ok(self
-            .get(entity_type, entity_id, name)
-            .await?
-            .filter(|f| f.version == version))
+        let history = decode_features(OPERATION, entity_type, entity_id, result)?.pop();
+        super::history_or_current(history, version, self.get(entity_type, entity_id, name)).await
     }
 
     async fn get_many(
@@ -322,10 +315,7 @@ impl ScyllaBackend {
         names: &[&str],
     ) -> Result<Vec<Option<Feature>>, FeatureStoreError> {
         const OPERATION: &str = "feature vector read";
-        validate_entity(entity_type, entity_id)?;
-        for name in names {
-            validate_part("feature key", "feature name", name)?;
-        }
+        validate_vector_key(entity_type, entity_id, names)?;
         let mut unique: Vec<&str> = names.to_vec();
         unique.sort_unstable();
         unique.dedup();

@@ -56,7 +56,9 @@ use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::embedded::TOMBSTONE_GRACE_SECS;
-use super::model::{unix_now_ms, validate_entity, validate_key, validate_part, validate_version};
+use super::model::{
+    unix_now_ms, validate_key, validate_part, validate_vector_key, validate_version,
+};
 use super::{
     ConnectError, Feature, FeatureGroup, FeatureStoreConfig, FeatureStoreError, FeatureUpdate,
     SqlConfig,
@@ -435,21 +437,14 @@ async fn timed<T>(
 }
 
 /// The connection error for `cfg`'s DSN: the server, user and database it names (password
-/// redacted), and `source` with any occurrence of the password taken out.
-fn connect_error(
-    statements: &Statements,
-    cfg: &SqlConfig,
-    source: &sqlx::Error,
-) -> FeatureStoreError {
+/// redacted), and `reason` with any occurrence of the password taken out.
+fn connect_error(statements: &Statements, cfg: &SqlConfig, reason: &str) -> FeatureStoreError {
     let url = cfg.url.as_ref().map(|u| u.redacted()).unwrap_or_default();
-    let mut reason = source.to_string();
-    if let Some(password) = cfg
-        .url
-        .as_ref()
-        .and_then(|u| crate::secret::url_password(u.expose()))
-        && !password.is_empty()
-    {
-        reason = reason.replace(password, crate::secret::REDACTED);
+    let mut reason = reason.to_owned();
+    if let Some(url) = &cfg.url {
+        for password in dsn_passwords(url.expose()) {
+            reason = reason.replace(&password, crate::secret::REDACTED);
+        }
     }
     FeatureStoreError::from(ConnectError::Sql {
         database: statements.database,
@@ -457,6 +452,63 @@ fn connect_error(
         url,
         reason,
     })
+}
+
+/// The passwords a DSN holds (in its user-info part or a `password=` parameter), as written
+/// and percent-decoded, longest first: what a driver's message could repeat.
+fn dsn_passwords(url: &str) -> Vec<String> {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    let in_query = query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(name, _)| name.eq_ignore_ascii_case("password"))
+        .map(|(_, value)| value);
+    let mut found: Vec<String> = crate::secret::url_password(url)
+        .into_iter()
+        .chain(in_query)
+        .flat_map(|p| [p.to_owned(), percent_decode(p)])
+        .filter(|p| !p.is_empty())
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    found.dedup();
+    found
+}
+
+/// `text` with its `%XX` escapes decoded (invalid ones kept as written; bytes that do not
+/// form UTF-8 replaced).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether a failed connection attempt may succeed if repeated: the server refused or dropped
+/// the connection (it may be starting), or said so itself. A malformed DSN, wrong credentials
+/// or a missing database fail the same way every time.
+fn transient_connect_error(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(e) => e.is_transient_in_connect_phase(),
+        _ => false,
+    }
 }
 
 /// Writes one backend type over a sqlx database: the struct, its connection and schema set-up,
@@ -506,14 +558,15 @@ macro_rules! sql_backend {
                     ));
                 };
                 let options = <$connect_options>::from_str(url.expose())
-                    .map_err(|e| connect_error(&sql, section, &e))?;
+                    .map_err(|e| connect_error(&sql, section, &e.to_string()))?;
                 let timeout = Duration::from_millis(section.connect_timeout_ms.get());
+                Self::probe(&sql, section, &options, timeout).await?;
                 let pool = <$pool_options>::new()
                     .max_connections(section.max_connections.get())
                     .acquire_timeout(timeout)
                     .connect_with(options)
                     .await
-                    .map_err(|e| connect_error(&sql, section, &e))?;
+                    .map_err(|e| connect_error(&sql, section, &e.to_string()))?;
                 let backend = $backend {
                     pool,
                     sql,
@@ -526,6 +579,51 @@ macro_rules! sql_backend {
                 }
                 backend.spawn_purge();
                 Ok(backend)
+            }
+
+            /// Opens one connection outside the pool and closes it, retrying while the server
+            /// refuses connections (it may be starting) for at most `timeout`: the pool would
+            /// retry the same way but then report only that it timed out, where this says why
+            /// (refused, unknown host, wrong password, no such database).
+            async fn probe(
+                sql: &Statements,
+                section: &SqlConfig,
+                options: &$connect_options,
+                timeout: Duration,
+            ) -> Result<(), FeatureStoreError> {
+                use sqlx::{ConnectOptions as _, Connection as _};
+                let deadline = tokio::time::Instant::now() + timeout;
+                let mut backoff = Duration::from_millis(10);
+                let mut last = None;
+                loop {
+                    match tokio::time::timeout_at(deadline, options.connect()).await {
+                        Ok(Ok(conn)) => {
+                            // Only a courtesy to the server: the connection was good.
+                            let _ = conn.close().await;
+                            return Ok(());
+                        }
+                        Ok(Err(e)) if transient_connect_error(&e)
+                            && tokio::time::Instant::now() + backoff < deadline =>
+                        {
+                            last = Some(e.to_string());
+                        }
+                        Ok(Err(e)) => return Err(connect_error(sql, section, &e.to_string())),
+                        Err(_) => {
+                            let waited = format!(
+                                "no connection within {} ms ({}.connect_timeout_ms)",
+                                timeout.as_millis(),
+                                sql.key
+                            );
+                            let reason = match last {
+                                Some(last) => format!("{waited}; the last attempt: {last}"),
+                                None => waited,
+                            };
+                            return Err(connect_error(sql, section, &reason));
+                        }
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
             }
 
             /// Applies the schema versions not yet recorded, in order, holding the migration
@@ -739,15 +837,8 @@ macro_rules! sql_backend {
                     .bind(key_hash(&[entity_type, entity_id, name]))
                     .bind(i64::try_from(version).unwrap_or(i64::MAX))
                     .bind(i64::try_from(now).unwrap_or(i64::MAX));
-                if let Some(feature) = self.fetch_features("feature history read", query, now).await?.pop() {
-                    return Ok(Some(feature));
-                }
-                // The history row may be gone (a shorter retention) while the current value is
-                // still that version.
-                Ok(self
-                    .get(entity_type, entity_id, name)
-                    .await?
-                    .filter(|f| f.version == version))
+                let history = self.fetch_features("feature history read", query, now).await?.pop();
+                super::history_or_current(history, version, self.get(entity_type, entity_id, name)).await
             }
 
             async fn get_many(
@@ -756,10 +847,7 @@ macro_rules! sql_backend {
                 entity_id: &str,
                 names: &[&str],
             ) -> Result<Vec<Option<Feature>>, FeatureStoreError> {
-                validate_entity(entity_type, entity_id)?;
-                for name in names {
-                    validate_part("feature key", "feature name", name)?;
-                }
+                validate_vector_key(entity_type, entity_id, names)?;
                 if names.is_empty() {
                     return Ok(Vec::new());
                 }
@@ -909,6 +997,17 @@ mod tests {
         assert_ne!(key_hash(&["ab", "c"]), key_hash(&["a", "bc"]));
         assert_eq!(key_hash(&["a", "b"]), key_hash(&["a", "b"]));
         assert_eq!(key_hash(&["a"]).len(), 32);
+    }
+
+    #[test]
+    fn dsn_passwords_are_found_as_written_and_decoded() {
+        assert_eq!(
+            dsn_passwords("postgres://u:p%40ss@h/db?password=q%2Fw&x=1"),
+            ["p%40ss", "q%2Fw", "p@ss", "q/w"]
+        );
+        assert_eq!(dsn_passwords("mysql://u:pa/ss@h/db"), ["pa/ss"]);
+        assert!(dsn_passwords("postgres://u@h/db").is_empty());
+        assert_eq!(percent_decode("a%zz%4"), "a%zz%4");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::process::Command;
 pub enum Server {
     Kafka,
     Cassandra,
+    Postgres,
 }
 
 impl Server {
@@ -15,6 +16,7 @@ impl Server {
         match self {
             Server::Kafka => "kafka",
             Server::Cassandra => "cassandra",
+            Server::Postgres => "postgres",
         }
     }
 }

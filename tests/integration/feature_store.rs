@@ -1,10 +1,11 @@
 //! The feature store's behaviour, written once against `Arc<dyn FeatureBackend>` and
-//! `FeatureStore` and run on both backends by [`on_both_backends!`]: each behaviour becomes
+//! `FeatureStore` and run on the four backends by [`on_both_backends!`]: each behaviour becomes
 //! `on_scylla::<name>` (the real CQL test database, in a keyspace of its own that the store
-//! creates and the test drops) and `on_embedded::<name>` (a redb file in a temporary
-//! directory). Checks only a CQL database can make (write timestamps and TTLs of the rows
-//! behind the store's back, schema creation) and checks only the embedded backend has (reopening
-//! its file, the sweep) come after, one backend each.
+//! creates and the test drops), `on_postgres::<name>` and `on_mysql::<name>` (a database of its
+//! own on the test server, dropped afterwards) and `on_embedded::<name>` (a redb file in a
+//! temporary directory). Checks only a CQL database can make (write timestamps and TTLs of the
+//! rows behind the store's back, schema creation) and checks only the embedded backend has
+//! (reopening its file, the sweep) come after, one backend each.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,10 +23,10 @@ use serde_json::{Map, Value, json};
 use tempfile::TempDir;
 
 use crate::number_cases;
-use crate::utils::{self, cql_contact, cql_session, unique_name};
+use crate::utils::{self, Sql, cql_contact, cql_session, unique_name};
 
-/// Expands each behaviour `name` (an `async fn name(backend: &Backend)` below) into two tests,
-/// `on_scylla::name` and `on_embedded::name`. A behaviour may add TOML lines to the
+/// Expands each behaviour `name` (an `async fn name(backend: &Backend)` below) into four tests,
+/// `on_scylla::name`, `on_embedded::name`, `on_postgres::name` and `on_mysql::name`. A behaviour may add TOML lines to the
 /// `[feature_store]` section: `name("history_retention_secs = 2")`.
 macro_rules! on_both_backends {
     ($($name:ident $(($extra:literal))?;)*) => {
@@ -102,59 +103,6 @@ enum Cleanup {
     Embedded(TempDir),
     /// Drop this database of the SQL test server.
     Sql(Sql, String),
-}
-
-/// The SQL servers of `scripts/stack`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Sql {
-    Postgres,
-    Mysql,
-}
-
-impl Sql {
-    /// The test login's DSN on database `db` (`INFERFLOW_TEST_POSTGRES_URL` /
-    /// `INFERFLOW_TEST_MYSQL_URL` name another server, ending with the database name).
-    fn url(self, db: &str) -> String {
-        let (var, default) = match self {
-            Sql::Postgres => (
-                "INFERFLOW_TEST_POSTGRES_URL",
-                "postgres://inferflow:inferflow@127.0.0.1:5432/inferflow",
-            ),
-            Sql::Mysql => (
-                "INFERFLOW_TEST_MYSQL_URL",
-                "mysql://inferflow:inferflow@127.0.0.1:3306/inferflow",
-            ),
-        };
-        let base = std::env::var(var).unwrap_or_else(|_| default.to_owned());
-        let (server, _) = base.rsplit_once('/').expect("a DSN ending with /database");
-        format!("{server}/{db}")
-    }
-
-    /// Runs one statement on the test login's own database.
-    async fn admin(self, statement: &str) {
-        use sqlx::Connection as _;
-        let hint = "is the server running? scripts/stack start postgres (or mariadb)";
-        match self {
-            Sql::Postgres => {
-                let mut conn = sqlx::PgConnection::connect(&self.url("inferflow"))
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}: {hint}"));
-                sqlx::raw_sql(statement)
-                    .execute(&mut conn)
-                    .await
-                    .expect(statement);
-            }
-            Sql::Mysql => {
-                let mut conn = sqlx::MySqlConnection::connect(&self.url("inferflow"))
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}: {hint}"));
-                sqlx::raw_sql(statement)
-                    .execute(&mut conn)
-                    .await
-                    .expect(statement);
-            }
-        }
-    }
 }
 
 impl Backend {
@@ -294,7 +242,7 @@ fn update(entity_id: &str, name: &str, version: u64) -> FeatureUpdate {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Behaviours shared by both backends.
+// Behaviours shared by every backend.
 // ---------------------------------------------------------------------------------------------
 
 async fn out_of_order_and_replayed_writes_converge_to_the_highest_version(b: &Backend) {

@@ -23,6 +23,60 @@ use crate::utils::{
     self, cql_contact, cql_session, create_topic, kafka_bootstrap, kafka_config, unique_name,
 };
 
+/// The steps of the `personal` pipeline: read the feature group `prompting` for the
+/// request's entity, fill a prompt from its `profile`, send it to `echo`. The features it reads
+/// are written by [`write_profiles`].
+pub const PERSONAL_STEPS: &str = r#"
+[[steps]]
+type = "features"
+group = "prompting"
+retries = 1
+[[steps]]
+type = "preprocess"
+transforms = [{ op = "template", template = "Answer a {{ features.profile.segment }} customer: {{ data.question }}" }]
+[[steps]]
+type = "model"
+model = "echo"
+"#;
+
+/// Writes through `store` the profiles of users `u1` (`gold`) and `u2` (`silver`) and the
+/// feature group `prompting` over them: what [`PERSONAL_STEPS`] reads.
+pub async fn write_profiles(store: &FeatureStore) {
+    use inferflow::feature_store::{FeatureGroup, FeatureUpdate};
+    for (user, segment) in [("u1", "gold"), ("u2", "silver")] {
+        let values = json!({"segment": segment}).as_object().cloned().unwrap();
+        store
+            .set_feature(&FeatureUpdate::new("user", user, "profile", values, 1))
+            .await
+            .expect("write a profile");
+    }
+    let group: FeatureGroup = serde_json::from_value(json!({
+        "name": "prompting", "version": 1, "entity_type": "user", "features": ["profile"]
+    }))
+    .expect("a group");
+    store
+        .create_feature_group(&group)
+        .await
+        .expect("create the group");
+}
+
+/// Produces `requests` (JSON documents, without keys) to `topics.requests` and collects as
+/// many results (within `timeout`, then `settle` more for any extra), by request id.
+pub async fn request_all(
+    topics: &Topics,
+    requests: &[Value],
+    timeout: Duration,
+    settle: Duration,
+) -> HashMap<String, Value> {
+    let raw: Vec<Raw> = requests
+        .iter()
+        .map(|r| (None, Some(r.to_string().into_bytes())))
+        .collect();
+    produce(&topics.requests, &raw).await;
+    let out = collect(&[&topics.results], requests.len(), timeout, settle).await;
+    results_by_id(&out)
+}
+
 /// The topics of one test.
 pub struct Topics {
     pub requests: String,

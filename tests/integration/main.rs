@@ -24,3 +24,4 @@ mod processor;
 mod replay;
 mod secure;
 mod smoke;
+mod sql_store;

@@ -395,7 +395,7 @@ async fn a_reload_under_load_loses_and_fails_no_request() {
 /// real backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_features_step_reads_the_store_for_the_requests_entity() {
-    use inferflow::feature_store::{FeatureGroup, FeatureStore, FeatureUpdate};
+    use inferflow::feature_store::FeatureStore;
 
     utils::init_tracing();
     let topics = Topics::create("pipefeat", 2).await;
@@ -414,18 +414,7 @@ async fn a_features_step_reads_the_store_for_the_requests_entity() {
             .await
             .expect("store opens"),
     );
-    for (user, segment) in [("u1", "gold"), ("u2", "silver")] {
-        let values = json!({"segment": segment}).as_object().cloned().unwrap();
-        store
-            .set_feature(&FeatureUpdate::new("user", user, "profile", values, 1))
-            .await
-            .unwrap();
-    }
-    let profile_group: FeatureGroup = serde_json::from_value(json!({
-        "name": "prompting", "version": 1, "entity_type": "user", "features": ["profile"]
-    }))
-    .unwrap();
-    store.create_feature_group(&profile_group).await.unwrap();
+    crate::harness::write_profiles(&store).await;
 
     let pipelines = Arc::new(
         PipelineManager::new(Arc::new(inferflow::providers::manager::ModelManager::new()))
@@ -434,19 +423,7 @@ async fn a_features_step_reads_the_store_for_the_requests_entity() {
     pipelines
         .create_pipeline(
             inferflow::pipeline::def::parse(
-                r#"
-id = "personal"
-[[steps]]
-type = "features"
-group = "prompting"
-retries = 1
-[[steps]]
-type = "preprocess"
-transforms = [{ op = "template", template = "Answer a {{ features.profile.segment }} customer: {{ data.question }}" }]
-[[steps]]
-type = "model"
-model = "echo"
-"#,
+                &format!("id = \"personal\"\n{}", crate::harness::PERSONAL_STEPS),
                 "personal",
                 "test",
             )
@@ -464,19 +441,13 @@ model = "echo"
         json!({"request_id": "f3", "pipeline": "personal", "entity": {"type": "user", "id": "nobody"}, "data": {"question": "hi"}}),
         json!({"request_id": "f4", "pipeline": "personal", "data": {"question": "no entity"}}),
     ];
-    let raw: Vec<Raw> = requests
-        .iter()
-        .map(|r| (None, Some(r.to_string().into_bytes())))
-        .collect();
-    produce(&topics.requests, &raw).await;
-    let out = collect(
-        &[&topics.results],
-        4,
+    let by_id = crate::harness::request_all(
+        &topics,
+        &requests,
         Duration::from_secs(60),
         Duration::from_millis(300),
     )
     .await;
-    let by_id = crate::harness::results_by_id(&out);
     assert_eq!(
         by_id["f1"]["output"], "Answer a gold customer: where is my order?",
         "{}",

@@ -136,3 +136,56 @@ pub async fn cql_keyspace(prefix: &str) -> (Session, String) {
         .expect("create keyspace");
     (session, keyspace)
 }
+
+/// The SQL servers of `scripts/stack`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sql {
+    Postgres,
+    Mysql,
+}
+
+impl Sql {
+    /// The test login's DSN on database `db` (`INFERFLOW_TEST_POSTGRES_URL` /
+    /// `INFERFLOW_TEST_MYSQL_URL` name another server, ending with the database name).
+    pub fn url(self, db: &str) -> String {
+        let (var, default) = match self {
+            Sql::Postgres => (
+                "INFERFLOW_TEST_POSTGRES_URL",
+                "postgres://inferflow:inferflow@127.0.0.1:5432/inferflow",
+            ),
+            Sql::Mysql => (
+                "INFERFLOW_TEST_MYSQL_URL",
+                "mysql://inferflow:inferflow@127.0.0.1:3306/inferflow",
+            ),
+        };
+        let base = std::env::var(var).unwrap_or_else(|_| default.to_owned());
+        let (server, _) = base.rsplit_once('/').expect("a DSN ending with /database");
+        format!("{server}/{db}")
+    }
+
+    /// Runs one statement on the test login's own database.
+    pub async fn admin(self, statement: &str) {
+        use sqlx::Connection as _;
+        let hint = "is the server running? scripts/stack start postgres (or mariadb)";
+        match self {
+            Sql::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&self.url("inferflow"))
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}: {hint}"));
+                sqlx::raw_sql(statement)
+                    .execute(&mut conn)
+                    .await
+                    .expect(statement);
+            }
+            Sql::Mysql => {
+                let mut conn = sqlx::MySqlConnection::connect(&self.url("inferflow"))
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}: {hint}"));
+                sqlx::raw_sql(statement)
+                    .execute(&mut conn)
+                    .await
+                    .expect(statement);
+            }
+        }
+    }
+}
