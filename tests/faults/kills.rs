@@ -192,8 +192,11 @@ async fn rebalances_with_work_in_flight(mode: Mode) {
         accounting.lost.len(),
         accounting.duplicates
     );
+    // A guard on the scenario, not on inferflow: the churn must come while a good part of the
+    // stream is still to be answered. (Half was too tight once processing got faster: 22,010 of
+    // 40,000 written when A had left, with 18,000 still in flight or queued.)
     assert!(
-        at_leave < N as i64 / 2,
+        at_leave < N as i64 * 3 / 4,
         "the churn must happen mid-stream ({at_leave} of {N})"
     );
     assert!(
