@@ -74,45 +74,15 @@ async fn readyz_is_503_and_names_the_failures_when_nothing_answers() {
 async fn the_v1_api_serves_every_documented_route_and_features_round_trip() {
     use std::sync::Arc;
 
-    use inferflow::executor::{Builtins, Executor};
     use inferflow::feature_store::FeatureStore;
     use serde_json::{Value, json};
 
     utils::init_tracing();
     utils::require_kafka().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = Config::from_toml_str(&format!(
-        "[kafka]\nbootstrap_servers = \"{}\"\n[feature_store]\nbackend = \"embedded\"\npath = \"{}\"\n",
-        kafka_bootstrap(),
-        dir.path().display()
-    ))
-    .unwrap();
+    let config = embedded_store_config(&format!("{}", dir.path().display()));
     let store = Arc::new(FeatureStore::open(&config.feature_store).await.unwrap());
-    let executor: Arc<dyn Executor> = Arc::new(Builtins);
-    let api = Arc::new(inferflow::app::api(
-        &config,
-        executor,
-        Some(Arc::clone(&store)),
-    ));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let token = CancellationToken::new();
-    let stop = token.clone();
-    let served = config.clone();
-    let store_for_readiness = Arc::clone(&store);
-    tokio::spawn(async move {
-        inferflow::app::serve_with(
-            &served,
-            listener,
-            inferflow::metrics::local(),
-            Some(api),
-            Some(store_for_readiness),
-            async move { stop.cancelled().await },
-        )
-        .await
-        .expect("serve");
-    });
-    let _guard = token.drop_guard();
+    let (url, _guard) = serve_api(&config, Some(store)).await;
     let http = reqwest::Client::new();
 
     // Every documented operation is routed: an unrouted path or method would get axum's
@@ -255,40 +225,13 @@ async fn the_v1_api_serves_every_documented_route_and_features_round_trip() {
 /// feature store is open"), and readiness checks that same store and says so.
 #[tokio::test]
 async fn feature_routes_open_the_configured_store_and_readiness_says_what_it_checked() {
-    use std::sync::Arc;
-
-    use inferflow::executor::{Builtins, Executor};
     use serde_json::{Value, json};
 
     utils::init_tracing();
     utils::require_kafka().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = Config::from_toml_str(&format!(
-        "[kafka]\nbootstrap_servers = \"{}\"\n[feature_store]\nbackend = \"embedded\"\npath = \"{}/\"\n",
-        kafka_bootstrap(),
-        dir.path().display()
-    ))
-    .unwrap();
-    let executor: Arc<dyn Executor> = Arc::new(Builtins);
-    let api = Arc::new(inferflow::app::api(&config, executor, None));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let token = CancellationToken::new();
-    let stop = token.clone();
-    let served = config.clone();
-    tokio::spawn(async move {
-        inferflow::app::serve_with(
-            &served,
-            listener,
-            inferflow::metrics::local(),
-            Some(api),
-            None,
-            async move { stop.cancelled().await },
-        )
-        .await
-        .expect("serve");
-    });
-    let _guard = token.drop_guard();
+    let config = embedded_store_config(&format!("{}/", dir.path().display()));
+    let (url, _guard) = serve_api(&config, None).await;
     let http = reqwest::Client::new();
 
     let written = http
@@ -325,4 +268,45 @@ async fn feature_routes_open_the_configured_store_and_readiness_says_what_it_che
             && checked.contains(&dir.path().display().to_string()),
         "{ready}"
     );
+}
+
+/// A configuration with the test broker and an embedded feature store at `path`.
+fn embedded_store_config(path: &str) -> Config {
+    Config::from_toml_str(&format!(
+        "[kafka]\nbootstrap_servers = \"{}\"\n[feature_store]\nbackend = \"embedded\"\npath = \"{path}\"\n",
+        kafka_bootstrap(),
+    ))
+    .unwrap()
+}
+
+/// Serves the HTTP API (built-in executor; `store` as the API's and readiness's feature store,
+/// or none) on a free loopback port; returns its URL and a guard that stops it when dropped.
+async fn serve_api(
+    config: &Config,
+    store: Option<std::sync::Arc<inferflow::feature_store::FeatureStore>>,
+) -> (String, tokio_util::sync::DropGuard) {
+    use std::sync::Arc;
+
+    use inferflow::executor::{Builtins, Executor};
+
+    let executor: Arc<dyn Executor> = Arc::new(Builtins);
+    let api = Arc::new(inferflow::app::api(config, executor, store.clone()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let token = CancellationToken::new();
+    let stop = token.clone();
+    let served = config.clone();
+    tokio::spawn(async move {
+        inferflow::app::serve_with(
+            &served,
+            listener,
+            inferflow::metrics::local(),
+            Some(api),
+            store,
+            async move { stop.cancelled().await },
+        )
+        .await
+        .expect("serve");
+    });
+    (url, token.drop_guard())
 }
