@@ -94,6 +94,12 @@ fn check_config_refuses_an_open_api_on_a_public_address() {
         "says how to open it: {stderr}"
     );
 
+    // `run` refuses it the same way, before connecting to anything.
+    let run = inferflow(&["run"], &public);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("http.allow_unauthenticated:"), "{stderr}");
+
     let open = inferflow(
         &["check-config"],
         &[

@@ -523,6 +523,13 @@ async fn an_api_without_tokens_is_open_on_loopback() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+    let logs = String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned();
+    assert!(
+        logs.contains(
+            "the /v1 API is unauthenticated (no http.tokens) and listens on loopback only"
+        ),
+        "start-up says the API is open and loopback-only: {logs}"
+    );
 }
 
 /// Sends every token of this file to every route (the other tests of this binary send them
