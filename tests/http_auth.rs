@@ -210,6 +210,8 @@ async fn serve(http: impl FnOnce(&std::path::Path) -> String, ops: bool) -> Serv
 /// A route of the API, a body that makes it succeed, and the scope it needs.
 struct Route {
     method: &'static str,
+    /// As in the OpenAPI document.
+    template: &'static str,
     path: &'static str,
     body: Option<Value>,
     scope: &'static str,
@@ -219,18 +221,21 @@ fn routes() -> Vec<Route> {
     vec![
         Route {
             method: "POST",
+            template: "/v1/predict",
             path: "/v1/predict",
             body: Some(json!({"pipeline": "p", "data": {"x": 1}})),
             scope: "predict",
         },
         Route {
             method: "POST",
+            template: "/v1/pipelines/{id}/execute",
             path: "/v1/pipelines/p/execute",
             body: Some(json!({"data": {"x": 1}})),
             scope: "predict",
         },
         Route {
             method: "PUT",
+            template: "/v1/features",
             path: "/v1/features",
             body: Some(
                 json!({"entity_type": "user", "entity_id": "u1", "feature": "profile", "values": {"segment": "gold"}, "version": 1}),
@@ -239,23 +244,62 @@ fn routes() -> Vec<Route> {
         },
         Route {
             method: "GET",
+            template: "/v1/features/{entity_type}/{entity_id}",
             path: "/v1/features/user/u1?names=profile",
             body: None,
             scope: "features:read",
         },
         Route {
             method: "GET",
+            template: "/v1/features/{entity_type}/{entity_id}/{feature}",
             path: "/v1/features/user/u1/profile",
             body: None,
             scope: "features:read",
         },
         Route {
             method: "GET",
+            template: "/v1/feature-groups/{group}/vectors/{entity_id}",
             path: "/v1/feature-groups/g/vectors/u1",
             body: None,
             scope: "features:read",
         },
     ]
+}
+
+/// The routes these tests send are every `/v1` operation of the OpenAPI document, with the
+/// scope it documents.
+#[test]
+fn the_routes_tested_are_the_documented_ones_with_their_scopes() {
+    let doc: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("schemas/openapi/inferflow.v1.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut documented = Vec::new();
+    for (path, operations) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in operations.as_object().unwrap() {
+            if path.starts_with("/v1/") {
+                let scope = operation["x-scope"].as_str().unwrap_or("none").to_owned();
+                documented.push((method.to_ascii_uppercase(), path.clone(), scope));
+            }
+        }
+    }
+    let mut tested: Vec<_> = routes()
+        .into_iter()
+        .map(|r| {
+            (
+                r.method.to_owned(),
+                r.template.to_owned(),
+                r.scope.to_owned(),
+            )
+        })
+        .collect();
+    documented.sort();
+    tested.sort();
+    assert_eq!(documented, tested);
 }
 
 /// Sends `route` with `token`, and the body's `tenant` when given; returns the status, the
