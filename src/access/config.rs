@@ -102,6 +102,17 @@ pub enum TokenSource<'a> {
     Env(&'a str),
 }
 
+impl TokenSource<'_> {
+    /// The key it comes from.
+    pub fn key(&self) -> &'static str {
+        match self {
+            TokenSource::Sha256(_) => "sha256",
+            TokenSource::File(_) => "file",
+            TokenSource::Env(_) => "env",
+        }
+    }
+}
+
 impl TokenConfig {
     /// The token's source, or the key to report and why when not exactly one is set.
     pub fn source(&self) -> Result<TokenSource<'_>, (&'static str, String)> {
@@ -258,14 +269,7 @@ impl Section for HttpConfig {
             match token.source() {
                 Err((key, message)) => p.push(format!("{prefix}.{key}"), message),
                 Ok(source) => match super::digest_of(&source) {
-                    Err(message) => {
-                        let key = match source {
-                            TokenSource::Sha256(_) => "sha256",
-                            TokenSource::File(_) => "file",
-                            TokenSource::Env(_) => "env",
-                        };
-                        p.push(format!("{prefix}.{key}"), message);
-                    }
+                    Err(message) => p.push(format!("{prefix}.{}", source.key()), message),
                     Ok(digest) => {
                         if !digests.insert(digest) {
                             p.push(

@@ -196,14 +196,7 @@ impl Access {
                         guard.tokens.push((digest, Arc::new(principal)));
                         continue;
                     }
-                    Err(message) => (
-                        match source {
-                            TokenSource::Sha256(_) => "sha256",
-                            TokenSource::File(_) => "file",
-                            TokenSource::Env(_) => "env",
-                        },
-                        message,
-                    ),
+                    Err(message) => (source.key(), message),
                 },
                 Err(problem) => problem,
             };
