@@ -502,6 +502,7 @@ pub fn start<H: BatchHandler>(
         paused: AtomicBool::new(false),
         shutting_down: AtomicBool::new(false),
         rebalance_drain_timeout: spec.rebalance_drain_timeout,
+        leave_group_on_stop: kafka.group_instance_id.is_none(),
     };
     let mut client = crate::kafka::consumer_config(kafka, &spec.group_id);
     core.commits.configure(&mut client);
@@ -571,6 +572,10 @@ struct SourceContext<H> {
     /// Set once shutdown has drained what it could: revokes then give up at once.
     shutting_down: AtomicBool,
     rebalance_drain_timeout: Duration,
+    /// Dynamic membership: leave the group on a graceful stop, so the partitions move at once.
+    /// A static member (`kafka.group_instance_id`) stays, so that its restart takes them back
+    /// without a rebalance.
+    leave_group_on_stop: bool,
 }
 
 impl<H: BatchHandler> ClientContext for SourceContext<H> {
@@ -939,8 +944,13 @@ fn shutdown<H: BatchHandler>(
     ) {
         tracing::warn!(error = %err, "producer flush incomplete");
     }
-    // Leave the group now rather than on drop, so the partitions move at once.
-    consumer.unsubscribe();
+    // A dynamic member leaves the group now rather than on drop, so the partitions move at
+    // once. A static member must not: librdkafka sends a LeaveGroup on an unsubscribe even
+    // for a static member, and only a close without one keeps the membership (and the
+    // partitions) for the instance's restart within `kafka.session_timeout_ms`.
+    if context.leave_group_on_stop {
+        consumer.unsubscribe();
+    }
     drop(consumer);
     if let Some(reason) = lock(&core.fatal_reason).take() {
         anyhow::bail!("stopped on a fatal Kafka client error: {reason}");
