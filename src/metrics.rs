@@ -2,6 +2,8 @@
 //!
 //! Names follow `inferflow_<area>_<what>_<unit>`, with `_total` for counters. They are constants
 //! here so that every emitter and every dashboard agree; each is described once at start-up.
+//! The alerts and the dashboard in `deploy/` use these names; `tests/integration/monitoring.rs`
+//! runs them on a real Prometheus scraping `inferflow run`, so a rename here fails it.
 //! Labels stay low-cardinality: no request ids, keys or error text.
 //!
 //! The recorder keeps every histogram sample until its upkeep folds them into the buckets.
