@@ -12,13 +12,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::fake_openai::{FakeOpenAi, Mode};
-use crate::harness::{Raw, Topics, collect, inferflow_run, produce};
+use crate::harness::{Killed, Raw, Topics, collect, inferflow_run, produce};
 use crate::utils::{self, free_port, unique_name};
 
 /// Panels whose queries may come back empty after this test's traffic, and why. Everything
@@ -71,18 +71,6 @@ fn prometheus_binary() -> PathBuf {
              INFERFLOW_TEST_PROMETHEUS=/path/to/prometheus"
         )
     })
-}
-
-/// A child process killed when the test ends, however it ends.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 /// Every query of the dashboard: (panel title, refId, expression), rows' nested panels included.
