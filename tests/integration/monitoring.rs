@@ -123,6 +123,30 @@ fn substitute(expr: &str, variables: &[String]) -> String {
     out
 }
 
+/// The `inferflow_…` metric names in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<&str> {
+    let mut names: Vec<&str> = expr
+        .match_indices("inferflow_")
+        .filter(|(at, _)| {
+            // Not the tail of a longer identifier.
+            expr[..*at]
+                .chars()
+                .next_back()
+                .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'))
+        })
+        .map(|(at, _)| {
+            let rest = &expr[at..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
 /// One instant query; returns the API's `status` and the result vector (empty on errors).
 async fn query(http: &reqwest::Client, base: &str, promql: &str) -> (String, Vec<Value>, Value) {
     let url = reqwest::Url::parse_with_params(&format!("{base}/api/v1/query"), [("query", promql)])
@@ -527,6 +551,15 @@ async fn every_dashboard_panel_and_alert_expression_works_on_a_real_prometheus()
         let expr = rule["query"].as_str().unwrap();
         let (status, _, body) = query(&http, &prom, expr).await;
         assert_eq!(status, "success", "{name}: {expr}\n{body}");
+        // An alert's expression is quiet on this traffic, so its parse alone would not notice a
+        // misspelt metric: each metric it reads must be one inferflow exported.
+        for metric in metric_names(expr) {
+            let (_, series, _) = query(&http, &prom, &format!("count({metric})")).await;
+            assert!(
+                !series.is_empty(),
+                "{name} reads {metric}, which inferflow did not export: {expr}"
+            );
+        }
     }
     // The traffic's dead letters fire their alert (the expression matches what inferflow
     // exports), once for each source.
