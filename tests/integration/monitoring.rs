@@ -149,8 +149,8 @@ fn metric_names(expr: &str) -> Vec<&str> {
 
 /// One instant query; returns the API's `status` and the result vector (empty on errors).
 async fn query(http: &reqwest::Client, base: &str, promql: &str) -> (String, Vec<Value>, Value) {
-    let url = reqwest::Url::parse_with_params(&format!("{base}/api/v1/query"), [("query", promql)])
-        .expect("a query URL");
+    let endpoint = format!("{base}/api/v1/query");
+    let url = reqwest::Url::parse_with_params(&endpoint, [("query", promql)]).expect("a URL");
     let body: Value = http
         .get(url)
         .send()
@@ -304,25 +304,64 @@ async fn every_dashboard_panel_and_alert_expression_works_on_a_real_prometheus()
     cmd.env("INFERFLOW__HTTP__LISTEN", format!("127.0.0.1:{port}"))
         .env("INFERFLOW_TEST_MONITORING_KEY", "sk-test");
     let inferflow = Killed(cmd.spawn().expect("start inferflow run"));
+    let (_prometheus, prom) = start_prometheus(&prometheus, dir.path(), port);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
 
-    // Prometheus scraping it every second and evaluating the alert rules as often.
+    send_traffic(
+        &http,
+        &format!("http://127.0.0.1:{port}"),
+        &topics,
+        &inferflow,
+    )
+    .await;
+    // Two scrapes after the traffic.
+    let after = scrapes(&http, &prom).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while scrapes(&http, &prom).await < after + 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus did not scrape inferflow twice within 60 s ({after} scrapes before)"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    let (queries, empty) = check_dashboard(&http, &prom).await;
+    let alerts = check_alerts(&http, &prom).await;
+    println!(
+        "monitoring: {queries} panel queries and {alerts} alert expressions evaluated on Prometheus; empty, as allowed: {}",
+        empty.join(", ")
+    );
+
+    let term = Command::new("kill")
+        .args(["-TERM", &inferflow.0.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+}
+
+/// Starts `binary` on a free loopback port, scraping `inferflow run`'s /metrics on `target_port`
+/// and evaluating the alert rules, both every second. Returns it and its address.
+fn start_prometheus(binary: &Path, dir: &Path, target_port: u16) -> (Killed, String) {
     let prom_port = free_port();
-    let prom_config = dir.path().join("prometheus.yml");
+    let prom_config = dir.join("prometheus.yml");
     std::fs::write(
         &prom_config,
         format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\n\
-             scrape_configs:\n  - job_name: inferflow\n    static_configs:\n      - targets: [\"127.0.0.1:{port}\"]\n",
+             scrape_configs:\n  - job_name: inferflow\n    static_configs:\n      - targets: [\"127.0.0.1:{target_port}\"]\n",
             rules = repo().join("deploy/prometheus/alerts.yml").display(),
         ),
     )
     .unwrap();
-    let _prometheus = Killed(
-        Command::new(&prometheus)
+    let prometheus = Killed(
+        Command::new(binary)
             .arg(format!("--config.file={}", prom_config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
-                dir.path().join("tsdb").display()
+                dir.join("tsdb").display()
             ))
             .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
             .arg("--log.level=warn")
@@ -330,15 +369,14 @@ async fn every_dashboard_panel_and_alert_expression_works_on_a_real_prometheus()
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", prometheus.display())),
+            .unwrap_or_else(|e| panic!("start {}: {e}", binary.display())),
     );
-    let prom = format!("http://127.0.0.1:{prom_port}");
-    let api = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    (prometheus, format!("http://127.0.0.1:{prom_port}"))
+}
 
+/// Feature updates, two rounds of requests, a readiness check and a reload (SIGHUP), each
+/// waited for: what the dashboard's panels show.
+async fn send_traffic(http: &reqwest::Client, api: &str, topics: &Topics, inferflow: &Killed) {
     // Feature updates (one not JSON: a dead letter from the features source), read back over
     // HTTP once ingested.
     let update = |user: &str, segment: &str| -> Raw {
@@ -427,18 +465,11 @@ async fn every_dashboard_panel_and_alert_expression_works_on_a_real_prometheus()
         assert!(Instant::now() < deadline, "no reload within 30 s of SIGHUP");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
 
-    // Two scrapes after the traffic.
-    let after = scrapes(&http, &prom).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while scrapes(&http, &prom).await < after + 2.0 {
-        assert!(
-            Instant::now() < deadline,
-            "Prometheus did not scrape inferflow twice within 60 s ({after} scrapes before)"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-
+/// Runs every panel query and every variable query of the dashboard; returns how many panel
+/// queries ran and which allowed-empty ones were empty.
+async fn check_dashboard(http: &reqwest::Client, prom: &str) -> (usize, Vec<String>) {
     // Every panel query parses, and returns data unless its panel may be empty. Asked again for
     // a few seconds, for series the next statistics report or scrape brings.
     let dashboard: Value = serde_json::from_str(
@@ -465,7 +496,7 @@ async fn every_dashboard_panel_and_alert_expression_works_on_a_real_prometheus()
         let mut empty = Vec::new();
         for (title, ref_id, expr) in &queries {
             let promql = substitute(expr, &variables);
-            let (status, result, body) = query(&http, &prom, &promql).await;
+            let (status, result, body) = query(http, prom, &promql).await;
             if status != "success" {
                 failures.push(format!(
                     "{title} [{ref_id}] does not parse: {promql}\n  {body}"
@@ -505,13 +536,20 @@ async fn every_dashboard_panel_and_alert_expression_works_on_a_real_prometheus()
             &format!("count by ({}) ({metric})", label.trim()),
             &variables,
         );
-        let (status, result, body) = query(&http, &prom, &promql).await;
+        let (status, result, body) = query(http, prom, &promql).await;
         assert!(
             status == "success" && !result.is_empty(),
             "variable {definition}: {promql} gave {body}"
         );
     }
 
+    (queries.len(), empty)
+}
+
+/// Checks that Prometheus loaded and evaluated every alert of alerts.yml, that each expression
+/// parses and reads only metrics inferflow exported, and that the traffic's dead letters fire
+/// their alert. Returns how many alerts were checked.
+async fn check_alerts(http: &reqwest::Client, prom: &str) -> usize {
     // Every alert of alerts.yml is loaded, evaluated without error, and its expression parses
     // through the query API.
     let alerts_file = std::fs::read_to_string(repo().join("deploy/prometheus/alerts.yml")).unwrap();
@@ -549,12 +587,12 @@ async fn every_dashboard_panel_and_alert_expression_works_on_a_real_prometheus()
         let name = rule["name"].as_str().unwrap();
         assert_eq!(rule["health"], "ok", "{name}: {rule}");
         let expr = rule["query"].as_str().unwrap();
-        let (status, _, body) = query(&http, &prom, expr).await;
+        let (status, _, body) = query(http, prom, expr).await;
         assert_eq!(status, "success", "{name}: {expr}\n{body}");
         // An alert's expression is quiet on this traffic, so its parse alone would not notice a
         // misspelt metric: each metric it reads must be one inferflow exported.
         for metric in metric_names(expr) {
-            let (_, series, _) = query(&http, &prom, &format!("count({metric})")).await;
+            let (_, series, _) = query(http, prom, &format!("count({metric})")).await;
             assert!(
                 !series.is_empty(),
                 "{name} reads {metric}, which inferflow did not export: {expr}"
@@ -578,16 +616,5 @@ async fn every_dashboard_panel_and_alert_expression_works_on_a_real_prometheus()
         firing.contains(&"requests") && firing.contains(&"features"),
         "InferflowDeadLetters should fire for both sources: {dead_letters}"
     );
-    println!(
-        "monitoring: {} panel queries and {} alert expressions evaluated on Prometheus; empty, as allowed: {}",
-        queries.len(),
-        rules.len(),
-        empty.join(", ")
-    );
-
-    let term = Command::new("kill")
-        .args(["-TERM", &inferflow.0.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(term.success());
+    rules.len()
 }
