@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::fake_openai::{FakeOpenAi, Mode};
-use crate::harness::{Killed, Raw, Topics, collect, inferflow_run, produce};
+use crate::harness::{Killed, Raw, Topics, collect, eventually, inferflow_run, produce};
 use crate::utils::{self, free_port, unique_name};
 
 /// Panels whose queries may come back empty after this test's traffic, and why. Everything
@@ -617,4 +617,97 @@ async fn check_alerts(http: &reqwest::Client, prom: &str) -> usize {
         "InferflowDeadLetters should fire for both sources: {dead_letters}"
     );
     rules.len()
+}
+
+/// The requests topic's lag per partition in `inferflow run`'s /metrics on `port` (0 where no
+/// sample yet).
+async fn lags(http: &reqwest::Client, port: u16, topic: &str) -> [f64; 2] {
+    let body = match http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+    {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    [0, 1].map(|p| {
+        let labels = format!(r#"topic="{topic}",partition="{p}""#);
+        crate::harness::metric(&body, "inferflow_consumer_lag_records", &labels).unwrap_or(0.0)
+    })
+}
+
+/// librdkafka keeps computing a lag for a partition a rebalance took away, frozen at its last
+/// value. Left in the old owner's gauge it would sit beside the new owner's, and the lag alerts
+/// (which take each partition's highest report) would fire on a backlog that is gone. Two
+/// `inferflow run` on a backlog of slow requests: once the second has joined, no partition has
+/// a lag from both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_moved_by_a_rebalance_keeps_no_lag_on_its_old_owner() {
+    utils::init_tracing();
+    utils::require_kafka().await;
+    let topics = Topics::create("lagmove", 2).await;
+    let group = unique_name("lagmove");
+    // 10 ms each, one batch at a time: about 100 requests a second per instance, so the backlog
+    // lasts well beyond the rebalance.
+    let requests: Vec<Raw> = (0..6000)
+        .map(|i| {
+            let doc = json!({"request_id": format!("r{i}"), "model": "echo", "data": i, "parameters": {"delay_ms": 10}});
+            (Some(format!("k{i}").into_bytes()), Some(doc.to_string().into_bytes()))
+        })
+        .collect();
+    produce(&topics.requests, &requests).await;
+    let start = |port: u16| {
+        let mut cmd = inferflow_run(&topics, &group, None, "warn");
+        cmd.env("INFERFLOW__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+            .env("INFERFLOW__KAFKA__STATISTICS_INTERVAL_MS", "500")
+            .env("INFERFLOW__EXECUTOR__MAX_IN_FLIGHT_BATCHES", "1")
+            .env("INFERFLOW__BATCH__MAX_RECORDS", "10")
+            .env("INFERFLOW__INGEST__ENABLED", "false");
+        Killed(cmd.spawn().expect("start inferflow run"))
+    };
+    let http = reqwest::Client::new();
+    let (port_a, port_b) = (free_port(), free_port());
+    let _a = start(port_a);
+    eventually(
+        Duration::from_secs(60),
+        "A reports a lag on both partitions",
+        || async {
+            lags(&http, port_a, &topics.requests)
+                .await
+                .iter()
+                .all(|&l| l > 0.0)
+        },
+    )
+    .await;
+    let _b = start(port_b);
+    eventually(
+        Duration::from_secs(60),
+        "B owns a partition with a lag",
+        || async {
+            lags(&http, port_b, &topics.requests)
+                .await
+                .iter()
+                .any(|&l| l > 0.0)
+        },
+    )
+    .await;
+    // A few statistics intervals after the rebalance.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (a, b) = (
+        lags(&http, port_a, &topics.requests).await,
+        lags(&http, port_b, &topics.requests).await,
+    );
+    println!("lag after the rebalance: A {a:?}, B {b:?}");
+    for p in 0..2 {
+        assert!(
+            a[p] == 0.0 || b[p] == 0.0,
+            "partition {p} has a lag on both instances: A {}, B {}",
+            a[p],
+            b[p]
+        );
+    }
+    assert!(
+        a.iter().any(|&l| l > 0.0),
+        "A still owns a partition with a backlog: {a:?}"
+    );
 }
