@@ -649,12 +649,7 @@ async fn a_partition_moved_by_a_rebalance_keeps_no_lag_on_its_old_owner() {
     let group = unique_name("lagmove");
     // 10 ms each, one batch at a time: about 100 requests a second per instance, so the backlog
     // lasts well beyond the rebalance.
-    let requests: Vec<Raw> = (0..6000)
-        .map(|i| {
-            let doc = json!({"request_id": format!("r{i}"), "model": "echo", "data": i, "parameters": {"delay_ms": 10}});
-            (Some(format!("k{i}").into_bytes()), Some(doc.to_string().into_bytes()))
-        })
-        .collect();
+    let requests = crate::process::requests("r", 6000, 10, 0);
     produce(&topics.requests, &requests).await;
     let start = |port: u16| {
         let mut cmd = inferflow_run(&topics, &group, None, "warn");
@@ -667,36 +662,21 @@ async fn a_partition_moved_by_a_rebalance_keeps_no_lag_on_its_old_owner() {
     };
     let http = reqwest::Client::new();
     let (port_a, port_b) = (free_port(), free_port());
+    let lag_on = |port: u16| lags(&http, port, &topics.requests);
     let _a = start(port_a);
-    eventually(
-        Duration::from_secs(60),
-        "A reports a lag on both partitions",
-        || async {
-            lags(&http, port_a, &topics.requests)
-                .await
-                .iter()
-                .all(|&l| l > 0.0)
-        },
-    )
+    let wait = Duration::from_secs(60);
+    eventually(wait, "A reports a lag on both partitions", || async {
+        lag_on(port_a).await.iter().all(|&l| l > 0.0)
+    })
     .await;
     let _b = start(port_b);
-    eventually(
-        Duration::from_secs(60),
-        "B owns a partition with a lag",
-        || async {
-            lags(&http, port_b, &topics.requests)
-                .await
-                .iter()
-                .any(|&l| l > 0.0)
-        },
-    )
+    eventually(wait, "B owns a partition with a lag", || async {
+        lag_on(port_b).await.iter().any(|&l| l > 0.0)
+    })
     .await;
     // A few statistics intervals after the rebalance.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (a, b) = (
-        lags(&http, port_a, &topics.requests).await,
-        lags(&http, port_b, &topics.requests).await,
-    );
+    let (a, b) = (lag_on(port_a).await, lag_on(port_b).await);
     println!("lag after the rebalance: A {a:?}, B {b:?}");
     for p in 0..2 {
         assert!(
