@@ -582,12 +582,30 @@ impl<H: BatchHandler> ClientContext for SourceContext<H> {
     fn stats(&self, statistics: Statistics) {
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
-                if *partition >= 0 && p.consumer_lag >= 0 {
+                if let Some(lag) = reported_lag(*partition, p.desired, p.consumer_lag) {
                     metrics::gauge!(m::CONSUMER_LAG_RECORDS, "topic" => topic.clone(), "partition" => partition.to_string())
-                        .set(p.consumer_lag as f64);
+                        .set(lag);
                 }
             }
         }
+    }
+}
+
+/// The consumer lag this instance reports for a partition of its statistics, if any: the lag
+/// librdkafka computed for a partition it owns (`desired`), once known; 0 for one it does not
+/// own. librdkafka keeps computing a lag for a partition after a rebalance took it away, frozen
+/// at its last value, which would otherwise stay in this instance's gauge beside the new
+/// owner's (and keep lag alerts firing). `None` for librdkafka's internal partition (-1) and
+/// an owned partition whose lag is not known yet.
+fn reported_lag(partition: i32, owned: bool, consumer_lag: i64) -> Option<f64> {
+    if partition < 0 {
+        None
+    } else if !owned {
+        Some(0.0)
+    } else if consumer_lag >= 0 {
+        Some(consumer_lag as f64)
+    } else {
+        None
     }
 }
 
@@ -973,6 +991,19 @@ mod tests {
 
     fn message(offset: i64) -> Record {
         Record::untracked("t", 0, offset, None, None)
+    }
+
+    #[test]
+    fn lag_is_reported_for_owned_partitions_and_zero_for_the_others() {
+        assert_eq!(reported_lag(3, true, 1200), Some(1200.0));
+        assert_eq!(reported_lag(3, true, 0), Some(0.0));
+        // Owned, lag not known yet (nothing committed): nothing to say.
+        assert_eq!(reported_lag(3, true, -1), None);
+        // Taken away by a rebalance: librdkafka still computes a (frozen) lag; it is not ours.
+        assert_eq!(reported_lag(3, false, 1200), Some(0.0));
+        assert_eq!(reported_lag(3, false, -1), Some(0.0));
+        // librdkafka's internal unassigned-partition entry.
+        assert_eq!(reported_lag(-1, true, 5), None);
     }
 
     #[test]

@@ -49,7 +49,9 @@ fn rss_mib(pid: u32) -> Option<u64> {
     Some(kib / 1024)
 }
 
-fn requests(prefix: &str, n: usize, delay_ms: u64, pad: usize) -> Vec<Raw> {
+/// `n` requests `{prefix}{i}` keyed `k{i}` for `echo`, sleeping `delay_ms` each, with `pad`
+/// bytes of padding in their data.
+pub fn requests(prefix: &str, n: usize, delay_ms: u64, pad: usize) -> Vec<Raw> {
     let padding = "p".repeat(pad);
     (0..n)
         .map(|i| {
