@@ -2,6 +2,8 @@
 //!
 //! Names follow `inferflow_<area>_<what>_<unit>`, with `_total` for counters. They are constants
 //! here so that every emitter and every dashboard agree; each is described once at start-up.
+//! The alerts and the dashboard in `deploy/` use these names; `tests/integration/monitoring.rs`
+//! runs them on a real Prometheus scraping `inferflow run`, so a rename here fails it.
 //! Labels stay low-cardinality: no request ids, keys or error text.
 //!
 //! The recorder keeps every histogram sample until its upkeep folds them into the buckets.
@@ -35,7 +37,8 @@ pub const BATCH_LINGER_SECONDS: &str = "inferflow_batch_linger_seconds";
 pub const IN_FLIGHT_RECORDS: &str = "inferflow_in_flight_records";
 /// Partitions paused for a hold, or for a backpressure stall over a second (gauge).
 pub const PAUSED_PARTITIONS: &str = "inferflow_paused_partitions";
-/// Consumer lag per partition, from librdkafka statistics (gauge; labels `topic`, `partition`).
+/// Consumer lag per partition, from librdkafka statistics (gauge; labels `topic`, `partition`);
+/// 0 for a partition this instance does not own (any more).
 pub const CONSUMER_LAG_RECORDS: &str = "inferflow_consumer_lag_records";
 /// Rebalance events (counter; label `kind`: assign, revoke, lost).
 pub const REBALANCES_TOTAL: &str = "inferflow_rebalances_total";
@@ -285,7 +288,7 @@ fn describe() {
     );
     describe_gauge!(
         CONSUMER_LAG_RECORDS,
-        "Consumer lag per partition (librdkafka statistics)."
+        "Consumer lag per partition (librdkafka statistics); 0 where this instance does not own the partition."
     );
     describe_counter!(
         REBALANCES_TOTAL,

@@ -502,6 +502,7 @@ pub fn start<H: BatchHandler>(
         paused: AtomicBool::new(false),
         shutting_down: AtomicBool::new(false),
         rebalance_drain_timeout: spec.rebalance_drain_timeout,
+        leave_group_on_stop: kafka.group_instance_id.is_none(),
     };
     let mut client = crate::kafka::consumer_config(kafka, &spec.group_id);
     core.commits.configure(&mut client);
@@ -571,18 +572,40 @@ struct SourceContext<H> {
     /// Set once shutdown has drained what it could: revokes then give up at once.
     shutting_down: AtomicBool,
     rebalance_drain_timeout: Duration,
+    /// Dynamic membership: leave the group on a graceful stop, so the partitions move at once.
+    /// A static member (`kafka.group_instance_id`) stays, so that its restart takes them back
+    /// without a rebalance.
+    leave_group_on_stop: bool,
 }
 
 impl<H: BatchHandler> ClientContext for SourceContext<H> {
     fn stats(&self, statistics: Statistics) {
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
-                if *partition >= 0 && p.consumer_lag >= 0 {
+                if let Some(lag) = reported_lag(*partition, p.desired, p.consumer_lag) {
                     metrics::gauge!(m::CONSUMER_LAG_RECORDS, "topic" => topic.clone(), "partition" => partition.to_string())
-                        .set(p.consumer_lag as f64);
+                        .set(lag);
                 }
             }
         }
+    }
+}
+
+/// The consumer lag this instance reports for a partition of its statistics, if any: the lag
+/// librdkafka computed for a partition it owns (`desired`), once known; 0 for one it does not
+/// own. librdkafka keeps computing a lag for a partition after a rebalance took it away, frozen
+/// at its last value, which would otherwise stay in this instance's gauge beside the new
+/// owner's (and keep lag alerts firing). `None` for librdkafka's internal partition (-1) and
+/// an owned partition whose lag is not known yet.
+fn reported_lag(partition: i32, owned: bool, consumer_lag: i64) -> Option<f64> {
+    if partition < 0 {
+        None
+    } else if !owned {
+        Some(0.0)
+    } else if consumer_lag >= 0 {
+        Some(consumer_lag as f64)
+    } else {
+        None
     }
 }
 
@@ -939,8 +962,13 @@ fn shutdown<H: BatchHandler>(
     ) {
         tracing::warn!(error = %err, "producer flush incomplete");
     }
-    // Leave the group now rather than on drop, so the partitions move at once.
-    consumer.unsubscribe();
+    // A dynamic member leaves the group now rather than on drop, so the partitions move at
+    // once. A static member must not: librdkafka sends a LeaveGroup on an unsubscribe even
+    // for a static member, and only a close without one keeps the membership (and the
+    // partitions) for the instance's restart within `kafka.session_timeout_ms`.
+    if context.leave_group_on_stop {
+        consumer.unsubscribe();
+    }
     drop(consumer);
     if let Some(reason) = lock(&core.fatal_reason).take() {
         anyhow::bail!("stopped on a fatal Kafka client error: {reason}");
@@ -963,6 +991,19 @@ mod tests {
 
     fn message(offset: i64) -> Record {
         Record::untracked("t", 0, offset, None, None)
+    }
+
+    #[test]
+    fn lag_is_reported_for_owned_partitions_and_zero_for_the_others() {
+        assert_eq!(reported_lag(3, true, 1200), Some(1200.0));
+        assert_eq!(reported_lag(3, true, 0), Some(0.0));
+        // Owned, lag not known yet (nothing committed): nothing to say.
+        assert_eq!(reported_lag(3, true, -1), None);
+        // Taken away by a rebalance: librdkafka still computes a (frozen) lag; it is not ours.
+        assert_eq!(reported_lag(3, false, 1200), Some(0.0));
+        assert_eq!(reported_lag(3, false, -1), Some(0.0));
+        // librdkafka's internal unassigned-partition entry.
+        assert_eq!(reported_lag(-1, true, 5), None);
     }
 
     #[test]

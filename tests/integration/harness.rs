@@ -515,3 +515,16 @@ pub fn inferflow_run(
     cmd.envs(topics.env(group));
     cmd
 }
+
+/// A child process (`inferflow run`, a server) killed when the test ends, however it ends.
+#[allow(dead_code)]
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

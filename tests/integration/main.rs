@@ -17,6 +17,7 @@ mod feature_ingest;
 mod feature_store;
 mod http;
 mod models;
+mod monitoring;
 mod numbers;
 mod pipelines;
 mod process;

@@ -49,7 +49,9 @@ fn rss_mib(pid: u32) -> Option<u64> {
     Some(kib / 1024)
 }
 
-fn requests(prefix: &str, n: usize, delay_ms: u64, pad: usize) -> Vec<Raw> {
+/// `n` requests `{prefix}{i}` keyed `k{i}` for `echo`, sleeping `delay_ms` each, with `pad`
+/// bytes of padding in their data.
+pub fn requests(prefix: &str, n: usize, delay_ms: u64, pad: usize) -> Vec<Raw> {
     let padding = "p".repeat(pad);
     (0..n)
         .map(|i| {
@@ -245,4 +247,48 @@ async fn sigterm_without_feature_ingestion_exits_0_promptly() {
         "shutdown took {:?}; it must not wait out the shutdown margin",
         asked.elapsed()
     );
+}
+
+/// The members of `group` the broker lists.
+fn group_members(group: &str) -> usize {
+    let consumer: BaseConsumer = kafka_config().create().expect("consumer");
+    let groups = consumer
+        .fetch_group_list(Some(group), Duration::from_secs(10))
+        .expect("group list");
+    groups.groups().first().map_or(0, |g| g.members().len())
+}
+
+/// SIGTERM with static membership (`kafka.group_instance_id`, as the Helm chart's StatefulSet
+/// sets it) keeps the membership: the broker still lists the member after the process exits,
+/// so a restart within `kafka.session_timeout_ms` takes its partitions back without a
+/// rebalance. A dynamic member leaves its group at once, so its partitions move without
+/// waiting for the session timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_a_static_membership_and_leaves_a_dynamic_one() {
+    utils::init_tracing();
+    utils::require_kafka().await;
+    let topics = Topics::create("membership", 2).await;
+    produce(&topics.requests, &requests("s", 10, 0, 0)).await;
+    for (instance_id, members_after_stop) in [(Some("static-0"), 1), (None, 0)] {
+        let group = unique_name("membership");
+        let mut extra = vec![
+            ("INGEST__ENABLED", "false".to_owned()),
+            ("KAFKA__SESSION_TIMEOUT_MS", "45000".to_owned()),
+        ];
+        extra.extend(instance_id.map(|id| ("KAFKA__GROUP_INSTANCE_ID", id.to_owned())));
+        let mut child = spawn(&topics, &group, &extra);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while group_members(&group) != 1 {
+            assert!(Instant::now() < deadline, "the instance never joined {group}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        sigterm(&child);
+        let status = wait_exit(&mut child, Duration::from_secs(60));
+        assert!(status.success(), "SIGTERM must exit 0, got {status}");
+        assert_eq!(
+            group_members(&group),
+            members_after_stop,
+            "members of the group right after a graceful stop, group_instance_id {instance_id:?}"
+        );
+    }
 }

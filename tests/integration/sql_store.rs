@@ -2,14 +2,14 @@
 //! `scripts/stack`: start-up errors that name the key and never the password, and a pipeline
 //! with a features step served over Kafka and over HTTP.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use inferflow::config::Config;
 use inferflow::feature_store::FeatureStore;
 use serde_json::{Value, json};
 
-use crate::harness::{PERSONAL_STEPS, Topics, inferflow_run, request_all, write_profiles};
+use crate::harness::{Killed, PERSONAL_STEPS, Topics, inferflow_run, request_all, write_profiles};
 use crate::utils::{self, Sql, free_port, unique_name};
 
 /// A password that appears nowhere else: any occurrence in the output is a leak.
@@ -230,18 +230,6 @@ async fn serves_a_features_step_over_kafka_and_http(sql: Sql) {
         Sql::Mysql => format!("DROP DATABASE IF EXISTS {db}"),
     };
     sql.admin(&drop_db).await;
-}
-
-/// The child process, killed if the test fails before it stops it.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
