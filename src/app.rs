@@ -15,12 +15,15 @@ use crate::feature_store::{FeatureStore, coherence};
 use crate::metrics::RELOADS_TOTAL;
 use crate::pipeline::{PipelineDef, PipelineExecutor, PipelineManager, StepDef, StepType};
 
+use crate::access::Access;
+use crate::access::tls::{RELOAD_POLL, Reloading};
 use crate::config::{Config, Sources};
 use crate::http::api::Api;
-use crate::http::{AppState, Readiness, SharedStore, router};
+use crate::http::listen::{self, Peer};
+use crate::http::{AppState, Readiness, SharedStore, api_router, ops_router};
 
 /// Serves HTTP on an already bound listener until `shutdown` completes: `/metrics`,
-/// `/healthz` and `/readyz` only.
+/// `/healthz` and `/readyz` only (on `http.ops_listen` instead, when it is set).
 pub async fn serve(
     config: &Config,
     listener: TcpListener,
@@ -31,10 +34,53 @@ pub async fn serve(
 }
 
 /// [`serve`], plus the inference and feature API when `api` is given. Readiness checks the
-/// API's feature store, or `store` when given without an API, or the configured one.
+/// API's feature store, or `store` when given without an API, or the configured one. With
+/// `http.ops_listen` set, that address is bound here for `/metrics`, `/healthz` and `/readyz`.
 pub async fn serve_with(
     config: &Config,
     listener: TcpListener,
+    metrics: PrometheusHandle,
+    api: Option<Arc<Api>>,
+    store: Option<Arc<FeatureStore>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let ops = bind_ops(config).await?;
+    serve_listeners(
+        config,
+        Listeners { api: listener, ops },
+        metrics,
+        api,
+        store,
+        shutdown,
+    )
+    .await
+}
+
+/// The HTTP server's bound listeners.
+pub struct Listeners {
+    /// `http.listen`: the `/v1` API (plain or TLS), and the ops routes when `ops` is `None`.
+    pub api: TcpListener,
+    /// `http.ops_listen`: `/metrics`, `/healthz` and `/readyz`, plain, without access control.
+    pub ops: Option<TcpListener>,
+}
+
+/// Binds `http.ops_listen`, when set.
+async fn bind_ops(config: &Config) -> anyhow::Result<Option<TcpListener>> {
+    match &config.http.ops_listen {
+        Some(addr) => {
+            Ok(Some(TcpListener::bind(addr).await.with_context(|| {
+                format!("binding http.ops_listen = {addr}")
+            })?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// [`serve_with`] on listeners bound by the caller: the API's (TLS when `[http.tls]` is set,
+/// behind the tokens and client certificates of `[http]`) and, optionally, the ops listener.
+pub async fn serve_listeners(
+    config: &Config,
+    listeners: Listeners,
     metrics: PrometheusHandle,
     api: Option<Arc<Api>>,
     store: Option<Arc<FeatureStore>>,
@@ -48,6 +94,14 @@ pub async fn serve_with(
         (None, Some(store)) => readiness = readiness.with_store(store),
         (None, None) => {}
     }
+    let access = Arc::new(Access::from_config(&config.http).map_err(anyhow::Error::msg)?);
+    let tls = match &config.http.tls {
+        Some(tls) => Some(Arc::new(
+            Reloading::new(tls)
+                .map_err(|(key, message)| anyhow::anyhow!("http.tls.{key}: {message}"))?,
+        )),
+        None => None,
+    };
     let serving_api = api.is_some();
     let state = AppState {
         metrics,
@@ -55,13 +109,72 @@ pub async fn serve_with(
         started: Instant::now(),
         api,
     };
-    tracing::info!(listen = %listener.local_addr()?, api = serving_api, "serving /metrics, /healthz, /readyz and the /v1 API");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("HTTP server")?;
+    let local = listeners.api.local_addr()?;
+    let ops_addr = listeners
+        .ops
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
+    match (access.as_ref(), serving_api) {
+        (Access::Open, true) if local.ip().is_loopback() => tracing::info!(
+            listen = %local,
+            "the /v1 API is unauthenticated (no http.tokens) and listens on loopback only"
+        ),
+        (Access::Open, true) => tracing::warn!(
+            listen = %local,
+            "the /v1 API is unauthenticated (http.allow_unauthenticated) on a non-loopback address"
+        ),
+        _ => {}
+    }
+    tracing::info!(
+        listen = %local,
+        tls = tls.is_some(),
+        mtls = config.http.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()),
+        api = serving_api,
+        tokens = config.http.tokens.len(),
+        ops_listen = ops_addr.map(|a| a.to_string()),
+        "serving HTTP"
+    );
+    let stop = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            stop.cancel();
+        });
+    }
+    let app = api_router(state.clone(), access, listeners.ops.is_none())
+        .into_make_service_with_connect_info::<Peer>();
+    let api_server = async {
+        match &tls {
+            Some(tls) => {
+                tokio::spawn(Arc::clone(tls).watch(RELOAD_POLL, stop.clone()));
+                let listener = listen::Tls::new(listeners.api, Arc::clone(tls))?;
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.clone().cancelled_owned())
+                    .await
+            }
+            None => {
+                axum::serve(listen::Plain(listeners.api), app)
+                    .with_graceful_shutdown(stop.clone().cancelled_owned())
+                    .await
+            }
+        }
+        .context("HTTP server")
+    };
+    let ops_server = async {
+        match listeners.ops {
+            Some(ops) => axum::serve(ops, ops_router(state))
+                .with_graceful_shutdown(stop.clone().cancelled_owned())
+                .await
+                .context("HTTP ops server"),
+            None => Ok(()),
+        }
+    };
+    let outcome = tokio::try_join!(api_server, ops_server).map(|_| ());
+    stop.cancel();
     tracing::info!("stopped");
-    Ok(())
+    outcome
 }
 
 /// The API over the service's executor and store: `features` when the service opened one,
@@ -91,9 +204,13 @@ pub fn api(
 /// changes when `pipelines.watch` is set).
 pub async fn run(config: Config, sources: Sources) -> anyhow::Result<()> {
     let metrics = crate::metrics::install().context("installing the Prometheus recorder")?;
+    for warning in config.http.warnings() {
+        tracing::warn!("{warning}");
+    }
     let listener = TcpListener::bind(&config.http.listen)
         .await
         .with_context(|| format!("binding http.listen = {}", config.http.listen))?;
+    let ops = bind_ops(&config).await?;
     let stop = CancellationToken::new();
     let models = crate::providers::build::build_manager(
         &config.providers,
@@ -149,7 +266,8 @@ pub async fn run(config: Config, sources: Sources) -> anyhow::Result<()> {
         let config = config.clone();
         let store = store.clone();
         tokio::spawn(async move {
-            serve_with(&config, listener, metrics, Some(api), store, async move {
+            let listeners = Listeners { api: listener, ops };
+            serve_listeners(&config, listeners, metrics, Some(api), store, async move {
                 http_stop.cancelled().await
             })
             .await

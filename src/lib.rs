@@ -22,8 +22,12 @@
 //!   map), their validation, hot reload, and the executor the processor and HTTP API drive.
 //! - [`replay`]: earlier results by request id, reused for redelivered requests.
 //! - [`telemetry`]: logging set-up; [`metrics`]: metric names and the Prometheus exporter.
-//! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`app`]: wires the service and runs it.
+//! - [`access`]: who may use the HTTP API (the `[http]` section: tokens, client certificates,
+//!   scopes, tenants, per-token limits, TLS).
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz` and the `/v1` API, with access control;
+//!   [`app`]: wires the service and runs it.
 
+pub mod access;
 pub mod app;
 pub mod backoff;
 pub mod batching;

@@ -166,6 +166,9 @@ fn main() -> ExitCode {
                     eprint!("{}", inferflow::config::ConfigErrors(problems));
                     return ExitCode::from(EXIT_CONFIG);
                 }
+                for warning in config.http.warnings() {
+                    eprintln!("warning: {warning}");
+                }
                 print!("{}", config.to_redacted_toml());
                 ExitCode::SUCCESS
             }

@@ -70,6 +70,67 @@ fn check_config_lists_every_problem_and_exits_2() {
     );
 }
 
+/// The HTTP API listens on loopback by default; a non-loopback address without tokens is
+/// refused (naming `http.allow_unauthenticated` and how to open it), and opening it explicitly
+/// is allowed with a warning.
+#[test]
+fn check_config_refuses_an_open_api_on_a_public_address() {
+    let default = inferflow(&["check-config"], &[]);
+    let stderr = String::from_utf8_lossy(&default.stderr);
+    assert!(default.status.success(), "stderr: {stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&default.stdout).contains("listen = \"127.0.0.1:8080\""),
+        "the default listen address is loopback"
+    );
+
+    let public = [("INFERFLOW__HTTP__LISTEN", "0.0.0.0:8080")];
+    let refused = inferflow(&["check-config"], &public);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("http.allow_unauthenticated:"), "{stderr}");
+    assert!(
+        stderr.contains("[[http.tokens]]") && stderr.contains("allow_unauthenticated = true"),
+        "says how to open it: {stderr}"
+    );
+
+    // `run` refuses it the same way, before connecting to anything.
+    let run = inferflow(&["run"], &public);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("http.allow_unauthenticated:"), "{stderr}");
+
+    let open = inferflow(
+        &["check-config"],
+        &[
+            public[0],
+            ("INFERFLOW__HTTP__ALLOW_UNAUTHENTICATED", "true"),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&open.stderr);
+    assert!(open.status.success(), "stderr: {stderr}");
+    assert!(
+        stderr.contains("warning: http.allow_unauthenticated = true"),
+        "{stderr}"
+    );
+
+    let guarded = inferflow(
+        &["check-config"],
+        &[
+            public[0],
+            (
+                "INFERFLOW__HTTP__TOKENS",
+                r#"[{name="scorer", env="CLI_TEST_TOKEN", scopes=["predict"]}]"#,
+            ),
+            ("CLI_TEST_TOKEN", "cli-test-token-value"),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&guarded.stdout);
+    let stderr = String::from_utf8_lossy(&guarded.stderr);
+    assert!(guarded.status.success(), "stderr: {stderr}");
+    assert!(!stdout.contains("cli-test-token-value") && !stderr.contains("cli-test-token-value"));
+}
+
 #[test]
 fn check_config_reports_a_missing_file() {
     let out = inferflow(&["check-config", "--config", "/nonexistent/x.toml"], &[]);

@@ -33,6 +33,7 @@ const LAYERS: &[Layer] = &[
     Layer {
         name: "component",
         modules: &[
+            "access",
             "batching",
             "decode",
             "executor",

@@ -27,9 +27,10 @@
 //! in [`crate::kafka`], `[feature_store]` and `[ingest]` in [`crate::feature_store`],
 //! `[replay]` in [`crate::replay`], `[providers]`, `[models]` and `[result_cache]` in
 //! [`crate::providers`], `[pipelines]` in [`crate::pipeline`], `[batch]` in
-//! [`crate::batching`], `[executor]` in [`crate::executor`], `[log]` in [`crate::telemetry`].
+//! [`crate::batching`], `[executor]` in [`crate::executor`], `[log]` in [`crate::telemetry`],
+//! `[http]` in [`crate::access`].
 //! This module aggregates them into [`Config`] (re-exporting them here too), and defines only
-//! the tables no component reads (`[processing]`, `[http]`) and the checks across tables. It
+//! the table no component reads (`[processing]`) and the checks across tables. It
 //! depends on the components; they never depend on it.
 
 mod sections;
@@ -42,7 +43,8 @@ use figment::providers::{Env, Format, Toml};
 use figment::value::Value;
 use serde_path_to_error::Segment;
 
-pub use sections::{Config, Guarantee, HttpConfig, ProcessingConfig};
+pub use crate::access::{HttpConfig, Scope, TlsConfig, TokenConfig};
+pub use sections::{Config, Guarantee, ProcessingConfig};
 // The sections the components own, and the leaf types, where library users have found them.
 pub use crate::batching::BatchConfig;
 pub use crate::executor::{ExecutorConfig, KeyOrdering};

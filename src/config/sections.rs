@@ -1,4 +1,4 @@
-//! The sections only the application uses (`[processing]`, `[http]`), and [`Config`], the
+//! The section only the application uses (`[processing]`), and [`Config`], the
 //! aggregate of every section, with the checks across sections.
 //!
 //! The components' sections are defined by the components themselves (`kafka::KafkaConfig`,
@@ -7,11 +7,11 @@
 //! are (`NonZero*`, enums); the rest are checked by the `validate` method of the section
 //! ([`Section`]), which pushes every problem it finds with its key path.
 
-use std::net::SocketAddr;
-use std::num::{NonZeroU64, NonZeroUsize};
+use std::num::NonZeroU64;
 
 use serde::{Deserialize, Serialize};
 
+use crate::access::HttpConfig;
 use crate::batching::BatchConfig;
 use crate::executor::ExecutorConfig;
 use crate::feature_store::{
@@ -91,29 +91,6 @@ impl ProcessingConfig {
                 let suffix = uuid::Uuid::new_v4().simple().to_string();
                 format!("{}-{}-{}", kafka.group_id, kafka.client_id, &suffix[..12])
             }
-        }
-    }
-}
-
-/// `[http]`: the HTTP server.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HttpConfig {
-    /// Listen address, `ip:port`.
-    pub listen: String,
-    /// Inference requests over HTTP running at once; more are answered 429 at once.
-    pub max_in_flight_requests: NonZeroUsize,
-}
-
-impl Section for HttpConfig {
-    fn validate(&self, p: &mut Problems) {
-        if self.listen.parse::<SocketAddr>().is_err() {
-            p.push(
-                "http.listen",
-                format!(
-                    "`{}` is not an ip:port address (for example 0.0.0.0:8080)",
-                    self.listen
-                ),
-            );
         }
     }
 }

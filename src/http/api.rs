@@ -7,6 +7,10 @@
 //! same execute timeout and the same result document ([`crate::processor::result_document`])
 //! as a request from Kafka; only `source` is absent. Requests in flight over HTTP are bounded
 //! by `http.max_in_flight_requests`: beyond it the answer is 429 at once, never a queue.
+//!
+//! Each route needs a scope ([`routes`]): `predict` for the inference routes, `features:read`
+//! for the feature reads, `features:write` for the feature writes ([`super::auth`]). A
+//! principal bound to a tenant acts for that tenant only ([`super::auth::bind_tenant`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +18,7 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -22,6 +26,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 
+use super::auth::{Gate, authorize, bind_tenant, forbidden};
+use crate::access::{Access, Principal, Scope};
 use crate::decode::{DecodeRules, Decoded, decode};
 use crate::executor::{ExecRequest, ExecResult, Executor};
 use crate::feature_store::FeatureStore;
@@ -74,12 +80,27 @@ fn result_response(doc: InferenceResult) -> Response {
     (status, Json(doc)).into_response()
 }
 
-/// The API routes, merged into the server's router.
-pub fn routes(api: Arc<Api>) -> Router {
-    Router::new()
+/// The API routes, merged into the server's router, each group behind the scope it needs:
+/// `predict` for inference, `features:read` for the `GET` feature routes, `features:write`
+/// for `PUT /v1/features`.
+pub fn routes(api: Arc<Api>, access: Arc<Access>) -> Router {
+    let gate = |scope| {
+        axum::middleware::from_fn_with_state(
+            Gate {
+                access: Arc::clone(&access),
+                scope,
+            },
+            authorize,
+        )
+    };
+    let predict_routes = Router::new()
         .route("/v1/predict", post(predict))
         .route("/v1/pipelines/{id}/execute", post(execute_pipeline))
+        .route_layer(gate(Scope::Predict));
+    let write_routes = Router::new()
         .route("/v1/features", put(put_feature))
+        .route_layer(gate(Scope::FeaturesWrite));
+    let read_routes = Router::new()
         .route("/v1/features/{entity_type}/{entity_id}", get(get_vector))
         .route(
             "/v1/features/{entity_type}/{entity_id}/{feature}",
@@ -89,8 +110,15 @@ pub fn routes(api: Arc<Api>) -> Router {
             "/v1/feature-groups/{group}/vectors/{entity_id}",
             get(get_group_vector),
         )
+        .route_layer(gate(Scope::FeaturesRead));
+    predict_routes
+        .merge(write_routes)
+        .merge(read_routes)
         .with_state(api)
 }
+
+/// The principal the access gate let through, if any (none when the API is open).
+type Caller = Option<Extension<Arc<Principal>>>;
 
 /// Reads the body, refusing more than `limit` bytes with a `payload_too_large` error.
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ErrorBody> {
@@ -104,12 +132,18 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ErrorBody> {
 
 /// `POST /v1/predict`: the body is an inference request, as on the requests topic;
 /// `request_id` may be left out (one is generated).
-async fn predict(State(api): State<Arc<Api>>, body: Body) -> Response {
+/// A principal bound to a tenant sets `tenant` when it is absent, and is refused (403) when
+/// the body names another.
+async fn predict(State(api): State<Arc<Api>>, caller: Caller, body: Body) -> Response {
     let bytes = match read_body(body, api.rules.max_request_bytes).await {
         Ok(b) => b,
         Err(error) => return error_response(error),
     };
-    run(&api, with_request_id(&bytes, None)).await
+    let principal = caller.as_ref().map(|Extension(p)| p);
+    match prepare(&bytes, principal) {
+        Ok(bytes) => run(&api, bytes).await,
+        Err(refused) => forbidden(refused),
+    }
 }
 
 /// The body of `POST /v1/pipelines/{id}/execute`.
@@ -134,6 +168,7 @@ struct ExecuteBody {
 async fn execute_pipeline(
     State(api): State<Arc<Api>>,
     Path(id): Path<String>,
+    caller: Caller,
     body: Body,
 ) -> Response {
     let bytes = match read_body(body, api.rules.max_request_bytes).await {
@@ -155,6 +190,10 @@ async fn execute_pipeline(
             ));
         }
     };
+    let tenant = match bind_tenant(caller.as_ref().map(|Extension(p)| p), parsed.tenant) {
+        Ok(t) => t,
+        Err(refused) => return forbidden(refused),
+    };
     let mut request = Map::new();
     request.insert(
         "request_id".into(),
@@ -165,7 +204,7 @@ async fn execute_pipeline(
     let optional = [
         ("parameters", parsed.parameters.map(Value::Object)),
         ("entity", parsed.entity),
-        ("tenant", parsed.tenant.map(Value::String)),
+        ("tenant", tenant.map(Value::String)),
         ("deadline_ms", parsed.deadline_ms.map(Value::from)),
     ];
     for (key, value) in optional {
@@ -181,18 +220,31 @@ fn new_request_id() -> String {
     format!("http-{}", uuid::Uuid::new_v4())
 }
 
-/// The body with a generated `request_id` when it is a JSON object without one; otherwise
-/// the body as it is (decoding then reports what is wrong).
-fn with_request_id(bytes: &[u8], id: Option<String>) -> Vec<u8> {
+/// The body of `POST /v1/predict` with a generated `request_id` when it is a JSON object
+/// without one, and the tenant of `principal` when it is bound to one; otherwise the body as
+/// it is (decoding then reports what is wrong). A body naming another tenant than the
+/// principal's is refused: the message for the 403.
+fn prepare(bytes: &[u8], principal: Option<&Arc<Principal>>) -> Result<Vec<u8>, String> {
+    let bound = principal.is_some_and(|p| p.tenant.is_some());
     match serde_json::from_slice::<Value>(bytes) {
-        Ok(Value::Object(mut map)) if !map.contains_key("request_id") => {
-            map.insert(
-                "request_id".into(),
-                Value::String(id.unwrap_or_else(new_request_id)),
-            );
-            serde_json::to_vec(&Value::Object(map)).unwrap_or_else(|_| bytes.to_vec())
+        Ok(Value::Object(mut map)) if bound || !map.contains_key("request_id") => {
+            if bound {
+                let named = match map.remove("tenant") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(t)) => Some(t),
+                    // Not a tenant at all: never one the principal may name.
+                    Some(_) => Some(String::new()),
+                };
+                if let Some(tenant) = bind_tenant(principal, named)? {
+                    map.insert("tenant".into(), Value::String(tenant));
+                }
+            }
+            if !map.contains_key("request_id") {
+                map.insert("request_id".into(), Value::String(new_request_id()));
+            }
+            Ok(serde_json::to_vec(&Value::Object(map)).unwrap_or_else(|_| bytes.to_vec()))
         }
-        _ => bytes.to_vec(),
+        _ => Ok(bytes.to_vec()),
     }
 }
 
@@ -468,16 +520,14 @@ mod tests {
 
     #[test]
     fn a_request_id_is_added_only_when_missing() {
-        let with: Value = serde_json::from_slice(&with_request_id(
-            br#"{"model":"echo","data":1}"#,
-            Some("x".into()),
-        ))
-        .unwrap();
-        assert_eq!(with["request_id"], "x");
+        let with: Value =
+            serde_json::from_slice(&prepare(br#"{"model":"echo","data":1}"#, None).unwrap())
+                .unwrap();
+        assert!(with["request_id"].as_str().unwrap().starts_with("http-"));
         let kept: Value =
-            serde_json::from_slice(&with_request_id(br#"{"request_id":"a","data":1}"#, None))
+            serde_json::from_slice(&prepare(br#"{"request_id":"a","data":1}"#, None).unwrap())
                 .unwrap();
         assert_eq!(kept["request_id"], "a");
-        assert_eq!(with_request_id(b"not json", None), b"not json");
+        assert_eq!(prepare(b"not json", None).unwrap(), b"not json");
     }
 }

@@ -4,9 +4,16 @@
 //! The feature routes and readiness share one [`SharedStore`]: the store the service opened,
 //! or the configured one, opened on first use.
 //!
-//! The router is built by [`router`] so tests can serve it on a port-0 listener.
+//! Access control ([`auth`]) guards the `/v1` routes; `/metrics`, `/healthz` and `/readyz`
+//! are never guarded, and are served either beside the API or, with `http.ops_listen`, on a
+//! listener of their own and not on the API's ([`ops_router`], [`api_router`]). The API's
+//! listener is plain TCP or TLS ([`listen`]).
+//!
+//! The routers are built here so tests can serve them on port-0 listeners.
 
 pub mod api;
+pub mod auth;
+pub mod listen;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +30,7 @@ use scylla::client::session::Session;
 use serde::Serialize;
 use tokio::sync::OnceCell;
 
+use crate::access::Access;
 use crate::config::{FeatureStoreBackend, FeatureStoreConfig, KafkaConfig};
 use crate::feature_store::{FeatureStore, FeatureStoreError};
 use crate::metrics::{READINESS_CHECKS_TOTAL, UPTIME_SECONDS};
@@ -246,16 +254,26 @@ pub struct AppState {
     pub api: Option<Arc<api::Api>>,
 }
 
-/// The HTTP routes.
-pub fn router(state: AppState) -> Router {
-    let api = state.api.clone();
-    let base = Router::new()
+/// `/metrics`, `/healthz` and `/readyz`, without access control.
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(state);
+        .with_state(state)
+}
+
+/// The routes of the API listener: the `/v1` API (when the service runs one) behind `access`,
+/// and, when `with_ops`, [`ops_router`]'s routes too.
+pub fn api_router(state: AppState, access: Arc<Access>, with_ops: bool) -> Router {
+    let api = state.api.clone();
+    let base = if with_ops {
+        ops_router(state)
+    } else {
+        Router::new()
+    };
     match api {
-        Some(api) => base.merge(api::routes(api)),
+        Some(api) => base.merge(api::routes(api, access)),
         None => base,
     }
 }
