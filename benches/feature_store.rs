@@ -106,7 +106,8 @@ impl Place {
             Backend::Scylla => Place::Keyspace(env),
             Backend::Postgres | Backend::Mysql => {
                 let sql = backend.sql().expect("a SQL backend");
-                let db = utils::unique_name(prefix);
+                // The test login may create databases named inferflow…
+                let db = utils::unique_name(&format!("inferflow_{prefix}"));
                 sql.admin(&format!("CREATE DATABASE {db}")).await;
                 let url = Some(SecretUrl::new(sql.url(&db)));
                 if sql == Sql::Postgres {
@@ -377,7 +378,7 @@ macro_rules! plain_sql_loop {
 }
 
 async fn plain_sql_once(sql: Sql, run: usize) -> f64 {
-    let db = utils::unique_name(&format!("bench_plain{run}"));
+    let db = utils::unique_name(&format!("inferflow_bench_plain{run}"));
     sql.admin(&format!("CREATE DATABASE {db}")).await;
     let url = sql.url(&db);
     let rate = match sql {
