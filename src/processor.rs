@@ -1199,6 +1199,7 @@ mod tests {
                 latency_us: 7,
                 cached: false,
                 output: None,
+                features: Vec::new(),
             }],
         });
         let err: ExecResult = Err(ErrorBody::new(ErrorKind::UnknownModel, "no model `m`"));

@@ -538,3 +538,131 @@ transforms = [{ op = "object", fields = { feature = "features.exact", nums = "da
         number_cases::assert_carried(line, &cases, &format!("batch {}", doc["request_id"]));
     }
 }
+
+/// The prediction audit: a features step's record lists the feature versions it read, and
+/// `inferflow features get --version N` reads back exactly the values the step used. Version 1
+/// is written, a request scored, version 2 written, a request scored again: each result names
+/// its own version, and the history reproduces each.
+#[test]
+fn a_features_step_records_the_versions_it_read_and_the_history_reproduces_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir(root.join("pipelines")).unwrap();
+    // The features land in the data (`into`), so the output shows the values the step used.
+    std::fs::write(
+        root.join("pipelines/audit.toml"),
+        r#"
+id = "audit"
+
+[[steps]]
+type = "features"
+name = "profile"
+entity_type = "user"
+features = ["profile", "never_written"]
+entity_id = "data.user_id"
+into = "used"
+"#,
+    )
+    .unwrap();
+    let db = root.join("store/features.redb");
+    let config = root.join("inferflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[pipelines]\ndir = {:?}\n[feature_store]\nbackend = \"embedded\"\npath = {:?}\n",
+            root.join("pipelines").to_str().unwrap(),
+            db.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let features = |args: &[&str]| -> Value {
+        let mut all = vec!["features", "--config", config];
+        all.extend_from_slice(args);
+        let out = inferflow(&all, &[]);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        serde_json::from_slice(&out.stdout).expect("features prints JSON")
+    };
+    let key = [
+        "--entity-type",
+        "user",
+        "--entity-id",
+        "u1",
+        "--name",
+        "profile",
+    ];
+    let score = |id: &str| -> Value {
+        let (input, output) = (
+            root.join(format!("{id}.in")),
+            root.join(format!("{id}.out")),
+        );
+        write_lines(
+            &input,
+            &[json!({"request_id": id, "data": {"user_id": "u1"}}).to_string()],
+        );
+        let out = inferflow(
+            &[
+                "batch",
+                "--config",
+                config,
+                "--pipeline",
+                "audit",
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                output.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "stderr: {}", stderr(&out));
+        results(&output).remove(0)
+    };
+
+    let mut put = vec!["put"];
+    put.extend(key);
+    put.extend([
+        "--values",
+        r#"{"segment":"silver","score":0.25}"#,
+        "--version",
+        "1",
+    ]);
+    features(&put);
+    let first = score("first");
+    let mut put = vec!["put"];
+    put.extend(key);
+    put.extend([
+        "--values",
+        r#"{"segment":"gold","score":0.75}"#,
+        "--version",
+        "2",
+    ]);
+    features(&put);
+    let second = score("second");
+
+    for (result, version) in [(&first, 1), (&second, 2)] {
+        assert_eq!(result["status"], "ok", "{result}");
+        let step = &result["steps"][0];
+        assert_eq!(step["name"], "profile", "{result}");
+        assert_eq!(
+            step["features"],
+            json!([
+                {"entity_type": "user", "entity_id": "u1", "feature": "profile", "version": version},
+                {"entity_type": "user", "entity_id": "u1", "feature": "never_written", "version": null},
+            ]),
+            "{result}"
+        );
+        // Reproduce: the recorded version, read from the history, is what the step used.
+        let recorded = step["features"][0]["version"].as_u64().unwrap().to_string();
+        let mut get = vec!["get"];
+        get.extend(key);
+        get.extend(["--version", recorded.as_str()]);
+        let stored = features(&get);
+        assert_eq!(stored["version"], version);
+        assert_eq!(
+            stored["values"], result["output"]["used"]["profile"],
+            "{result}"
+        );
+    }
+    assert_eq!(first["output"]["used"]["profile"]["segment"], "silver");
+    assert_eq!(second["output"]["used"]["profile"]["segment"], "gold");
+}

@@ -20,7 +20,7 @@ use super::transform::{Transform, TransformContext};
 use crate::executor::ExecRequest;
 use crate::feature_store::FeatureVector;
 use crate::metrics::{PIPELINE_MODEL_REQUESTS_TOTAL, PIPELINE_STEP_ERRORS_TOTAL};
-use crate::model::{Entity, ErrorBody, ErrorKind, StepRecord, Target};
+use crate::model::{Entity, ErrorBody, ErrorKind, FeatureRead, StepRecord, Target};
 use crate::providers::manager::{ModelExecutor, RetryAdvice};
 
 /// One request on its way through a pipeline.
@@ -103,6 +103,8 @@ struct Delta {
     model_version: Option<String>,
     /// Steps of a chained pipeline, recorded under this step's name.
     sub_steps: Vec<StepRecord>,
+    /// The feature versions a features step read, for its step record (the audit).
+    feature_reads: Vec<FeatureRead>,
 }
 
 /// Why a step failed for one request, and whether the step's `retries` may try it again.
@@ -237,6 +239,7 @@ impl<'s> Engine<'s> {
         for &i in live {
             let item = &mut items[i];
             let mut cached = false;
+            let mut feature_reads = Vec::new();
             match outcomes[i].take() {
                 Some(Ok(delta)) => {
                     if let Some(data) = delta.data {
@@ -255,6 +258,7 @@ impl<'s> Engine<'s> {
                     if delta.model_version.is_some() {
                         item.model_version = delta.model_version;
                     }
+                    feature_reads = delta.feature_reads;
                     for mut sub in delta.sub_steps {
                         sub.name = format!("{}/{}", step.name, sub.name);
                         item.steps.push(sub);
@@ -292,6 +296,7 @@ impl<'s> Engine<'s> {
                 latency_us,
                 cached,
                 output: (record || step.record_output).then(|| item.data.clone()),
+                features: feature_reads,
             });
         }
     }
@@ -577,6 +582,23 @@ impl<'s> Engine<'s> {
                         ));
                     }
                 };
+                let read = |feature: &str, version: Option<u64>| FeatureRead {
+                    entity_type: vector.entity_type.clone(),
+                    entity_id: vector.entity_id.clone(),
+                    feature: feature.to_owned(),
+                    version,
+                };
+                let mut feature_reads: Vec<FeatureRead> = vector
+                    .features
+                    .iter()
+                    .map(|(name, value)| read(name, Some(value.version)))
+                    .collect();
+                feature_reads.extend(vector.missing.iter().map(|name| read(name, None)));
+                feature_reads.extend(
+                    (vector.stale.iter())
+                        .filter(|name| !vector.features.contains_key(*name))
+                        .map(|name| read(name, None)),
+                );
                 let mut features = Map::new();
                 for (name, value) in vector.features {
                     features.insert(name, Value::Object(value.values));
@@ -596,6 +618,7 @@ impl<'s> Engine<'s> {
                     data,
                     features: Some(features),
                     step_cached: Some(from_cache),
+                    feature_reads,
                     ..Delta::default()
                 })
             })
@@ -636,6 +659,7 @@ impl<'s> Engine<'s> {
                     step_cached: None,
                     model_version: child.model_version,
                     sub_steps: child.steps,
+                    feature_reads: Vec::new(),
                 }),
             })
             .collect()
