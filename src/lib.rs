@@ -44,3 +44,4 @@ pub mod replay;
 pub mod secret;
 pub mod section;
 pub mod telemetry;
+pub mod tracing_otel;

@@ -43,6 +43,7 @@ const LAYERS: &[Layer] = &[
             "providers",
             "replay",
             "telemetry",
+            "tracing_otel",
         ],
         within: true,
     },

@@ -27,7 +27,8 @@
 //! in [`crate::kafka`], `[feature_store]` and `[ingest]` in [`crate::feature_store`],
 //! `[replay]` in [`crate::replay`], `[providers]`, `[models]` and `[result_cache]` in
 //! [`crate::providers`], `[pipelines]` in [`crate::pipeline`], `[batch]` in
-//! [`crate::batching`], `[executor]` in [`crate::executor`], `[log]` in [`crate::telemetry`].
+//! [`crate::batching`], `[executor]` in [`crate::executor`], `[log]` in [`crate::telemetry`], `[tracing]` in
+//! [`crate::tracing_otel`].
 //! This module aggregates them into [`Config`] (re-exporting them here too), and defines only
 //! the tables no component reads (`[processing]`, `[http]`) and the checks across tables. It
 //! depends on the components; they never depend on it.
@@ -59,6 +60,7 @@ pub use crate::replay::{ReplayConfig, ReplayStoreKind};
 pub use crate::secret::{REDACTED, Secret, SecretUrl};
 pub use crate::section::{ConfigError, ConfigErrors};
 pub use crate::telemetry::{LogConfig, LogFormat};
+pub use crate::tracing_otel::TracingConfig;
 
 use crate::providers::cache::ResultCacheConfig;
 use crate::providers::check_models_against_providers;
@@ -149,6 +151,7 @@ const SECTIONS: &[&str] = &[
     "pipelines",
     "http",
     "log",
+    "tracing",
 ];
 
 /// Where the configuration comes from, besides the embedded defaults.
@@ -250,6 +253,7 @@ impl Config {
         let pipelines = section::<PipelinesConfig>(fig, "pipelines", problems);
         let http = section::<HttpConfig>(fig, "http", problems);
         let log = section::<LogConfig>(fig, "log", problems);
+        let tracing = section::<TracingConfig>(fig, "tracing", problems);
         let config = Config {
             kafka: kafka?,
             topics: topics?,
@@ -265,6 +269,7 @@ impl Config {
             pipelines: pipelines?,
             http: http?,
             log: log?,
+            tracing: tracing?,
         };
         config.validate_across_sections(problems);
         check_models_against_providers(&config.models, &config.providers, problems);
@@ -525,6 +530,24 @@ mod tests {
             "kafka.sasl_password",
             "kafka.extra.\"enable.auto.offset.store\"",
             "executor.max_in_flight_records",
+        ] {
+            assert!(p.contains(&expected), "missing {expected} in {errs:#?}");
+        }
+    }
+
+    #[test]
+    fn tracing_is_off_by_default_and_its_keys_are_checked() {
+        let defaults = Config::from_toml_str("").expect("defaults");
+        assert!(!defaults.tracing.enabled);
+        let errs = problems(
+            "[tracing]\nenabled = true\nendpoint = \"collector:4318\"\nsampling_ratio = 2.0\nservice_name = \"\"\nextra = 1\n",
+        );
+        let p = paths(&errs);
+        for expected in [
+            "tracing.endpoint",
+            "tracing.sampling_ratio",
+            "tracing.service_name",
+            "tracing.extra",
         ] {
             assert!(p.contains(&expected), "missing {expected} in {errs:#?}");
         }
