@@ -21,7 +21,8 @@
 //! - [`pipeline`]: config-driven pipelines (preprocess, features, model, postprocess, chaining,
 //!   map), their validation, hot reload, and the executor the processor and HTTP API drive.
 //! - [`replay`]: earlier results by request id, reused for redelivered requests.
-//! - [`telemetry`]: logging set-up; [`metrics`]: metric names and the Prometheus exporter.
+//! - [`telemetry`]: logging set-up; [`metrics`]: metric names and the Prometheus exporter;
+//!   [`tracing_otel`]: distributed traces (W3C trace context, OTLP/HTTP export, `[tracing]`).
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`app`]: wires the service and runs it.
 
 pub mod app;

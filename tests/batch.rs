@@ -55,6 +55,26 @@ fn write_lines(path: &Path, lines: &[String]) {
     std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }
 
+/// Writes the pipeline `name` (its TOML) into `root/pipelines/` and a configuration
+/// `root/inferflow.toml` pointing `pipelines.dir` there and `feature_store.path` at
+/// `root/store/features.redb`, with `feature_store` as more of its `[feature_store]` table;
+/// returns the configuration's path.
+fn pipeline_and_config(root: &Path, name: &str, pipeline: &str, feature_store: &str) -> String {
+    std::fs::create_dir_all(root.join("pipelines")).unwrap();
+    std::fs::write(root.join(format!("pipelines/{name}.toml")), pipeline).unwrap();
+    let config = root.join("inferflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[pipelines]\ndir = {:?}\n[feature_store]\npath = {:?}\n{feature_store}",
+            root.join("pipelines").to_str().unwrap(),
+            root.join("store/features.redb").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    config.to_str().unwrap().to_owned()
+}
+
 #[test]
 fn sentiment_batch_labels_every_line_in_order_with_step_records() {
     let dir = tempfile::tempdir().unwrap();
@@ -326,9 +346,9 @@ fn an_unknown_pipeline_or_model_fails_before_writing_anything() {
 fn a_features_pipeline_reads_the_embedded_store_by_default() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    std::fs::create_dir(root.join("pipelines")).unwrap();
-    std::fs::write(
-        root.join("pipelines/greet.toml"),
+    let config: &str = &pipeline_and_config(
+        root,
+        "greet",
         r#"
 id = "greet"
 
@@ -345,20 +365,8 @@ transforms = [
   { op = "template", template = "Hello {{ data.name }}, {{ features.profile.segment }} member", into = "greeting" },
 ]
 "#,
-    )
-    .unwrap();
-    let db = root.join("store/features.redb");
-    let config = root.join("inferflow.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[pipelines]\ndir = {:?}\n[feature_store]\npath = {:?}\ncontact_points = [\"127.0.0.1:1\"]\n",
-            root.join("pipelines").to_str().unwrap(),
-            db.to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let config = config.to_str().unwrap();
+        "contact_points = [\"127.0.0.1:1\"]\n",
+    );
     let put = inferflow(
         &[
             "features",
@@ -451,9 +459,9 @@ transforms = [
 fn numbers_pass_through_the_features_cli_and_batch_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    std::fs::create_dir(root.join("pipelines")).unwrap();
-    std::fs::write(
-        root.join("pipelines/exact.toml"),
+    let config: &str = &pipeline_and_config(
+        root,
+        "exact",
         r#"
 id = "exact"
 
@@ -467,19 +475,8 @@ entity_id = "data.user_id"
 type = "postprocess"
 transforms = [{ op = "object", fields = { feature = "features.exact", nums = "data.nums" } }]
 "#,
-    )
-    .unwrap();
-    let config = root.join("inferflow.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[pipelines]\ndir = {:?}\n[feature_store]\nbackend = \"embedded\"\npath = {:?}\n",
-            root.join("pipelines").to_str().unwrap(),
-            root.join("features.redb").to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let config = config.to_str().unwrap();
+        "backend = \"embedded\"\n",
+    );
     let mut cases = number_cases::all(7, 300);
     cases.push(number_cases::BEYOND_F64.to_owned());
     let object = number_cases::object(&cases);
@@ -547,10 +544,10 @@ transforms = [{ op = "object", fields = { feature = "features.exact", nums = "da
 fn a_features_step_records_the_versions_it_read_and_the_history_reproduces_them() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    std::fs::create_dir(root.join("pipelines")).unwrap();
     // The features land in the data (`into`), so the output shows the values the step used.
-    std::fs::write(
-        root.join("pipelines/audit.toml"),
+    let config: &str = &pipeline_and_config(
+        root,
+        "audit",
         r#"
 id = "audit"
 
@@ -562,20 +559,8 @@ features = ["profile", "never_written"]
 entity_id = "data.user_id"
 into = "used"
 "#,
-    )
-    .unwrap();
-    let db = root.join("store/features.redb");
-    let config = root.join("inferflow.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[pipelines]\ndir = {:?}\n[feature_store]\nbackend = \"embedded\"\npath = {:?}\n",
-            root.join("pipelines").to_str().unwrap(),
-            db.to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let config = config.to_str().unwrap();
+        "backend = \"embedded\"\n",
+    );
     let features = |args: &[&str]| -> Value {
         let mut all = vec!["features", "--config", config];
         all.extend_from_slice(args);
