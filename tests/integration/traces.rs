@@ -143,7 +143,7 @@ const PRODUCER_SPAN_C: &str = "10f067aa0ba902b7";
 /// A request produced with a `traceparent` gets a result (and a bad one a dead letter) in the
 /// same trace, with the request span as parent; the provider's HTTP request names the model
 /// call; and the exported spans nest: request under the producer's span, steps under the
-/// request, the model call under its step. Over HTTP, the trace comes from the request's
+/// request, the feature read and the model call under their steps. Over HTTP, the trace comes from the request's
 /// headers and goes back on the response's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_trace_reaches_its_result_dead_letter_provider_and_the_otlp_receiver() {
@@ -157,6 +157,13 @@ async fn a_request_trace_reaches_its_result_dead_letter_provider_and_the_otlp_re
         dir.path().join("pipelines/traced.toml"),
         r#"
 id = "traced"
+
+[[steps]]
+type = "features"
+name = "profile"
+entity_type = "user"
+features = ["profile"]
+entity_id = "data.user"
 
 [[steps]]
 type = "preprocess"
@@ -179,6 +186,10 @@ input = "data.text"
 [pipelines]
 dir = {pipelines:?}
 
+[feature_store]
+backend = "embedded"
+path = {store:?}
+
 [tracing]
 enabled = true
 endpoint = "{endpoint}"
@@ -196,6 +207,7 @@ provider = "fake"
 cache = false
 "#,
             pipelines = dir.path().join("pipelines").to_str().unwrap(),
+            store = dir.path().join("features.redb").to_str().unwrap(),
             endpoint = receiver.url,
             base_url = provider.base_url,
         ),
@@ -213,8 +225,7 @@ cache = false
     );
 
     // Sampled by its parent (`-01`), though `sampling_ratio` is 0 for new traces.
-    let request =
-        json!({"request_id": "traced-1", "pipeline": "traced", "data": {"text": "  hello  "}});
+    let request = json!({"request_id": "traced-1", "pipeline": "traced", "data": {"text": "  hello  ", "user": "u1"}});
     produce_with_headers(
         &topics.requests,
         request.to_string().as_bytes(),
@@ -270,7 +281,7 @@ cache = false
             "http://127.0.0.1:{port}/v1/pipelines/traced/execute"
         ))
         .header("traceparent", format!("00-{TRACE_C}-{PRODUCER_SPAN_C}-01"))
-        .json(&json!({"data": {"text": "over http"}}))
+        .json(&json!({"data": {"text": "over http", "user": "u2"}}))
         .send()
         .await
         .expect("POST /v1/pipelines/traced/execute");
@@ -318,6 +329,13 @@ cache = false
     assert!(
         request.service.contains("inferflow-under-test"),
         "{request:?}"
+    );
+    let profile = named("step profile");
+    assert_eq!(profile.parent_span_id, request.span_id);
+    let read = named("feature read");
+    assert_eq!(
+        read.parent_span_id, profile.span_id,
+        "the feature read is under its step"
     );
     let clean = named("step clean");
     let chat = named("step chat");
