@@ -143,8 +143,8 @@ const PRODUCER_SPAN_C: &str = "10f067aa0ba902b7";
 /// A request produced with a `traceparent` gets a result (and a bad one a dead letter) in the
 /// same trace, with the request span as parent; the provider's HTTP request names the model
 /// call; and the exported spans nest: request under the producer's span, steps under the
-/// request, the feature read and the model call under their steps. Over HTTP, the trace comes from the request's
-/// headers and goes back on the response's.
+/// request, the feature read and the model call under their steps. Over HTTP, the trace
+/// comes from the request's headers and goes back on the response's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_trace_reaches_its_result_dead_letter_provider_and_the_otlp_receiver() {
     utils::init_tracing();
