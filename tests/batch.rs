@@ -38,6 +38,24 @@ fn batch(input: &Path, output: &Path, args: &[&str]) -> Output {
     inferflow(&all, &[])
 }
 
+/// `inferflow batch --config CONFIG --pipeline PIPELINE --input INPUT --output OUTPUT`.
+fn batch_with(config: &str, pipeline: &str, input: &Path, output: &Path) -> Output {
+    inferflow(
+        &[
+            "batch",
+            "--config",
+            config,
+            "--pipeline",
+            pipeline,
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ],
+        &[],
+    )
+}
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -396,20 +414,7 @@ transforms = [
             json!({"request_id": "b", "data": {"name": "nobody"}}).to_string(),
         ],
     );
-    let out = inferflow(
-        &[
-            "batch",
-            "--config",
-            config,
-            "--pipeline",
-            "greet",
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let out = batch_with(config, "greet", &input, &output);
     assert!(out.status.success(), "stderr: {}", stderr(&out));
     let results = results(&output);
     assert_eq!(results[0]["status"], "ok", "{}", results[0]);
@@ -511,20 +516,7 @@ transforms = [{ op = "object", fields = { feature = "features.exact", nums = "da
         ),
     ];
     write_lines(&input, &lines);
-    let out = inferflow(
-        &[
-            "batch",
-            "--config",
-            config,
-            "--pipeline",
-            "identity",
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let out = batch_with(config, "identity", &input, &output);
     assert!(out.status.success(), "stderr: {}", stderr(&out));
     let text = std::fs::read_to_string(&output).unwrap();
     let written: Vec<&str> = text.lines().collect();
@@ -536,19 +528,9 @@ transforms = [{ op = "object", fields = { feature = "features.exact", nums = "da
     }
 }
 
-/// The prediction audit: a features step's record lists the feature versions it read, and
-/// `inferflow features get --version N` reads back exactly the values the step used. Version 1
-/// is written, a request scored, version 2 written, a request scored again: each result names
-/// its own version, and the history reproduces each.
-#[test]
-fn a_features_step_records_the_versions_it_read_and_the_history_reproduces_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    // The features land in the data (`into`), so the output shows the values the step used.
-    let config: &str = &pipeline_and_config(
-        root,
-        "audit",
-        r#"
+/// A features step whose features land in the data (`into`), so the output shows the values
+/// the step used.
+const AUDIT_PIPELINE: &str = r#"
 id = "audit"
 
 [[steps]]
@@ -558,9 +540,18 @@ entity_type = "user"
 features = ["profile", "never_written"]
 entity_id = "data.user_id"
 into = "used"
-"#,
-        "backend = \"embedded\"\n",
-    );
+"#;
+
+/// The prediction audit: a features step's record lists the feature versions it read, and
+/// `inferflow features get --version N` reads back exactly the values the step used. Version 1
+/// is written, a request scored, version 2 written, a request scored again: each result names
+/// its own version, and the history reproduces each.
+#[test]
+fn a_features_step_records_the_versions_it_read_and_the_history_reproduces_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let embedded = "backend = \"embedded\"\n";
+    let config: &str = &pipeline_and_config(root, "audit", AUDIT_PIPELINE, embedded);
     let features = |args: &[&str]| -> Value {
         let mut all = vec!["features", "--config", config];
         all.extend_from_slice(args);
@@ -585,43 +576,20 @@ into = "used"
             &input,
             &[json!({"request_id": id, "data": {"user_id": "u1"}}).to_string()],
         );
-        let out = inferflow(
-            &[
-                "batch",
-                "--config",
-                config,
-                "--pipeline",
-                "audit",
-                "--input",
-                input.to_str().unwrap(),
-                "--output",
-                output.to_str().unwrap(),
-            ],
-            &[],
-        );
+        let out = batch_with(config, "audit", &input, &output);
         assert!(out.status.success(), "stderr: {}", stderr(&out));
         results(&output).remove(0)
     };
 
-    let mut put = vec!["put"];
-    put.extend(key);
-    put.extend([
-        "--values",
-        r#"{"segment":"silver","score":0.25}"#,
-        "--version",
-        "1",
-    ]);
-    features(&put);
+    let put = |values: &str, version: &str| {
+        let mut put = vec!["put"];
+        put.extend(key);
+        put.extend(["--values", values, "--version", version]);
+        features(&put);
+    };
+    put(r#"{"segment":"silver","score":0.25}"#, "1");
     let first = score("first");
-    let mut put = vec!["put"];
-    put.extend(key);
-    put.extend([
-        "--values",
-        r#"{"segment":"gold","score":0.75}"#,
-        "--version",
-        "2",
-    ]);
-    features(&put);
+    put(r#"{"segment":"gold","score":0.75}"#, "2");
     let second = score("second");
 
     for (result, version) in [(&first, 1), (&second, 2)] {
