@@ -194,7 +194,8 @@ async fn seed(store: &FeatureStore, entities: std::ops::Range<u64>) {
 
 /// The cached and the missed vector reads of `backend`: two table rows.
 async fn reads(backend: Backend) -> [String; 2] {
-    let (place, config) = Place::create(backend, &format!("bench_reads_{}", backend.name()), 1).await;
+    let (place, config) =
+        Place::create(backend, &format!("bench_reads_{}", backend.name()), 1).await;
     let store = FeatureStore::open(&config.feature_store)
         .await
         .expect("open store");
@@ -273,7 +274,11 @@ async fn ingest_once(backend: Backend, run: usize) -> f64 {
 /// The values and version the plain loops write for update `i` (the shape ingestion writes).
 fn plain_row(i: u64) -> (String, i64, String) {
     let version = (1 + i % 7) as i64;
-    (format!("e{i}"), version, json!({"v": version, "extra": i}).to_string())
+    (
+        format!("e{i}"),
+        version,
+        json!({"v": version, "extra": i}).to_string(),
+    )
 }
 
 /// The CQL baseline: the same rows through two plain prepared inserts per update.
@@ -310,11 +315,27 @@ async fn plain_cql_once(run: usize) -> f64 {
                 let (id, version, values) = plain_row(i);
                 let current = session.execute_unpaged(
                     &insert,
-                    ("user", &id, "score", &values, version, 0_i64, version * 1000),
+                    (
+                        "user",
+                        &id,
+                        "score",
+                        &values,
+                        version,
+                        0_i64,
+                        version * 1000,
+                    ),
                 );
                 let old = session.execute_unpaged(
                     &history,
-                    ("user", &id, "score", version, &values, 0_i64, version * 1000),
+                    (
+                        "user",
+                        &id,
+                        "score",
+                        version,
+                        &values,
+                        0_i64,
+                        version * 1000,
+                    ),
                 );
                 let (a, b) = futures::join!(current, old);
                 a.expect("insert");
@@ -362,10 +383,8 @@ macro_rules! plain_sql_loop {
                             .bind(0_i64)
                             .bind(None::<i64>)
                     };
-                    let (a, b) = futures::join!(
-                        bind($current).execute(pool),
-                        bind($history).execute(pool)
-                    );
+                    let (a, b) =
+                        futures::join!(bind($current).execute(pool), bind($history).execute(pool));
                     a.expect("insert");
                     b.expect("insert history");
                 }

@@ -207,6 +207,8 @@ pub async fn run(config: Config, sources: Sources) -> anyhow::Result<()> {
     for warning in config.http.warnings() {
         tracing::warn!("{warning}");
     }
+    let traces = crate::tracing_otel::init(&config.tracing)
+        .map_err(|e| anyhow::anyhow!("starting the trace exporter of [tracing]: {e}"))?;
     let listener = TcpListener::bind(&config.http.listen)
         .await
         .with_context(|| format!("binding http.listen = {}", config.http.listen))?;
@@ -310,6 +312,10 @@ pub async fn run(config: Config, sources: Sources) -> anyhow::Result<()> {
         Ok(Ok(())) => {}
         Ok(Err(err)) => tracing::warn!(error = format!("{err:#}"), "HTTP server error"),
         Err(err) => tracing::warn!(error = %err, "HTTP server task failed"),
+    }
+    if let Some(traces) = traces {
+        // Export the spans still buffered (blocking: off the runtime's workers).
+        let _ = tokio::task::spawn_blocking(move || traces.shutdown(Duration::from_secs(5))).await;
     }
     outcome
 }

@@ -123,6 +123,7 @@ impl Builtins {
                         latency_us,
                         cached: false,
                         output: None,
+                        features: Vec::new(),
                     }],
                 })
             })
@@ -167,6 +168,7 @@ impl Builtins {
                         latency_us,
                         cached: false,
                         output: None,
+                        features: Vec::new(),
                     }],
                 })
             })

@@ -21,7 +21,8 @@
 //! - [`pipeline`]: config-driven pipelines (preprocess, features, model, postprocess, chaining,
 //!   map), their validation, hot reload, and the executor the processor and HTTP API drive.
 //! - [`replay`]: earlier results by request id, reused for redelivered requests.
-//! - [`telemetry`]: logging set-up; [`metrics`]: metric names and the Prometheus exporter.
+//! - [`telemetry`]: logging set-up; [`metrics`]: metric names and the Prometheus exporter;
+//!   [`tracing_otel`]: distributed traces (W3C trace context, OTLP/HTTP export, `[tracing]`).
 //! - [`access`]: who may use the HTTP API (the `[http]` section: tokens, client certificates,
 //!   scopes, tenants, per-token limits, TLS).
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` and the `/v1` API, with access control;
@@ -48,3 +49,4 @@ pub mod replay;
 pub mod secret;
 pub mod section;
 pub mod telemetry;
+pub mod tracing_otel;

@@ -215,6 +215,27 @@ pub struct StepRecord {
     /// The step's output, when the pipeline asks for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Value>,
+    /// The feature versions a features step read (the prediction audit: with the model's
+    /// version, what it takes to reproduce the answer from the store's history). Empty, and
+    /// left out of the JSON, for every other step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<FeatureRead>,
+}
+
+/// One feature a features step read, with the version it got: `inferflow features get
+/// --version N` reads the same values back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureRead {
+    /// The kind of entity.
+    pub entity_type: String,
+    /// The entity's id.
+    pub entity_id: String,
+    /// The feature's name.
+    pub feature: String,
+    /// The version read; 0 for a stale feature replaced by its `max_age` default, `None` (null)
+    /// when the feature had no value.
+    pub version: Option<u64>,
 }
 
 /// Where the request came from.

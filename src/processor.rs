@@ -46,6 +46,7 @@ use crate::kafka::transactional::{self, Transactions};
 use crate::metrics as m;
 use crate::model::{ErrorBody, ErrorKind, InferenceResult, SourceRef, Status, Target};
 use crate::replay::{self, ReplayStore};
+use crate::tracing_otel::{self as otel, Arrival, TraceHeaders};
 
 pub use crate::kafka::source::SourceHandle as ProcessorHandle;
 pub use crate::kafka::source::headers;
@@ -191,9 +192,23 @@ impl Shared {
             },
         };
         let arrived = Instant::now();
+        // Tracing on: one span per request, child of the context it came with (empty when off).
+        let spans: Vec<Option<otel::Context>> = if otel::enabled() {
+            messages
+                .iter()
+                .map(|m| {
+                    otel::request_span(
+                        m.trace(),
+                        Arrival::Kafka(m.topic(), m.partition(), m.offset()),
+                    )
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         // Executors are pluggable code: a panic must not lose the batch's records (they would
         // stay in flight for good). Every record is then answered with an `internal` error.
-        let (mut outcomes, fingerprints) = match AssertUnwindSafe(self.compute(&messages))
+        let (mut outcomes, fingerprints) = match AssertUnwindSafe(self.compute(&messages, &spans))
             .catch_unwind()
             .await
         {
@@ -210,10 +225,24 @@ impl Shared {
         };
         drop(permit);
         let latency = arrived.elapsed();
+        // What each output carries: the request span as parent (tracing on), or the record's
+        // own headers unchanged (off: `traces` is empty).
+        let traces: Vec<Option<TraceHeaders>> = spans
+            .iter()
+            .zip(&outcomes)
+            .map(|(span, (outcome, _))| {
+                let error = match outcome {
+                    Outcome::Answer(_, _, result) => error_kind(result).map(ErrorKind::as_str),
+                    Outcome::DeadLetter(error) => Some(error.kind.as_str()),
+                    Outcome::Running => Some(ErrorKind::Internal.as_str()),
+                };
+                span.as_ref().and_then(|cx| otel::finish_request(cx, error))
+            })
+            .collect();
         if let Some(txn) = self.core.transactions() {
-            for (msg, (outcome, reply_to)) in messages.iter().zip(&mut outcomes) {
-                let source = source_ref(msg);
-                self.hold_output(txn, msg, outcome, reply_to.take(), &source, latency);
+            for (i, (msg, (outcome, reply_to))) in messages.iter().zip(&mut outcomes).enumerate() {
+                let trace = trace_of(&traces, i, msg);
+                self.hold_output(txn, msg, outcome, reply_to.take(), latency, trace);
             }
             self.keep_for_replay(messages, outcomes, fingerprints).await;
             return;
@@ -223,6 +252,7 @@ impl Shared {
             messages,
             outcomes,
             fingerprints,
+            traces,
             latency,
         });
         answers.send().await;
@@ -259,6 +289,7 @@ impl Shared {
     async fn compute(
         &self,
         messages: &[Record],
+        spans: &[Option<otel::Context>],
     ) -> (Vec<(Outcome, Option<String>)>, Vec<Option<u64>>) {
         let now_ms = unix_ms();
         let batch_now = Instant::now();
@@ -335,7 +366,7 @@ impl Shared {
                 };
             }
         }
-        self.execute_runnable(runnable, &mut outcomes).await;
+        self.execute_runnable(runnable, &mut outcomes, spans).await;
         (outcomes, fingerprints)
     }
 
@@ -367,6 +398,7 @@ impl Shared {
         &self,
         runnable: Vec<(usize, Target, ExecRequest)>,
         outcomes: &mut [(Outcome, Option<String>)],
+        spans: &[Option<otel::Context>],
     ) {
         if self.per_key {
             // Runs of consecutive requests for the same target, one after another: requests of
@@ -378,7 +410,7 @@ impl Shared {
                 while let Some(next) = rest.next_if(|r| r.1 == target) {
                     run.push((next.0, next.2));
                 }
-                for (i, outcome) in self.execute_group(&target, run).await {
+                for (i, outcome) in self.execute_group(&target, run, spans).await {
                     outcomes[i].0 = outcome;
                 }
             }
@@ -387,9 +419,9 @@ impl Shared {
             for (i, target, request) in runnable {
                 groups.entry(target).or_default().push((i, request));
             }
-            let runs = groups
-                .into_iter()
-                .map(|(target, items)| async move { self.execute_group(&target, items).await });
+            let runs = groups.into_iter().map(|(target, items)| async move {
+                self.execute_group(&target, items, spans).await
+            });
             for (i, outcome) in futures::future::join_all(runs).await.into_iter().flatten() {
                 outcomes[i].0 = outcome;
             }
@@ -401,18 +433,22 @@ impl Shared {
         &self,
         target: &Target,
         items: Vec<(usize, ExecRequest)>,
+        spans: &[Option<otel::Context>],
     ) -> Vec<(usize, Outcome)> {
         let (indices, requests): (Vec<usize>, Vec<ExecRequest>) = items.into_iter().unzip();
         let ids: Vec<String> = requests.iter().map(|r| r.request_id.clone()).collect();
         let n = requests.len();
         // Rate limits and breakers make the batch wait here, outside the execute timeout.
         self.executor.admit(target, n).await;
-        let results = match tokio::time::timeout(
-            self.execute_timeout,
-            self.executor.execute(target, requests),
-        )
-        .await
-        {
+        let execute = self.executor.execute(target, requests);
+        let execute: futures::future::BoxFuture<'_, Vec<ExecResult>> = if spans.is_empty() {
+            execute
+        } else {
+            // The requests' spans, in the executor's order, for its step and model spans.
+            let traces = indices.iter().map(|&i| spans[i].clone()).collect();
+            Box::pin(otel::with_request_traces(execute, traces))
+        };
+        let results = match tokio::time::timeout(self.execute_timeout, execute).await {
             Ok(results) if results.len() == n => results,
             Ok(results) => vec![
                 Err(ErrorBody::new(
@@ -481,8 +517,13 @@ impl Shared {
         outcome: &Outcome,
         reply_to: Option<String>,
         latency: Duration,
+        trace: Option<&TraceHeaders>,
     ) {
         let source = source_ref(msg);
+        let origin = Origin {
+            source: &source,
+            trace,
+        };
         let delivered = match outcome {
             Outcome::Answer(request_id, target, result) => {
                 let error_kind = error_kind(result);
@@ -490,7 +531,7 @@ impl Shared {
                     request_id,
                     target.as_ref(),
                     result,
-                    &source,
+                    origin,
                     reply_to,
                     latency,
                 );
@@ -510,7 +551,7 @@ impl Shared {
                                 ErrorKind::Internal,
                                 format!("the result could not be delivered: {err}"),
                             )),
-                            &source,
+                            origin,
                             None,
                             latency,
                         );
@@ -521,9 +562,10 @@ impl Shared {
                             }
                             Err(DeliverError::Permanent(err)) => {
                                 self.core
-                                    .dead_letter(
+                                    .dead_letter_traced(
                                         msg,
                                         &ErrorBody::new(ErrorKind::Internal, err.to_string()),
+                                        trace,
                                     )
                                     .await
                             }
@@ -533,12 +575,12 @@ impl Shared {
                     Err(e) => Err(e),
                 }
             }
-            Outcome::DeadLetter(error) => self.core.dead_letter(msg, error).await,
+            Outcome::DeadLetter(error) => self.core.dead_letter_traced(msg, error, trace).await,
             Outcome::Running => {
                 // Never sent (every queued request gets its answer first); should a bug let
                 // one through, the record still gets exactly one output.
                 let error = ErrorBody::new(ErrorKind::Internal, "the request was not executed");
-                self.core.dead_letter(msg, &error).await
+                self.core.dead_letter_traced(msg, &error, trace).await
             }
         };
         if let (true, Some(ts)) = (delivered.is_ok(), msg.timestamp().to_millis()) {
@@ -556,16 +598,18 @@ impl Shared {
         msg: &Record,
         outcome: &Outcome,
         reply_to: Option<String>,
-        source: &SourceRef,
         latency: Duration,
+        trace: Option<&TraceHeaders>,
     ) {
+        let source = &source_ref(msg);
+        let origin = Origin { source, trace };
         let record = match outcome {
             Outcome::Answer(request_id, target, result) => {
                 let record = self.result_record(
                     request_id,
                     target.as_ref(),
                     result,
-                    source,
+                    origin,
                     reply_to,
                     latency,
                 );
@@ -584,17 +628,20 @@ impl Shared {
                                 transactional::MAX_RECORD_BYTES
                             ),
                         )),
-                        source,
+                        origin,
                         None,
                         latency,
                     )
                 }
             }
-            Outcome::DeadLetter(error) => transactional::dead_letter_record(&self.core, msg, error),
+            Outcome::DeadLetter(error) => {
+                transactional::dead_letter_record(&self.core, msg, error, trace)
+            }
             Outcome::Running => transactional::dead_letter_record(
                 &self.core,
                 msg,
                 &ErrorBody::new(ErrorKind::Internal, "the request was not executed"),
+                trace,
             ),
         };
         txn.hold(&self.core, msg, vec![record]);
@@ -605,7 +652,7 @@ impl Shared {
         request_id: &str,
         target: Option<&Target>,
         result: &ExecResult,
-        source: &SourceRef,
+        Origin { source, trace }: Origin<'_>,
         reply_to: Option<String>,
         latency: Duration,
     ) -> OutRecord {
@@ -615,6 +662,7 @@ impl Shared {
             request_id,
             result,
             SourceView::from_ref(source),
+            trace,
             |key, value| {
                 headers.push((key, value.to_owned()));
             },
@@ -628,6 +676,13 @@ impl Shared {
     }
 }
 
+/// Where a result's request came from: its record, and the trace headers its output carries.
+#[derive(Clone, Copy)]
+struct Origin<'a> {
+    source: &'a SourceRef,
+    trace: Option<&'a TraceHeaders>,
+}
+
 /// The answers of one batch on their way to Kafka (at least once). Each result is enqueued
 /// with a token naming this batch and its index; the producer's delivery callback finishes
 /// the record ([`Acknowledge`]), so no future or task exists per record. A record whose send
@@ -639,6 +694,9 @@ struct Answers {
     messages: Vec<Record>,
     outcomes: Vec<(Outcome, Option<String>)>,
     fingerprints: Vec<Option<u64>>,
+    /// Per record, the trace headers its output carries (empty when tracing is off: the
+    /// record's own, see [`trace_of`]).
+    traces: Vec<Option<TraceHeaders>>,
     latency: Duration,
 }
 
@@ -668,14 +726,21 @@ impl Answers {
             loop {
                 // `insert` takes the headers by value: held in an Option while they are built.
                 let mut headers = Some(OwnedHeaders::new_with_capacity(6));
-                result_headers(request_id, result, SourceView::of(msg), |key, value| {
-                    headers = headers.take().map(|h| {
-                        h.insert(Header {
-                            key,
-                            value: Some(value.as_bytes()),
-                        })
-                    });
-                });
+                let trace = trace_of(&self.traces, i, msg);
+                result_headers(
+                    request_id,
+                    result,
+                    SourceView::of(msg),
+                    trace,
+                    |key, value| {
+                        headers = headers.take().map(|h| {
+                            h.insert(Header {
+                                key,
+                                value: Some(value.as_bytes()),
+                            })
+                        });
+                    },
+                );
                 let record = Borrowed {
                     topic,
                     key: Some(request_id.as_bytes()),
@@ -704,8 +769,10 @@ impl Answers {
         let this = Arc::clone(self);
         self.shared.runtime.spawn(async move {
             let (outcome, reply_to) = &this.outcomes[i];
+            let msg = &this.messages[i];
+            let trace = trace_of(&this.traces, i, msg);
             this.shared
-                .answer_slowly(&this.messages[i], outcome, reply_to.clone(), this.latency)
+                .answer_slowly(msg, outcome, reply_to.clone(), this.latency, trace)
                 .await;
         });
     }
@@ -718,6 +785,7 @@ fn result_headers(
     request_id: &str,
     result: &ExecResult,
     source: SourceView<'_>,
+    trace: Option<&TraceHeaders>,
     mut add: impl FnMut(&'static str, &str),
 ) {
     let status = if result.is_ok() {
@@ -738,6 +806,22 @@ fn result_headers(
     );
     if let Err(error) = result {
         add(headers::ERROR_KIND, error.kind.as_str());
+    }
+    if let Some(trace) = trace {
+        trace.each(add);
+    }
+}
+
+/// The trace headers record `i`'s output carries: its request span's when tracing is on
+/// (`traces` has one entry per record), else the record's own, unchanged.
+fn trace_of<'a>(
+    traces: &'a [Option<TraceHeaders>],
+    i: usize,
+    msg: &'a Record,
+) -> Option<&'a TraceHeaders> {
+    match traces.get(i) {
+        Some(trace) => trace.as_ref(),
+        None => msg.trace(),
     }
 }
 
@@ -1199,6 +1283,7 @@ mod tests {
                 latency_us: 7,
                 cached: false,
                 output: None,
+                features: Vec::new(),
             }],
         });
         let err: ExecResult = Err(ErrorBody::new(ErrorKind::UnknownModel, "no model `m`"));

@@ -38,6 +38,24 @@ fn batch(input: &Path, output: &Path, args: &[&str]) -> Output {
     inferflow(&all, &[])
 }
 
+/// `inferflow batch --config CONFIG --pipeline PIPELINE --input INPUT --output OUTPUT`.
+fn batch_with(config: &str, pipeline: &str, input: &Path, output: &Path) -> Output {
+    inferflow(
+        &[
+            "batch",
+            "--config",
+            config,
+            "--pipeline",
+            pipeline,
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ],
+        &[],
+    )
+}
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -53,6 +71,26 @@ fn results(path: &Path) -> Vec<Value> {
 
 fn write_lines(path: &Path, lines: &[String]) {
     std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+/// Writes the pipeline `name` (its TOML) into `root/pipelines/` and a configuration
+/// `root/inferflow.toml` pointing `pipelines.dir` there and `feature_store.path` at
+/// `root/store/features.redb`, with `feature_store` as more of its `[feature_store]` table;
+/// returns the configuration's path.
+fn pipeline_and_config(root: &Path, name: &str, pipeline: &str, feature_store: &str) -> String {
+    std::fs::create_dir_all(root.join("pipelines")).unwrap();
+    std::fs::write(root.join(format!("pipelines/{name}.toml")), pipeline).unwrap();
+    let config = root.join("inferflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[pipelines]\ndir = {:?}\n[feature_store]\npath = {:?}\n{feature_store}",
+            root.join("pipelines").to_str().unwrap(),
+            root.join("store/features.redb").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    config.to_str().unwrap().to_owned()
 }
 
 #[test]
@@ -326,9 +364,9 @@ fn an_unknown_pipeline_or_model_fails_before_writing_anything() {
 fn a_features_pipeline_reads_the_embedded_store_by_default() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    std::fs::create_dir(root.join("pipelines")).unwrap();
-    std::fs::write(
-        root.join("pipelines/greet.toml"),
+    let config: &str = &pipeline_and_config(
+        root,
+        "greet",
         r#"
 id = "greet"
 
@@ -345,20 +383,8 @@ transforms = [
   { op = "template", template = "Hello {{ data.name }}, {{ features.profile.segment }} member", into = "greeting" },
 ]
 "#,
-    )
-    .unwrap();
-    let db = root.join("store/features.redb");
-    let config = root.join("inferflow.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[pipelines]\ndir = {:?}\n[feature_store]\npath = {:?}\ncontact_points = [\"127.0.0.1:1\"]\n",
-            root.join("pipelines").to_str().unwrap(),
-            db.to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let config = config.to_str().unwrap();
+        "contact_points = [\"127.0.0.1:1\"]\n",
+    );
     let put = inferflow(
         &[
             "features",
@@ -388,20 +414,7 @@ transforms = [
             json!({"request_id": "b", "data": {"name": "nobody"}}).to_string(),
         ],
     );
-    let out = inferflow(
-        &[
-            "batch",
-            "--config",
-            config,
-            "--pipeline",
-            "greet",
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let out = batch_with(config, "greet", &input, &output);
     assert!(out.status.success(), "stderr: {}", stderr(&out));
     let results = results(&output);
     assert_eq!(results[0]["status"], "ok", "{}", results[0]);
@@ -451,9 +464,9 @@ transforms = [
 fn numbers_pass_through_the_features_cli_and_batch_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    std::fs::create_dir(root.join("pipelines")).unwrap();
-    std::fs::write(
-        root.join("pipelines/exact.toml"),
+    let config: &str = &pipeline_and_config(
+        root,
+        "exact",
         r#"
 id = "exact"
 
@@ -467,19 +480,8 @@ entity_id = "data.user_id"
 type = "postprocess"
 transforms = [{ op = "object", fields = { feature = "features.exact", nums = "data.nums" } }]
 "#,
-    )
-    .unwrap();
-    let config = root.join("inferflow.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[pipelines]\ndir = {:?}\n[feature_store]\nbackend = \"embedded\"\npath = {:?}\n",
-            root.join("pipelines").to_str().unwrap(),
-            root.join("features.redb").to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let config = config.to_str().unwrap();
+        "backend = \"embedded\"\n",
+    );
     let mut cases = number_cases::all(7, 300);
     cases.push(number_cases::BEYOND_F64.to_owned());
     let object = number_cases::object(&cases);
@@ -514,20 +516,7 @@ transforms = [{ op = "object", fields = { feature = "features.exact", nums = "da
         ),
     ];
     write_lines(&input, &lines);
-    let out = inferflow(
-        &[
-            "batch",
-            "--config",
-            config,
-            "--pipeline",
-            "identity",
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let out = batch_with(config, "identity", &input, &output);
     assert!(out.status.success(), "stderr: {}", stderr(&out));
     let text = std::fs::read_to_string(&output).unwrap();
     let written: Vec<&str> = text.lines().collect();
@@ -537,4 +526,96 @@ transforms = [{ op = "object", fields = { feature = "features.exact", nums = "da
         assert_eq!(doc["status"], "ok", "{line}");
         number_cases::assert_carried(line, &cases, &format!("batch {}", doc["request_id"]));
     }
+}
+
+/// A features step whose features land in the data (`into`), so the output shows the values
+/// the step used.
+const AUDIT_PIPELINE: &str = r#"
+id = "audit"
+
+[[steps]]
+type = "features"
+name = "profile"
+entity_type = "user"
+features = ["profile", "never_written"]
+entity_id = "data.user_id"
+into = "used"
+"#;
+
+/// The prediction audit: a features step's record lists the feature versions it read, and
+/// `inferflow features get --version N` reads back exactly the values the step used. Version 1
+/// is written, a request scored, version 2 written, a request scored again: each result names
+/// its own version, and the history reproduces each.
+#[test]
+fn a_features_step_records_the_versions_it_read_and_the_history_reproduces_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let embedded = "backend = \"embedded\"\n";
+    let config: &str = &pipeline_and_config(root, "audit", AUDIT_PIPELINE, embedded);
+    let features = |args: &[&str]| -> Value {
+        let mut all = vec!["features", "--config", config];
+        all.extend_from_slice(args);
+        let out = inferflow(&all, &[]);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        serde_json::from_slice(&out.stdout).expect("features prints JSON")
+    };
+    let key = [
+        "--entity-type",
+        "user",
+        "--entity-id",
+        "u1",
+        "--name",
+        "profile",
+    ];
+    let score = |id: &str| -> Value {
+        let (input, output) = (
+            root.join(format!("{id}.in")),
+            root.join(format!("{id}.out")),
+        );
+        write_lines(
+            &input,
+            &[json!({"request_id": id, "data": {"user_id": "u1"}}).to_string()],
+        );
+        let out = batch_with(config, "audit", &input, &output);
+        assert!(out.status.success(), "stderr: {}", stderr(&out));
+        results(&output).remove(0)
+    };
+
+    let put = |values: &str, version: &str| {
+        let mut put = vec!["put"];
+        put.extend(key);
+        put.extend(["--values", values, "--version", version]);
+        features(&put);
+    };
+    put(r#"{"segment":"silver","score":0.25}"#, "1");
+    let first = score("first");
+    put(r#"{"segment":"gold","score":0.75}"#, "2");
+    let second = score("second");
+
+    for (result, version) in [(&first, 1), (&second, 2)] {
+        assert_eq!(result["status"], "ok", "{result}");
+        let step = &result["steps"][0];
+        assert_eq!(step["name"], "profile", "{result}");
+        assert_eq!(
+            step["features"],
+            json!([
+                {"entity_type": "user", "entity_id": "u1", "feature": "profile", "version": version},
+                {"entity_type": "user", "entity_id": "u1", "feature": "never_written", "version": null},
+            ]),
+            "{result}"
+        );
+        // Reproduce: the recorded version, read from the history, is what the step used.
+        let recorded = step["features"][0]["version"].as_u64().unwrap().to_string();
+        let mut get = vec!["get"];
+        get.extend(key);
+        get.extend(["--version", recorded.as_str()]);
+        let stored = features(&get);
+        assert_eq!(stored["version"], version);
+        assert_eq!(
+            stored["values"], result["output"]["used"]["profile"],
+            "{result}"
+        );
+    }
+    assert_eq!(first["output"]["used"]["profile"]["segment"], "silver");
+    assert_eq!(second["output"]["used"]["profile"]["segment"], "gold");
 }

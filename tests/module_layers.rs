@@ -44,6 +44,7 @@ const LAYERS: &[Layer] = &[
             "providers",
             "replay",
             "telemetry",
+            "tracing_otel",
         ],
         within: true,
     },

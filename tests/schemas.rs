@@ -11,7 +11,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use inferflow::model::{
-    Entity, ErrorBody, ErrorKind, InferenceRequest, InferenceResult, SourceRef, Status, StepRecord,
+    Entity, ErrorBody, ErrorKind, FeatureRead, InferenceRequest, InferenceResult, SourceRef,
+    Status, StepRecord,
 };
 use jsonschema::{Draft, Registry, Validator};
 use serde_json::{Map, Value, json};
@@ -255,12 +256,27 @@ fn steps() -> Vec<StepRecord> {
             latency_us: 830,
             cached: true,
             output: Some(json!({"orders_30d": 4})),
+            features: vec![
+                FeatureRead {
+                    entity_type: "user".into(),
+                    entity_id: "u-1".into(),
+                    feature: "orders_30d".into(),
+                    version: Some(9_007_199_254_740_991),
+                },
+                FeatureRead {
+                    entity_type: "user".into(),
+                    entity_id: "u-1".into(),
+                    feature: "country".into(),
+                    version: None,
+                },
+            ],
         },
         StepRecord {
             name: "echo".into(),
             latency_us: 0,
             cached: false,
             output: None,
+            features: Vec::new(),
         },
     ]
 }

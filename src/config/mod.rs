@@ -28,7 +28,7 @@
 //! `[replay]` in [`crate::replay`], `[providers]`, `[models]` and `[result_cache]` in
 //! [`crate::providers`], `[pipelines]` in [`crate::pipeline`], `[batch]` in
 //! [`crate::batching`], `[executor]` in [`crate::executor`], `[log]` in [`crate::telemetry`],
-//! `[http]` in [`crate::access`].
+//! `[http]` in [`crate::access`], `[tracing]` in [`crate::tracing_otel`].
 //! This module aggregates them into [`Config`] (re-exporting them here too), and defines only
 //! the table no component reads (`[processing]`) and the checks across tables. It
 //! depends on the components; they never depend on it.
@@ -61,6 +61,7 @@ pub use crate::replay::{ReplayConfig, ReplayStoreKind};
 pub use crate::secret::{REDACTED, Secret, SecretUrl};
 pub use crate::section::{ConfigError, ConfigErrors};
 pub use crate::telemetry::{LogConfig, LogFormat};
+pub use crate::tracing_otel::TracingConfig;
 
 use crate::providers::cache::ResultCacheConfig;
 use crate::providers::check_models_against_providers;
@@ -151,6 +152,7 @@ const SECTIONS: &[&str] = &[
     "pipelines",
     "http",
     "log",
+    "tracing",
 ];
 
 /// Where the configuration comes from, besides the embedded defaults.
@@ -252,6 +254,7 @@ impl Config {
         let pipelines = section::<PipelinesConfig>(fig, "pipelines", problems);
         let http = section::<HttpConfig>(fig, "http", problems);
         let log = section::<LogConfig>(fig, "log", problems);
+        let tracing = section::<TracingConfig>(fig, "tracing", problems);
         let config = Config {
             kafka: kafka?,
             topics: topics?,
@@ -267,6 +270,7 @@ impl Config {
             pipelines: pipelines?,
             http: http?,
             log: log?,
+            tracing: tracing?,
         };
         config.validate_across_sections(problems);
         check_models_against_providers(&config.models, &config.providers, problems);
@@ -527,6 +531,24 @@ mod tests {
             "kafka.sasl_password",
             "kafka.extra.\"enable.auto.offset.store\"",
             "executor.max_in_flight_records",
+        ] {
+            assert!(p.contains(&expected), "missing {expected} in {errs:#?}");
+        }
+    }
+
+    #[test]
+    fn tracing_is_off_by_default_and_its_keys_are_checked() {
+        let defaults = Config::from_toml_str("").expect("defaults");
+        assert!(!defaults.tracing.enabled);
+        let errs = problems(
+            "[tracing]\nenabled = true\nendpoint = \"collector:4318\"\nsampling_ratio = 2.0\nservice_name = \"\"\nextra = 1\n",
+        );
+        let p = paths(&errs);
+        for expected in [
+            "tracing.endpoint",
+            "tracing.sampling_ratio",
+            "tracing.service_name",
+            "tracing.extra",
         ] {
             assert!(p.contains(&expected), "missing {expected} in {errs:#?}");
         }

@@ -24,6 +24,7 @@ use crate::providers::{ModelsConfig, ProvidersConfig};
 use crate::replay::{ReplayConfig, ReplayStoreKind};
 use crate::section::{Problems, Section};
 use crate::telemetry::LogConfig;
+use crate::tracing_otel::TracingConfig;
 
 /// `[processing]`: the delivery guarantee of the request processor.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -126,6 +127,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// `[log]`
     pub log: LogConfig,
+    /// `[tracing]`
+    pub tracing: TracingConfig,
 }
 
 impl<'a> From<&'a Config> for IngestSections<'a> {

@@ -19,7 +19,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde::Deserialize;
@@ -33,6 +33,7 @@ use crate::executor::{ExecRequest, ExecResult, Executor};
 use crate::feature_store::FeatureStore;
 use crate::model::{ErrorBody, ErrorKind, InferenceResult, Target};
 use crate::processor::result_document;
+use crate::tracing_otel::{self as otel, Arrival, TraceHeaders};
 
 /// What the API needs; built once by the service and shared with the Kafka path.
 pub struct Api {
@@ -134,16 +135,52 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ErrorBody> {
 /// `request_id` may be left out (one is generated).
 /// A principal bound to a tenant sets `tenant` when it is absent, and is refused (403) when
 /// the body names another.
-async fn predict(State(api): State<Arc<Api>>, caller: Caller, body: Body) -> Response {
+async fn predict(
+    State(api): State<Arc<Api>>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let bytes = match read_body(body, api.rules.max_request_bytes).await {
         Ok(b) => b,
         Err(error) => return error_response(error),
     };
     let principal = caller.as_ref().map(|Extension(p)| p);
     match prepare(&bytes, principal) {
-        Ok(bytes) => run(&api, bytes).await,
+        Ok(bytes) => traced(&headers, |trace| run(&api, bytes, trace)).await,
         Err(refused) => forbidden(refused),
     }
+}
+
+/// Runs `answer` with the request's span (tracing on: a child of the `traceparent` and
+/// `tracestate` HTTP headers), and puts the trace headers on the response: the request span's
+/// when tracing is on, the request's own, unchanged, when it is off.
+async fn traced<F, Fut>(headers: &HeaderMap, answer: F) -> Response
+where
+    F: FnOnce(Option<otel::Context>) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
+    let incoming = TraceHeaders::from_bytes(
+        headers.get(otel::TRACEPARENT).map(|v| v.as_bytes()),
+        headers.get(otel::TRACESTATE).map(|v| v.as_bytes()),
+    );
+    let span = otel::request_span(incoming.as_ref(), Arrival::Http);
+    let mut response = answer(span.clone()).await;
+    let outgoing = match &span {
+        Some(cx) => {
+            let error = (!response.status().is_success()).then_some("error");
+            otel::finish_request(cx, error)
+        }
+        None => incoming,
+    };
+    if let Some(trace) = outgoing {
+        trace.each(|key, value| {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                response.headers_mut().insert(key, value);
+            }
+        });
+    }
+    response
 }
 
 /// The body of `POST /v1/pipelines/{id}/execute`.
@@ -169,6 +206,7 @@ async fn execute_pipeline(
     State(api): State<Arc<Api>>,
     Path(id): Path<String>,
     caller: Caller,
+    headers: HeaderMap,
     body: Body,
 ) -> Response {
     let bytes = match read_body(body, api.rules.max_request_bytes).await {
@@ -213,7 +251,7 @@ async fn execute_pipeline(
         }
     }
     let bytes = serde_json::to_vec(&Value::Object(request)).unwrap_or_default();
-    run(&api, bytes).await
+    traced(&headers, |trace| run(&api, bytes, trace)).await
 }
 
 fn new_request_id() -> String {
@@ -250,7 +288,7 @@ fn prepare(bytes: &[u8], principal: Option<&Arc<Principal>>) -> Result<Vec<u8>, 
 
 /// Decodes, admits and executes one request the way the processor does, and answers with its
 /// result document.
-async fn run(api: &Api, bytes: Vec<u8>) -> Response {
+async fn run(api: &Api, bytes: Vec<u8>, trace: Option<otel::Context>) -> Response {
     let arrived = Instant::now();
     let Ok(_permit) = api.permits.try_acquire() else {
         return error_response(ErrorBody::new(
@@ -292,7 +330,11 @@ async fn run(api: &Api, bytes: Vec<u8>) -> Response {
         return result_response(doc);
     }
     let request_id = request.request_id.clone();
-    let result = execute_one(api, &target, request_into_exec(request)).await;
+    let execute = execute_one(api, &target, request_into_exec(request));
+    let result = match trace {
+        Some(cx) => otel::with_request_traces(execute, vec![Some(cx)]).await,
+        None => execute.await,
+    };
     result_response(result_document(
         &request_id,
         Some(&target),

@@ -42,7 +42,7 @@ use rdkafka::TopicPartitionList;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Headers as _, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use tokio_util::sync::CancellationToken;
@@ -55,6 +55,7 @@ use crate::kafka::sink::{DeliverError, OutRecord, Sink};
 use crate::kafka::transactional::Transactions;
 use crate::metrics as m;
 use crate::model::{ErrorBody, SourceRef};
+use crate::tracing_otel::{TRACEPARENT, TRACESTATE, TraceHeaders};
 
 /// Dead-letter (and result) header names.
 pub mod headers {
@@ -91,6 +92,8 @@ pub struct Record {
     timestamp: Timestamp,
     key: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
+    /// The `traceparent`/`tracestate` the record came with, copied (rare: boxed).
+    trace: Option<Box<TraceHeaders>>,
     ticket: Option<Ticket>,
 }
 
@@ -111,8 +114,15 @@ impl Record {
             timestamp: Timestamp::NotAvailable,
             key,
             payload,
+            trace: None,
             ticket: None,
         }
+    }
+
+    /// The same record, as if it had come with `trace` in its headers.
+    pub fn with_trace(mut self, trace: TraceHeaders) -> Record {
+        self.trace = Some(Box::new(trace));
+        self
     }
 
     fn consumed(message: &BorrowedMessage<'_>, ticket: Ticket, topic: Arc<str>) -> Record {
@@ -123,8 +133,14 @@ impl Record {
             timestamp: message.timestamp(),
             key: message.key().map(<[u8]>::to_vec),
             payload: message.payload().map(<[u8]>::to_vec),
+            trace: message.headers().and_then(trace_headers),
             ticket: Some(ticket),
         }
+    }
+
+    /// The `traceparent` and `tracestate` headers the record came with, as they came.
+    pub fn trace(&self) -> Option<&TraceHeaders> {
+        self.trace.as_deref()
     }
 
     /// The source topic.
@@ -161,6 +177,20 @@ impl Record {
     pub(crate) fn ticket(&self) -> Option<Ticket> {
         self.ticket
     }
+}
+
+/// The trace-context headers among a record's headers: a scan of the header names, and a copy
+/// only when `traceparent` is there. Records without headers never get here.
+fn trace_headers(headers: &BorrowedHeaders) -> Option<Box<TraceHeaders>> {
+    let (mut parent, mut state) = (None, None);
+    for header in headers.iter() {
+        if header.key.eq_ignore_ascii_case(TRACEPARENT) {
+            parent = header.value;
+        } else if header.key.eq_ignore_ascii_case(TRACESTATE) {
+            state = header.value;
+        }
+    }
+    TraceHeaders::from_bytes(parent, state).map(Box::new)
 }
 
 /// How often the consumer thread wakes up at the latest (to store offsets, flush lingering
@@ -362,19 +392,19 @@ impl SourceCore {
     /// source in headers. A dead letter Kafka refuses for good cannot be dropped either: it is
     /// retried every 5 s, loudly, until accepted or the shutdown deadline passes.
     pub async fn dead_letter(&self, msg: &Record, error: &ErrorBody) -> Result<(), DeliverError> {
+        self.dead_letter_traced(msg, error, msg.trace()).await
+    }
+
+    /// [`Self::dead_letter`] with `trace` as its `traceparent`/`tracestate` (the request's span
+    /// when tracing is on; [`Self::dead_letter`] copies the record's own).
+    pub async fn dead_letter_traced(
+        &self,
+        msg: &Record,
+        error: &ErrorBody,
+        trace: Option<&TraceHeaders>,
+    ) -> Result<(), DeliverError> {
+        let mut record = dead_letter_record(&self.dlq_topic, msg, error, trace);
         let source = source_ref(msg);
-        let mut record = OutRecord {
-            topic: self.dlq_topic.clone(),
-            key: msg.key().map(<[u8]>::to_vec),
-            value: msg.payload().unwrap_or_default().to_vec(),
-            headers: vec![
-                (headers::ERROR_KIND, error.kind.as_str().to_owned()),
-                (headers::ERROR_MESSAGE, error.message.clone()),
-                (headers::SOURCE_TOPIC, source.topic.clone()),
-                (headers::SOURCE_PARTITION, source.partition.to_string()),
-                (headers::SOURCE_OFFSET, source.offset.to_string()),
-            ],
-        };
         loop {
             match self.sink.deliver(&record, &self.abort).await {
                 Ok(()) => {
@@ -432,6 +462,32 @@ fn is_size_error(err: &rdkafka::error::KafkaError) -> bool {
         err.rdkafka_error_code(),
         Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
     )
+}
+
+/// The dead letter of `msg`: its key and bytes for the dead-letter topic, the error and the
+/// source in headers, and `trace` as `traceparent`/`tracestate`.
+pub(crate) fn dead_letter_record(
+    dlq_topic: &str,
+    msg: &Record,
+    error: &ErrorBody,
+    trace: Option<&TraceHeaders>,
+) -> OutRecord {
+    let mut headers = vec![
+        (headers::ERROR_KIND, error.kind.as_str().to_owned()),
+        (headers::ERROR_MESSAGE, error.message.clone()),
+        (headers::SOURCE_TOPIC, msg.topic().to_owned()),
+        (headers::SOURCE_PARTITION, msg.partition().to_string()),
+        (headers::SOURCE_OFFSET, msg.offset().to_string()),
+    ];
+    if let Some(trace) = trace {
+        trace.each(|key, value| headers.push((key, value.to_owned())));
+    }
+    OutRecord {
+        topic: dlq_topic.to_owned(),
+        key: msg.key().map(<[u8]>::to_vec),
+        value: msg.payload().unwrap_or_default().to_vec(),
+        headers,
+    }
 }
 
 /// Where a consumed record came from.

@@ -68,9 +68,10 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::kafka::offsets::TopicPartition;
 use crate::kafka::sink::{OutRecord, QUEUE_FULL_WAIT};
-use crate::kafka::source::{SourceCore, TRUNCATED_VALUE_BYTES, headers, lock, source_ref};
+use crate::kafka::source::{self, SourceCore, TRUNCATED_VALUE_BYTES, headers, lock};
 use crate::metrics as m;
 use crate::model::ErrorBody;
+use crate::tracing_otel::TraceHeaders;
 
 /// Largest output (value, key and headers) sent in a transaction. A record Kafka refuses
 /// makes the whole transaction abort, so outputs are checked against this first: below
@@ -152,20 +153,13 @@ pub fn fits(record: &OutRecord) -> bool {
 
 /// The dead letter of `msg`: its key and bytes (the first [`TRUNCATED_VALUE_BYTES`] of a value
 /// too large for a transaction, with its size in a header), the error and the source.
-pub fn dead_letter_record(core: &SourceCore, msg: &Record, error: &ErrorBody) -> OutRecord {
-    let source = source_ref(msg);
-    let mut record = OutRecord {
-        topic: core.dlq_topic.clone(),
-        key: msg.key().map(<[u8]>::to_vec),
-        value: msg.payload().unwrap_or_default().to_vec(),
-        headers: vec![
-            (headers::ERROR_KIND, error.kind.as_str().to_owned()),
-            (headers::ERROR_MESSAGE, error.message.clone()),
-            (headers::SOURCE_TOPIC, source.topic),
-            (headers::SOURCE_PARTITION, source.partition.to_string()),
-            (headers::SOURCE_OFFSET, source.offset.to_string()),
-        ],
-    };
+pub fn dead_letter_record(
+    core: &SourceCore,
+    msg: &Record,
+    error: &ErrorBody,
+    trace: Option<&TraceHeaders>,
+) -> OutRecord {
+    let mut record = source::dead_letter_record(&core.dlq_topic, msg, error, trace);
     if !fits(&record) {
         record
             .headers

@@ -297,6 +297,12 @@ impl PipelineManager {
         };
         let started = Instant::now();
         let mut items: Vec<Item> = requests.into_iter().map(Item::from_request).collect();
+        // Tracing on: each request's span, from the caller (`tracing_otel::with_request_traces`).
+        if let Some(traces) = crate::tracing_otel::request_traces() {
+            for (item, trace) in items.iter_mut().zip(traces.iter()) {
+                item.trace = trace.clone();
+            }
+        }
         Engine {
             snapshot: &snapshot,
         }
@@ -387,11 +393,17 @@ impl Executor for PipelineExecutor {
                     }
                     self.pipelines.execute_batch(id, requests).await
                 }
-                Target::Model(_) => {
+                Target::Model(id) => {
                     let models = self.pipelines.models();
-                    crate::providers::manager::ModelExecutor::new(models)
-                        .execute(target, requests)
-                        .await
+                    let executor = crate::providers::manager::ModelExecutor::new(models);
+                    let call = executor.execute(target, requests);
+                    match crate::tracing_otel::request_traces() {
+                        Some(traces) => {
+                            let parents = traces.iter().flatten();
+                            crate::tracing_otel::in_model_call(parents, id, call).await
+                        }
+                        None => call.await,
+                    }
                 }
             }
         })

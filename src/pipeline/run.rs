@@ -20,8 +20,9 @@ use super::transform::{Transform, TransformContext};
 use crate::executor::ExecRequest;
 use crate::feature_store::FeatureVector;
 use crate::metrics::{PIPELINE_MODEL_REQUESTS_TOTAL, PIPELINE_STEP_ERRORS_TOTAL};
-use crate::model::{Entity, ErrorBody, ErrorKind, StepRecord, Target};
+use crate::model::{Entity, ErrorBody, ErrorKind, FeatureRead, StepRecord, Target};
 use crate::providers::manager::{ModelExecutor, RetryAdvice};
+use crate::tracing_otel::{self as otel, SpanKind};
 
 /// One request on its way through a pipeline.
 #[derive(Debug, Clone)]
@@ -42,6 +43,9 @@ pub(crate) struct Item {
     /// Whether every model step so far answered from the result cache (false before any).
     pub(crate) cached: Option<bool>,
     pub(crate) error: Option<ErrorBody>,
+    /// Tracing on: the span the request's current work belongs to (its request span, or
+    /// during a step the step's span). `None` when tracing is off.
+    pub(crate) trace: Option<otel::Context>,
 }
 
 impl Item {
@@ -58,6 +62,7 @@ impl Item {
             model_version: None,
             cached: None,
             error: None,
+            trace: None,
         }
     }
 
@@ -86,6 +91,7 @@ impl Item {
             model_version: None,
             cached: None,
             error: None,
+            trace: self.trace.clone(),
         }
     }
 }
@@ -103,6 +109,8 @@ struct Delta {
     model_version: Option<String>,
     /// Steps of a chained pipeline, recorded under this step's name.
     sub_steps: Vec<StepRecord>,
+    /// The feature versions a features step read, for its step record (the audit).
+    feature_reads: Vec<FeatureRead>,
 }
 
 /// Why a step failed for one request, and whether the step's `retries` may try it again.
@@ -193,6 +201,21 @@ impl<'s> Engine<'s> {
         record: bool,
     ) {
         let started = Instant::now();
+        // Tracing on: a span per request for this step, the parent of what the step does
+        // (model calls, feature reads, chained steps) while it runs.
+        let mut request_spans: Vec<(usize, Option<otel::Context>)> = Vec::new();
+        if otel::enabled() {
+            for &i in live {
+                let Some(parent) = &items[i].trace else {
+                    continue;
+                };
+                let step_span =
+                    otel::child(parent, format!("step {}", step.name), SpanKind::Internal);
+                if step_span.is_some() {
+                    request_spans.push((i, std::mem::replace(&mut items[i].trace, step_span)));
+                }
+            }
+        }
         let mut outcomes: Vec<Option<Outcome>> = (0..items.len()).map(|_| None).collect();
         if let StepKind::Transforms(transforms) = &step.kind {
             // Transforms are synchronous, so no timeout can interrupt them, and their errors
@@ -237,6 +260,7 @@ impl<'s> Engine<'s> {
         for &i in live {
             let item = &mut items[i];
             let mut cached = false;
+            let mut feature_reads = Vec::new();
             match outcomes[i].take() {
                 Some(Ok(delta)) => {
                     if let Some(data) = delta.data {
@@ -255,6 +279,7 @@ impl<'s> Engine<'s> {
                     if delta.model_version.is_some() {
                         item.model_version = delta.model_version;
                     }
+                    feature_reads = delta.feature_reads;
                     for mut sub in delta.sub_steps {
                         sub.name = format!("{}/{}", step.name, sub.name);
                         item.steps.push(sub);
@@ -292,7 +317,13 @@ impl<'s> Engine<'s> {
                 latency_us,
                 cached,
                 output: (record || step.record_output).then(|| item.data.clone()),
+                features: feature_reads,
             });
+        }
+        for (i, request_span) in request_spans {
+            if let Some(step_span) = std::mem::replace(&mut items[i].trace, request_span) {
+                otel::end(&step_span);
+            }
         }
     }
 
@@ -443,9 +474,14 @@ impl<'s> Engine<'s> {
         let mut answers = if requests.is_empty() {
             Vec::new()
         } else {
-            executor
-                .execute_classified(&Target::Model(model.to_owned()), requests)
-                .await
+            let target = Target::Model(model.to_owned());
+            let parents = idx.iter().filter_map(|&i| items[i].trace.as_ref());
+            otel::in_model_call(
+                parents,
+                model,
+                executor.execute_classified(&target, requests),
+            )
+            .await
         }
         .into_iter();
         slots
@@ -538,24 +574,37 @@ impl<'s> Engine<'s> {
                 })
             })
             .collect();
-        let wanted: Vec<String> = ids
+        let wanted: Vec<(String, Option<otel::Context>)> = ids
             .iter()
-            .filter_map(|r| r.as_ref().ok().cloned())
+            .zip(idx)
+            .filter_map(|(r, &i)| {
+                r.as_ref()
+                    .ok()
+                    .map(|id| (id.clone(), items[i].trace.clone()))
+            })
             .collect();
         // Owned futures (not `get_feature_vectors`, whose borrowing closure the compiler
         // cannot prove `Send` inside this recursive, boxed future).
         let names = Arc::new(names);
         let entity_type = Arc::new(entity_type);
-        let reads = wanted.into_iter().map(|id| {
+        let reads = wanted.into_iter().map(|(id, parent)| {
             let (store, names, entity_type) = (
                 Arc::clone(store),
                 Arc::clone(&names),
                 Arc::clone(&entity_type),
             );
             async move {
-                store
+                let span = parent
+                    .as_ref()
+                    .and_then(|cx| otel::child(cx, "feature read", SpanKind::Client));
+                let read = store
                     .get_feature_vector_and_source(&entity_type, &id, &names)
-                    .await
+                    .await;
+                if let Some(cx) = &span {
+                    otel::set_attribute(cx, "inferflow.entity_type", entity_type.to_string());
+                    otel::end(cx);
+                }
+                read
             }
         });
         let mut vectors = futures::stream::iter(reads)
@@ -577,6 +626,23 @@ impl<'s> Engine<'s> {
                         ));
                     }
                 };
+                let read = |feature: &str, version: Option<u64>| FeatureRead {
+                    entity_type: vector.entity_type.clone(),
+                    entity_id: vector.entity_id.clone(),
+                    feature: feature.to_owned(),
+                    version,
+                };
+                let mut feature_reads: Vec<FeatureRead> = vector
+                    .features
+                    .iter()
+                    .map(|(name, value)| read(name, Some(value.version)))
+                    .collect();
+                feature_reads.extend(vector.missing.iter().map(|name| read(name, None)));
+                feature_reads.extend(
+                    (vector.stale.iter())
+                        .filter(|name| !vector.features.contains_key(*name))
+                        .map(|name| read(name, None)),
+                );
                 let mut features = Map::new();
                 for (name, value) in vector.features {
                     features.insert(name, Value::Object(value.values));
@@ -596,6 +662,7 @@ impl<'s> Engine<'s> {
                     data,
                     features: Some(features),
                     step_cached: Some(from_cache),
+                    feature_reads,
                     ..Delta::default()
                 })
             })
@@ -636,6 +703,7 @@ impl<'s> Engine<'s> {
                     step_cached: None,
                     model_version: child.model_version,
                     sub_steps: child.steps,
+                    feature_reads: Vec::new(),
                 }),
             })
             .collect()

@@ -15,6 +15,9 @@
 //!   capacity);
 //! - the provider's [`RetryPolicy`], whose attempt limit, backoff and budget every call shares.
 //!
+//! With tracing on, every attempt carries `traceparent` (and `tracestate`) naming the model
+//! call's span, the current OpenTelemetry context's ([`crate::tracing_otel::current_headers`]).
+//!
 //! [`Endpoint::post_json`] sends a request as JSON, serialised once into [`Bytes`] that every
 //! attempt shares, under the retry policy, and returns a successful response's body for the
 //! provider to parse. A failed attempt becomes a [`ProviderError`]:
@@ -212,6 +215,13 @@ impl Endpoint {
             .body(body);
         if let Some(credential) = &self.credential {
             request = request.header(AUTHORIZATION, credential.header.clone());
+        }
+        // The model call this request belongs to, as its parent (tracing on only).
+        if let Some(trace) = crate::tracing_otel::current_headers() {
+            request = request.header(crate::tracing_otel::TRACEPARENT, trace.traceparent);
+            if let Some(state) = trace.tracestate {
+                request = request.header(crate::tracing_otel::TRACESTATE, state);
+            }
         }
         let mut response = request.send().await.map_err(|e| self.transport_error(e))?;
         let status = response.status();

@@ -40,6 +40,8 @@ pub struct Call {
     /// The last message's content: the request's `data` when it is a string.
     pub prompt: String,
     pub authorization: Option<String>,
+    /// The W3C `traceparent` header, when the call carried one.
+    pub traceparent: Option<String>,
 }
 
 struct Shared {
@@ -103,12 +105,17 @@ async fn chat(
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let traceparent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let mode = *shared.mode.lock().unwrap();
     shared.calls.lock().unwrap().push(Call {
         at: Instant::now(),
         mode,
         prompt: prompt.clone(),
         authorization: authorization.clone(),
+        traceparent,
     });
     match mode {
         Mode::Healthy => Json(json!({

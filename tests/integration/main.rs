@@ -26,3 +26,4 @@ mod replay;
 mod secure;
 mod smoke;
 mod sql_store;
+mod traces;

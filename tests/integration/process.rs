@@ -279,7 +279,10 @@ async fn sigterm_keeps_a_static_membership_and_leaves_a_dynamic_one() {
         let mut child = spawn(&topics, &group, &extra);
         let deadline = Instant::now() + Duration::from_secs(60);
         while group_members(&group) != 1 {
-            assert!(Instant::now() < deadline, "the instance never joined {group}");
+            assert!(
+                Instant::now() < deadline,
+                "the instance never joined {group}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         sigterm(&child);

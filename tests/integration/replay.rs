@@ -30,6 +30,7 @@ fn output(v: i64) -> ExecOutput {
             latency_us: 1234,
             cached: false,
             output: None,
+            features: Vec::new(),
         }],
     }
 }

@@ -178,6 +178,7 @@ impl ModelManager {
                             latency_us,
                             cached,
                             output: None,
+                            features: Vec::new(),
                         }],
                     }),
                     Err(error) => {
