@@ -1019,9 +1019,10 @@ fn shutdown<H: BatchHandler>(
         tracing::warn!(error = %err, "producer flush incomplete");
     }
     // A dynamic member leaves the group now rather than on drop, so the partitions move at
-    // once. A static member must not: librdkafka sends a LeaveGroup on an unsubscribe even
-    // for a static member, and only a close without one keeps the membership (and the
-    // partitions) for the instance's restart within `kafka.session_timeout_ms`.
+    // once. A static member must not leave: it closes without unsubscribing, and librdkafka
+    // sends no LeaveGroup for a static member that closes (KIP-345), so its restart within
+    // `kafka.session_timeout_ms` takes the same partitions back. (An unsubscribe would send
+    // one whenever the revoke it starts completes before the close.)
     if context.leave_group_on_stop {
         consumer.unsubscribe();
     }
