@@ -102,6 +102,7 @@ pub async fn run(config: Config, sources: Sources) -> anyhow::Result<()> {
     )
     .await
     .context("starting the models of [providers] and [models]")?;
+    let models = crate::providers::build::with_routes(&models, &config.routes)?;
     let defs = config.pipelines.load().map_err(|errs| {
         anyhow::anyhow!("loading pipelines from {}: {errs}", config.pipelines.dir)
     })?;
@@ -330,8 +331,9 @@ async fn reloader(
 }
 
 /// Loads the configuration again and installs its pipelines and, when `[providers]`,
-/// `[models]` or `[result_cache]` changed, a new model manager. Other sections take effect
-/// only after a restart (logged).
+/// `[models]` or `[result_cache]` changed, a new model manager; when only `[routes]` changed,
+/// a manager with the new routes over the same models. Other sections take effect only after
+/// a restart (logged).
 async fn reload(
     sources: &Sources,
     current: &Config,
@@ -368,16 +370,22 @@ async fn reload(
     if !restart_only.is_empty() {
         tracing::warn!(sections = ?restart_only, "changed sections take effect after a restart");
     }
+    // New models get the new routes; unchanged models get them too when they changed (a
+    // manager sharing the loaded models), so the routes swap with the snapshot.
     let models = if models_changed {
-        Some(
-            crate::providers::build::build_manager(
-                &next.providers,
-                &next.models,
-                &next.result_cache,
-            )
-            .await
-            .context("starting the new models")?,
+        let built = crate::providers::build::build_manager(
+            &next.providers,
+            &next.models,
+            &next.result_cache,
         )
+        .await
+        .context("starting the new models")?;
+        Some(crate::providers::build::with_routes(&built, &next.routes)?)
+    } else if !same(&current.routes, &next.routes) {
+        Some(crate::providers::build::with_routes(
+            &pipelines.models(),
+            &next.routes,
+        )?)
     } else {
         None
     };

@@ -84,6 +84,9 @@ pub const PIPELINE_STEP_DURATION_SECONDS: &str = "inferflow_pipeline_step_durati
 pub const PIPELINE_STEP_ERRORS_TOTAL: &str = "inferflow_pipeline_step_errors_total";
 /// Requests sent to a model by a pipeline's model steps (counter; labels `pipeline`, `model`).
 pub const PIPELINE_MODEL_REQUESTS_TOTAL: &str = "inferflow_pipeline_model_requests_total";
+/// Requests for a routed model name, by the version the route sent them to (counter; label
+/// `model`: `name@version`).
+pub const ROUTE_REQUESTS_TOTAL: &str = "inferflow_route_requests_total";
 /// Configuration reloads by outcome (counter; label `outcome`: applied, rejected).
 pub const RELOADS_TOTAL: &str = "inferflow_reloads_total";
 /// Models loaded again after an idle unload, and models unloaded for idleness (counter;
@@ -246,6 +249,10 @@ fn describe() {
         "Requests sent to models by pipeline model steps."
     );
     describe_counter!(RELOADS_TOTAL, "Configuration reloads by outcome.");
+    describe_counter!(
+        ROUTE_REQUESTS_TOTAL,
+        "Requests for a routed model name, by the version its weighted route chose."
+    );
     describe_gauge!(
         UPTIME_SECONDS,
         Unit::Seconds,

@@ -32,6 +32,7 @@ use super::breaker::BreakerConfig;
 use super::cache::ResultCacheConfig;
 use super::huggingface::HuggingFaceConfig;
 use super::local::LocalConfig;
+use super::manager::{Route, StickyKey};
 use super::openai::OpenAiConfig;
 use super::ratelimit::RateLimitConfig;
 use crate::section::{Problems, Section};
@@ -134,6 +135,98 @@ impl ModelsConfig {
                 chosen.map(|v| (name.to_owned(), v.to_owned()))
             })
             .collect()
+    }
+}
+
+/// One `[routes.NAME]` table: the versions a bare model name is routed to, by weight.
+///
+/// ```toml
+/// [routes.sentiment]
+/// versions = { "1" = 90, "2" = 10 }   # weights, relative; they must add up to more than 0
+/// sticky_key = "entity"               # or "request_id"
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    /// Weight by version; each version must be configured as `[models."NAME@VERSION"]`.
+    pub versions: BTreeMap<String, u32>,
+    /// What keeps a caller on one version: the request's entity (default; the request id when
+    /// it has none) or the request id.
+    #[serde(default)]
+    pub sticky_key: StickyKey,
+}
+
+/// `[routes]`: weighted routes by model name.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RoutesConfig(pub BTreeMap<String, RouteSection>);
+
+impl RoutesConfig {
+    /// The routes, built; `Err` names the key of the first route that cannot be built (the
+    /// configuration's validation reports all of them).
+    pub fn routes(&self) -> Result<BTreeMap<String, Route>, String> {
+        self.0
+            .iter()
+            .map(|(name, section)| {
+                Route::new(
+                    section.versions.iter().map(|(v, w)| (v.clone(), *w)),
+                    section.sticky_key,
+                )
+                .map(|route| (name.clone(), route))
+                .map_err(|e| format!("routes.{name}.versions: {e}"))
+            })
+            .collect()
+    }
+}
+
+impl Section for RoutesConfig {
+    fn validate(&self, p: &mut Problems) {
+        for (name, section) in &self.0 {
+            if name.is_empty() || name.contains('@') || name.chars().any(char::is_whitespace) {
+                p.push(
+                    format!("routes.{name}"),
+                    "a route is named by a bare model name (no `@version`, no spaces)",
+                );
+            }
+            if let Err(e) = Route::new(
+                section.versions.iter().map(|(v, w)| (v.clone(), *w)),
+                section.sticky_key,
+            ) {
+                p.push(format!("routes.{name}.versions"), e.to_string());
+            }
+        }
+    }
+}
+
+/// Cross-checks of `[routes]` against `[models]`: every version a route names is configured.
+pub(crate) fn check_routes_against_models(
+    routes: &RoutesConfig,
+    models: &ModelsConfig,
+    p: &mut Problems,
+) {
+    for (name, section) in &routes.0 {
+        let configured: Vec<&str> = models
+            .0
+            .keys()
+            .filter_map(|id| ModelsConfig::split_id(id))
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .collect();
+        for version in section.versions.keys() {
+            if !configured.contains(&version.as_str()) {
+                p.push(
+                    format!("routes.{name}.versions.\"{version}\""),
+                    format!(
+                        "`{name}@{version}` is not a configured model (configured versions of `{name}`: {})",
+                        if configured.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            configured.join(", ")
+                        }
+                    ),
+                );
+            }
+        }
     }
 }
 

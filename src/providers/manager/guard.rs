@@ -287,6 +287,13 @@ impl ModelManager {
     /// rate-limit capacity for the batch (which its calls then draw on). Returns at once for
     /// unknown models; never fails.
     pub async fn admit(&self, id: &str, requests: usize) {
+        if let Some(shares) = self.route_shares(id, requests) {
+            // A routed name: each version for its share of the batch, by weight.
+            for (version_id, share) in shares {
+                Box::pin(self.admit(&version_id, share)).await;
+            }
+            return;
+        }
         let Ok(model) = self.resolve(id) else { return };
         if requests == 0 {
             return;

@@ -1,0 +1,283 @@
+//! Weighted routes over Kafka: a 90/10 split of `sentiment` between two versions holds its
+//! shares and keeps every entity on one version; an explicit `name@version` wins; and a reload
+//! of `inferflow run` from 90/10 to 0/100 under load (after a refused one) loses and fails
+//! nothing, switches the versions, and `/v1/predict` routes like the stream.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use inferflow::config::Config;
+use inferflow::model::InferenceResult;
+use inferflow::pipeline::{PipelineExecutor, PipelineManager};
+use inferflow::providers::build::{build_manager, with_routes};
+use serde_json::{Value, json};
+
+use crate::harness::{Raw, Running, Topics, collect, collect_until, config, produce};
+use crate::utils::{self, unique_name};
+
+/// The shipped VADER model under two versions, without the result cache.
+const MODELS: &str = r#"
+[providers.local.local.models.vader]
+kind = "vader"
+path = "models/vader"
+[models."sentiment@1"]
+provider = "local"
+remote_model = "vader"
+cache = false
+[models."sentiment@2"]
+provider = "local"
+remote_model = "vader"
+cache = false
+"#;
+
+fn routes(v1: u32, v2: u32) -> String {
+    format!("[routes.sentiment]\nversions = {{ \"1\" = {v1}, \"2\" = {v2} }}\n")
+}
+
+/// A request for `model` from entity `user/u{entity}`.
+fn request(id: &str, model: &str, entity: usize) -> Value {
+    json!({
+        "request_id": id,
+        "model": model,
+        "entity": {"type": "user", "id": format!("u{entity}")},
+        "data": {"text": format!("Review {id} says this is great!")},
+    })
+}
+
+fn raw(requests: &[Value]) -> Vec<Raw> {
+    requests
+        .iter()
+        .map(|r| (None, Some(r.to_string().into_bytes())))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_90_10_route_holds_its_shares_and_keeps_each_entity_on_one_version() {
+    utils::init_tracing();
+    let topics = Topics::create("routing", 3).await;
+    let group = unique_name("routing");
+    let config: Config = config(&topics, &group, &format!("{MODELS}\n{}", routes(90, 10)));
+    let models = build_manager(&config.providers, &config.models, &config.result_cache)
+        .await
+        .expect("models start");
+    let models = with_routes(&models, &config.routes).expect("routes");
+    let executor = Arc::new(PipelineExecutor::new(Arc::new(PipelineManager::new(
+        models,
+    ))));
+    let processor = Running::start(&config, executor).await;
+
+    const N: usize = 10_000;
+    const ENTITIES: usize = 1_000;
+    let mut requests: Vec<Value> = (0..N)
+        .map(|i| request(&format!("r{i}"), "sentiment", i % ENTITIES))
+        .collect();
+    // An explicit version always wins: every entity once more, naming `sentiment@1`.
+    requests.extend((0..ENTITIES).map(|e| request(&format!("x{e}"), "sentiment@1", e)));
+    let started = Instant::now();
+    produce(&topics.requests, &raw(&requests)).await;
+    let out = collect(
+        &[&topics.results],
+        requests.len(),
+        Duration::from_secs(180),
+        Duration::from_secs(1),
+    )
+    .await;
+    eprintln!("{} results in {:?}", out.len(), started.elapsed());
+    processor.stop().await;
+
+    let mut by_entity: HashMap<usize, HashSet<String>> = HashMap::new();
+    let mut shares: BTreeMap<String, usize> = BTreeMap::new();
+    let mut ids = HashSet::new();
+    for c in &out {
+        let doc: InferenceResult = serde_json::from_slice(c.value.as_deref().unwrap()).unwrap();
+        assert!(doc.error.is_none(), "{}: {:?}", doc.request_id, doc.error);
+        assert!(ids.insert(doc.request_id.clone()), "one result per request");
+        let version = doc
+            .model_version
+            .clone()
+            .expect("the version that answered");
+        if let Some(e) = doc.request_id.strip_prefix('x') {
+            assert_eq!(version, "1", "explicit sentiment@1 for entity {e}");
+            continue;
+        }
+        let i: usize = doc.request_id[1..].parse().unwrap();
+        by_entity
+            .entry(i % ENTITIES)
+            .or_default()
+            .insert(version.clone());
+        *shares.entry(version).or_default() += 1;
+    }
+    assert_eq!(ids.len(), N + ENTITIES);
+    let moved: Vec<_> = by_entity.iter().filter(|(_, v)| v.len() > 1).collect();
+    assert!(
+        moved.is_empty(),
+        "entities answered by two versions: {moved:?}"
+    );
+    assert_eq!(by_entity.len(), ENTITIES);
+    let share = |v: &str| shares.get(v).copied().unwrap_or(0) as f64 * 100.0 / N as f64;
+    eprintln!("shares: {shares:?}");
+    assert!(
+        (share("1") - 90.0).abs() <= 2.0 && (share("2") - 10.0).abs() <= 2.0,
+        "shares {shares:?} are not 90/10 within 2 points"
+    );
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// The value of `inferflow_reloads_total{outcome=...}` on `/metrics`, 0 when absent.
+async fn reloads(port: u16, outcome: &str) -> u64 {
+    let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
+        return 0;
+    };
+    let body = response.text().await.unwrap_or_default();
+    crate::harness::metric(
+        &body,
+        "inferflow_reloads_total",
+        &format!("outcome=\"{outcome}\""),
+    )
+    .map_or(0, |v| v as u64)
+}
+
+/// `model_version` of `POST /v1/predict` for `request`.
+async fn predict_version(port: u16, request: &Value) -> String {
+    let response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/v1/predict"))
+        .json(request)
+        .send()
+        .await
+        .expect("POST /v1/predict");
+    let doc: Value = response.json().await.expect("a result document");
+    assert_eq!(doc["status"], "ok", "{doc}");
+    doc["model_version"]
+        .as_str()
+        .expect("model_version")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_from_90_10_to_0_100_under_load_switches_versions_and_loses_nothing() {
+    utils::init_tracing();
+    utils::require_kafka().await;
+    let topics = Topics::create("reroute", 3).await;
+    let group = unique_name("reroute");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("inferflow.toml");
+    std::fs::write(&file, format!("{MODELS}\n{}", routes(90, 10))).unwrap();
+    let port = utils::free_port();
+    let mut cmd =
+        crate::harness::inferflow_run(&topics, &group, Some(&file), "warn,inferflow::app=info");
+    cmd.env("INFERFLOW__HTTP__LISTEN", format!("127.0.0.1:{port}"));
+    let mut child = cmd.spawn().expect("start inferflow run");
+    // SIGHUP before the service listens for it would end the process; the HTTP server starts
+    // after the reload handler, so once /metrics answers, SIGHUP reloads.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "inferflow did not start serving HTTP"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Over HTTP, an entity is answered by the version the route gives it, every time; with
+    // 100 entities at 10 % some are on each version.
+    let mut http_before: BTreeMap<usize, String> = BTreeMap::new();
+    for e in 0..100 {
+        let first = predict_version(port, &request(&format!("h{e}"), "sentiment", e)).await;
+        let again = predict_version(port, &request(&format!("h{e}b"), "sentiment", e)).await;
+        assert_eq!(first, again, "entity {e} over HTTP");
+        http_before.insert(e, first);
+    }
+    let on_two = http_before.values().filter(|v| *v == "2").count();
+    assert!(
+        (1..30).contains(&on_two),
+        "{on_two} of 100 entities on version 2"
+    );
+
+    // 4,000 requests over about 4 s while the routes are reloaded twice: first a file naming
+    // a version that is not configured (refused: 90/10 stays), then 0/100.
+    const LOAD: usize = 4000;
+    let producer = {
+        let topic = topics.requests.clone();
+        tokio::spawn(async move {
+            for chunk in 0..8 {
+                let batch: Vec<Value> = (chunk * 500..(chunk + 1) * 500)
+                    .map(|i| request(&format!("r{i}"), "sentiment", i % 1000))
+                    .collect();
+                produce(&topic, &raw(&batch)).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let bad = format!("{MODELS}\n[routes.sentiment]\nversions = {{ \"1\" = 0, \"3\" = 100 }}\n");
+    for (at, text, outcome) in [
+        (1200, bad, "rejected"),
+        (2400, format!("{MODELS}\n{}", routes(0, 100)), "applied"),
+    ] {
+        tokio::time::sleep(Duration::from_millis(at).saturating_sub(started.elapsed())).await;
+        let before = reloads(port, outcome).await;
+        std::fs::write(&file, text).unwrap();
+        signal(&child, "-HUP");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reloads(port, outcome).await <= before {
+            assert!(
+                Instant::now() < deadline,
+                "the {outcome} reload was not counted"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    producer.await.unwrap();
+    // After the reload: every request goes to version 2, on the stream and over HTTP.
+    const AFTER: usize = 1000;
+    let after: Vec<Value> = (0..AFTER)
+        .map(|i| request(&format!("a{i}"), "sentiment", i))
+        .collect();
+    produce(&topics.requests, &raw(&after)).await;
+    for e in 0..20 {
+        let v = predict_version(port, &request(&format!("ha{e}"), "sentiment", e)).await;
+        assert_eq!(v, "2", "entity {e} over HTTP after the reload");
+    }
+
+    let out = collect_until(
+        &[&topics.results, &topics.dlq],
+        Duration::from_secs(120),
+        Duration::from_secs(1),
+        |out| out.len() >= LOAD + AFTER,
+    )
+    .await;
+    signal(&child, "-TERM");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "inferflow exited with {status}");
+
+    let mut ids = HashSet::new();
+    let mut during: BTreeMap<String, usize> = BTreeMap::new();
+    for c in &out {
+        assert_eq!(c.topic, topics.results, "no dead letters");
+        let doc: InferenceResult = serde_json::from_slice(c.value.as_deref().unwrap()).unwrap();
+        assert!(doc.error.is_none(), "{}: {:?}", doc.request_id, doc.error);
+        assert!(ids.insert(doc.request_id.clone()), "one result per request");
+        let version = doc.model_version.clone().expect("model_version");
+        if doc.request_id.starts_with('a') {
+            assert_eq!(version, "2", "{} after the reload", doc.request_id);
+        } else {
+            *during.entry(version).or_default() += 1;
+        }
+    }
+    assert_eq!(ids.len(), LOAD + AFTER, "every request answered");
+    eprintln!("versions while reloading: {during:?}");
+    // Before the reload 90 % went to version 1; after it none did.
+    assert!(during.get("1").copied().unwrap_or(0) > 0 && during.get("2").copied().unwrap_or(0) > 0);
+}
