@@ -87,6 +87,10 @@ pub const PIPELINE_MODEL_REQUESTS_TOTAL: &str = "inferflow_pipeline_model_reques
 /// Requests for a routed model name, by the version the route sent them to (counter; label
 /// `model`: `name@version`).
 pub const ROUTE_REQUESTS_TOTAL: &str = "inferflow_route_requests_total";
+/// Requests copied to a route's shadow version, by outcome (counter; labels `model`:
+/// `name@version` of the shadow; `outcome`: agreed, disagreed, incomparable, error, timeout,
+/// dropped, unpublished).
+pub const SHADOW_REQUESTS_TOTAL: &str = "inferflow_shadow_requests_total";
 /// Configuration reloads by outcome (counter; label `outcome`: applied, rejected).
 pub const RELOADS_TOTAL: &str = "inferflow_reloads_total";
 /// Models loaded again after an idle unload, and models unloaded for idleness (counter;
@@ -252,6 +256,10 @@ fn describe() {
     describe_counter!(
         ROUTE_REQUESTS_TOTAL,
         "Requests for a routed model name, by the version its weighted route chose."
+    );
+    describe_counter!(
+        SHADOW_REQUESTS_TOTAL,
+        "Requests copied to a shadow version, by outcome (agreed, disagreed, incomparable, error, timeout, dropped, unpublished)."
     );
     describe_gauge!(
         UPTIME_SECONDS,

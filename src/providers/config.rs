@@ -25,6 +25,8 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::num::{NonZeroU64, NonZeroUsize};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -32,7 +34,7 @@ use super::breaker::BreakerConfig;
 use super::cache::ResultCacheConfig;
 use super::huggingface::HuggingFaceConfig;
 use super::local::LocalConfig;
-use super::manager::{Route, StickyKey};
+use super::manager::{Route, RouteError, ShadowConfig, StickyKey};
 use super::openai::OpenAiConfig;
 use super::ratelimit::RateLimitConfig;
 use crate::section::{Problems, Section};
@@ -154,6 +156,56 @@ pub struct RouteSection {
     /// it has none) or the request id.
     #[serde(default)]
     pub sticky_key: StickyKey,
+    /// Versions that get a copy of each batch after the primary answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowSection>,
+}
+
+/// `[routes.NAME.shadow]`: the route's shadow versions and how their answers are compared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowSection {
+    /// Versions of the route's model, each configured in `[models]`.
+    pub versions: Vec<String>,
+    /// The output value compared, dotted (`label`, `scores.0`); absent: the whole outputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare_path: Option<String>,
+    /// Numbers agree when they differ by at most this.
+    #[serde(default)]
+    pub tolerance: f64,
+    /// Batches waiting for the shadows at most; beyond that a batch is dropped (counted).
+    #[serde(default = "default_queue_batches")]
+    pub queue_batches: NonZeroUsize,
+    /// Longest time one shadow call may take.
+    #[serde(default = "default_shadow_timeout_ms")]
+    pub timeout_ms: NonZeroU64,
+}
+
+fn default_queue_batches() -> NonZeroUsize {
+    NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN)
+}
+
+fn default_shadow_timeout_ms() -> NonZeroU64 {
+    NonZeroU64::new(10_000).unwrap_or(NonZeroU64::MIN)
+}
+
+impl RouteSection {
+    fn route(&self) -> Result<Route, RouteError> {
+        let route = Route::new(
+            self.versions.iter().map(|(v, w)| (v.clone(), *w)),
+            self.sticky_key,
+        )?;
+        match &self.shadow {
+            None => Ok(route),
+            Some(s) => route.with_shadow(ShadowConfig {
+                versions: s.versions.clone(),
+                compare_path: s.compare_path.clone(),
+                tolerance: s.tolerance,
+                queue_batches: s.queue_batches.get(),
+                timeout: Duration::from_millis(s.timeout_ms.get()),
+            }),
+        }
+    }
 }
 
 /// `[routes]`: weighted routes by model name.
@@ -168,12 +220,10 @@ impl RoutesConfig {
         self.0
             .iter()
             .map(|(name, section)| {
-                Route::new(
-                    section.versions.iter().map(|(v, w)| (v.clone(), *w)),
-                    section.sticky_key,
-                )
-                .map(|route| (name.clone(), route))
-                .map_err(|e| format!("routes.{name}.versions: {e}"))
+                section
+                    .route()
+                    .map(|route| (name.clone(), route))
+                    .map_err(|e| format!("routes.{name}: {e}"))
             })
             .collect()
     }
@@ -194,6 +244,25 @@ impl Section for RoutesConfig {
             ) {
                 p.push(format!("routes.{name}.versions"), e.to_string());
             }
+            if let Some(shadow) = &section.shadow {
+                let key = format!("routes.{name}.shadow");
+                if shadow.versions.is_empty() {
+                    p.push(format!("{key}.versions"), "names no version");
+                }
+                if !(shadow.tolerance.is_finite() && shadow.tolerance >= 0.0) {
+                    p.push(format!("{key}.tolerance"), "must be a number of at least 0");
+                }
+                if shadow
+                    .compare_path
+                    .as_deref()
+                    .is_some_and(|path| path.split('.').any(str::is_empty))
+                {
+                    p.push(
+                        format!("{key}.compare_path"),
+                        "a dotted path without empty segments (`label`, `scores.0`)",
+                    );
+                }
+            }
         }
     }
 }
@@ -212,10 +281,16 @@ pub(crate) fn check_routes_against_models(
             .filter(|(n, _)| n == name)
             .map(|(_, v)| v)
             .collect();
-        for version in section.versions.keys() {
+        let shadows = section.shadow.iter().flat_map(|s| s.versions.iter());
+        let keys = section
+            .versions
+            .keys()
+            .map(|v| (v, format!("routes.{name}.versions.\"{v}\"")))
+            .chain(shadows.map(|v| (v, format!("routes.{name}.shadow.versions"))));
+        for (version, key) in keys {
             if !configured.contains(&version.as_str()) {
                 p.push(
-                    format!("routes.{name}.versions.\"{version}\""),
+                    key,
                     format!(
                         "`{name}@{version}` is not a configured model (configured versions of `{name}`: {})",
                         if configured.is_empty() {

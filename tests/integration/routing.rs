@@ -281,3 +281,199 @@ async fn a_reload_from_90_10_to_0_100_under_load_switches_versions_and_loses_not
     // Before the reload 90 % went to version 1; after it none did.
     assert!(during.get("1").copied().unwrap_or(0) > 0 && during.get("2").copied().unwrap_or(0) > 0);
 }
+
+/// One run of `requests` through a processor whose `sentiment` route is `route` (TOML after
+/// `[routes.sentiment]`), with `extra` models; the results by request id, the shadow
+/// comparisons by request id, and how long the results took (including a 1 s pause).
+async fn shadow_run(
+    prefix: &str,
+    route: &str,
+    extra: &str,
+    requests: &[Value],
+    failing: Option<&crate::fake_openai::FakeOpenAi>,
+) -> (HashMap<String, Value>, HashMap<String, Value>, Duration) {
+    let calls_before = failing.map_or(0, |f| f.calls().len());
+    let topics = Topics::create(prefix, 3).await;
+    let shadow_topic = format!("{}.shadow", topics.requests);
+    utils::create_topic(&shadow_topic, 3).await;
+    let group = unique_name(prefix);
+    let toml = format!(
+        "shadow_results = \"{shadow_topic}\"\n{MODELS}\n{extra}\n[routes.sentiment]\n{route}"
+    );
+    let config: Config = config(&topics, &group, &toml);
+    let models = build_manager(&config.providers, &config.models, &config.result_cache)
+        .await
+        .expect("models start");
+    if let Some(sink) = inferflow::app::shadow_sink(&config).expect("shadow sink") {
+        models.set_shadow_sink(sink);
+    }
+    let models = with_routes(&models, &config.routes).expect("routes");
+    let executor = Arc::new(PipelineExecutor::new(Arc::new(PipelineManager::new(
+        models,
+    ))));
+    let processor = Running::start(&config, executor).await;
+    // Two waves: the second is consumed after the first made a failing shadow fail (and its
+    // provider's breaker open).
+    let started = Instant::now();
+    let (first, second) = requests.split_at(requests.len() / 2);
+    produce(&topics.requests, &raw(first)).await;
+    collect(
+        &[&topics.results],
+        first.len(),
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
+    if let Some(fake) = failing {
+        // The shadow has failed at least twice (so its breaker is open) before the second wave.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while fake.calls().len() < calls_before + 2 {
+            assert!(Instant::now() < deadline, "the shadow was not called");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    produce(&topics.requests, &raw(second)).await;
+    let out = collect(
+        &[&topics.results],
+        requests.len(),
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    )
+    .await;
+    let took = started.elapsed();
+    let results = crate::harness::results_by_id(&out);
+    assert_eq!(results.len(), requests.len(), "one result per request");
+    let shadows = if route.contains("shadow") && !extra.is_empty() {
+        HashMap::new()
+    } else if route.contains("shadow") {
+        let out = collect(
+            &[&shadow_topic],
+            requests.len(),
+            Duration::from_secs(60),
+            Duration::from_millis(500),
+        )
+        .await;
+        out.iter()
+            .map(|c| {
+                let doc: Value = serde_json::from_slice(c.value.as_deref().unwrap()).unwrap();
+                let key = String::from_utf8(c.key.clone().unwrap()).unwrap();
+                assert_eq!(doc["request_id"], key.as_str(), "keyed by request id");
+                (key, doc)
+            })
+            .collect()
+    } else {
+        HashMap::new()
+    };
+    processor.stop().await;
+    (results, shadows, took)
+}
+
+/// The primary's part of a result: status, output, version.
+fn primary(results: &HashMap<String, Value>) -> BTreeMap<String, (Value, Value, Value)> {
+    results
+        .iter()
+        .map(|(id, r)| {
+            assert_eq!(r["status"], "ok", "{r}");
+            (
+                id.clone(),
+                (
+                    r["status"].clone(),
+                    r["output"].clone(),
+                    r["model_version"].clone(),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadows_compare_off_the_request_path_and_a_failing_one_changes_nothing() {
+    use crate::fake_openai::{FakeOpenAi, Mode};
+
+    utils::init_tracing();
+    utils::require_kafka().await;
+    // Plain strings: VADER takes them, and so does the chat model of the failing shadow.
+    let requests: Vec<Value> = (0..400)
+        .map(|i| {
+            let mut r = request(&format!("s{i}"), "sentiment", i % 100);
+            r["data"] = json!(format!("Review {i}: this is not bad at all"));
+            r
+        })
+        .collect();
+    let (baseline, _, took) = shadow_run(
+        "shadow-none",
+        "versions = { \"1\" = 1 }\n",
+        "",
+        &requests,
+        None,
+    )
+    .await;
+    let expected = primary(&baseline);
+    eprintln!("without a shadow: {took:?}");
+
+    // A healthy shadow (the same VADER as version 2): every request compared, and agreeing.
+    let (results, shadows, took) = shadow_run(
+        "shadow-ok",
+        "versions = { \"1\" = 1 }\n[routes.sentiment.shadow]\nversions = [\"2\"]\ncompare_path = \"label\"\n",
+        "",
+        &requests,
+        None,
+    )
+    .await;
+    eprintln!("with a healthy shadow: {took:?}");
+    assert_eq!(primary(&results), expected, "the shadow changed no result");
+    assert_eq!(shadows.len(), requests.len(), "one comparison per request");
+    for (id, doc) in &shadows {
+        assert_eq!(doc["model"], "sentiment", "{doc}");
+        assert_eq!(doc["primary"]["version"], "1", "{doc}");
+        assert_eq!(doc["shadow"]["version"], "2", "{doc}");
+        assert_eq!(doc["primary"]["output"], expected[id].1, "{doc}");
+        assert_eq!(
+            doc["shadow"]["output"]["label"],
+            doc["primary"]["output"]["label"]
+        );
+        assert_eq!(doc["agreement"], true, "{doc}");
+        assert!(doc["primary"]["latency_us"].is_u64() && doc["shadow"]["latency_us"].is_u64());
+    }
+
+    // A shadow whose provider hangs, then one that answers 500, behind a breaker that opens
+    // for a minute: the primary results are the same, all of them, in bounded time (an open
+    // breaker of a shadow-only provider does not pause consumption).
+    let fake = FakeOpenAi::start(Mode::Hang).await;
+    let extra = format!(
+        r#"
+[providers.fake.openai]
+base_url = "{}"
+[providers.fake.openai.retry]
+max_attempts = 1
+[providers.fake.openai.models.chat]
+task = "chat"
+[providers.fake.breaker]
+failure_threshold = 2
+open_ms = 60000
+[models."sentiment@3"]
+provider = "fake"
+remote_model = "chat"
+cache = false
+"#,
+        fake.base_url
+    );
+    let route = "versions = { \"1\" = 1 }\n[routes.sentiment.shadow]\nversions = [\"3\"]\nqueue_batches = 1\ntimeout_ms = 500\n";
+    for mode in [Mode::Hang, Mode::ServerError] {
+        fake.set_mode(mode);
+        let (results, _, took) =
+            shadow_run("shadow-bad", route, &extra, &requests, Some(&fake)).await;
+        eprintln!("with a {mode:?} shadow: {took:?}");
+        assert_eq!(
+            primary(&results),
+            expected,
+            "a {mode:?} shadow changed results"
+        );
+        assert!(
+            took < Duration::from_secs(30),
+            "a {mode:?} shadow held the primary up: {took:?}"
+        );
+    }
+    assert!(!fake.calls().is_empty(), "the failing shadow was called");
+}

@@ -9,6 +9,7 @@ use futures::future::{BoxFuture, join_all};
 use super::lifecycle::InFlight;
 use super::registry::{ModelManager, ResolvedModel};
 use super::routing::Routed;
+use super::shadow::{PrimaryAnswer, ShadowJob};
 use super::stats::add;
 use crate::executor::{BUILTIN_MODELS, Builtins, ExecOutput, ExecRequest, ExecResult, Executor};
 use crate::model::{ErrorBody, ErrorKind, StepRecord, Target};
@@ -93,7 +94,14 @@ impl ModelManager {
                 Ok(model) => self.infer_classified(&model, requests).await,
                 Err(error) => vec![Err(ModelFailure::never(error)); requests.len()],
             },
-            Routed::Split { n, groups } => {
+            Routed::Split { n, groups, entry } => {
+                // The shadows get copies of the requests, so copy them before the call.
+                let copies: Option<Vec<ExecRequest>> = entry.lane.as_ref().map(|_| {
+                    groups
+                        .iter()
+                        .flat_map(|(_, _, requests)| requests.iter().cloned())
+                        .collect()
+                });
                 let runs = groups
                     .into_iter()
                     .map(|(version_id, idx, requests)| async move {
@@ -101,10 +109,27 @@ impl ModelManager {
                             Ok(model) => self.infer_classified(&model, requests).await,
                             Err(error) => vec![Err(ModelFailure::never(error)); requests.len()],
                         };
-                        (idx, outcomes)
+                        (version_id, idx, outcomes)
                     });
+                let done = join_all(runs).await;
+                if let (Some(lane), Some(requests)) = (&entry.lane, copies) {
+                    let primary = done
+                        .iter()
+                        .flat_map(|(version_id, _, outcomes)| {
+                            let version = version_id.rsplit('@').next().unwrap_or_default();
+                            outcomes.iter().map(move |o| {
+                                o.as_ref().ok().map(|out| PrimaryAnswer {
+                                    version: version.to_owned(),
+                                    output: out.output.clone(),
+                                    latency_us: out.steps.first().map_or(0, |s| s.latency_us),
+                                })
+                            })
+                        })
+                        .collect();
+                    lane.offer(ShadowJob { requests, primary });
+                }
                 let mut slots: Vec<Option<ClassifiedResult>> = vec![None; n];
-                for (idx, outcomes) in join_all(runs).await {
+                for (_, idx, outcomes) in done {
                     for (i, outcome) in idx.into_iter().zip(outcomes) {
                         slots[i] = Some(outcome);
                     }
@@ -125,7 +150,7 @@ impl ModelManager {
     }
 
     /// Runs `requests` through `model`, each failure classified for retrying.
-    async fn infer_classified(
+    pub(super) async fn infer_classified(
         &self,
         model: &ResolvedModel,
         requests: Vec<ExecRequest>,

@@ -270,9 +270,15 @@ impl ModelManager {
 
     /// A reason to stop fetching requests now: a provider's circuit breaker is open (and not
     /// yet due for its probe). Cheap: a read lock and two atomic loads per provider.
+    /// A provider only shadow versions use is left out: a failing shadow never pauses the
+    /// stream.
     pub fn hold(&self) -> Option<String> {
+        let shadow_only = self.shadow_only_providers();
         let registry = self.read();
         registry.providers.values().find_map(|g| {
+            if shadow_only.contains(&g.guard.name) {
+                return None;
+            }
             let left = g.guard.breaker.as_ref()?.is_open()?;
             Some(format!(
                 "circuit breaker open for provider `{}` (probe in {} ms)",

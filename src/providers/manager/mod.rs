@@ -95,6 +95,7 @@ mod guard;
 mod lifecycle;
 mod registry;
 mod routing;
+mod shadow;
 mod stats;
 
 use std::time::Duration;
@@ -105,6 +106,7 @@ pub use execute::{ClassifiedResult, ModelExecutor, ModelFailure, RetryAdvice};
 pub use guard::ProviderPolicy;
 pub use registry::{ModelManager, ResolvedModel};
 pub use routing::{ROUTE_HASH_SEED, Route, RouteError, StickyKey};
+pub use shadow::{ShadowConfig, ShadowSink, agreement};
 pub use stats::ModelStats;
 
 /// A model to load: `name@version`, answered by `provider` as `remote_model`.

@@ -10,6 +10,7 @@ use super::ModelSpec;
 use super::guard::{Guard, Guarded};
 use super::lifecycle::Lifecycle;
 use super::routing::RouteTable;
+use super::shadow::ShadowSink;
 use super::stats::{Counters, ModelStats};
 use crate::model::{ErrorBody, ErrorKind};
 use crate::providers::Provider;
@@ -89,6 +90,8 @@ pub struct ModelManager {
     pub(super) cache: Option<ResultCache>,
     /// The weighted routes by model name; replaced whole, read once per batch.
     pub(super) routes: RwLock<Arc<RouteTable>>,
+    /// Where the shadows of routes installed from now on send their comparisons.
+    pub(super) shadow_sink: RwLock<Option<Arc<dyn ShadowSink>>>,
 }
 
 impl fmt::Debug for ModelManager {
@@ -113,7 +116,7 @@ impl ModelManager {
         ModelManager {
             registry: Arc::default(),
             cache: Some(cache),
-            routes: RwLock::default(),
+            ..ModelManager::default()
         }
     }
 

@@ -18,7 +18,7 @@
 //! [`ModelManager::with_routes`] for a reload, which derives a manager sharing the models), and
 //! a batch reads them once, so every request of a batch is routed by one table.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::hash::Hasher;
 use std::sync::{Arc, RwLock};
 
@@ -27,6 +27,7 @@ use twox_hash::XxHash64;
 
 use super::ManagerError;
 use super::registry::{ModelManager, compare_versions};
+use super::shadow::{ShadowConfig, ShadowLane, ShadowSink};
 use crate::executor::ExecRequest;
 use crate::metrics::ROUTE_REQUESTS_TOTAL;
 
@@ -35,7 +36,13 @@ use crate::metrics::ROUTE_REQUESTS_TOTAL;
 pub const ROUTE_HASH_SEED: u64 = 0x6966_6c6f_7772_7465; // "iflowrte" in ASCII
 
 /// The routes of a manager, by model name.
-pub(super) type RouteTable = BTreeMap<String, Arc<Route>>;
+pub(super) type RouteTable = BTreeMap<String, Arc<RouteEntry>>;
+
+/// An installed route: the route, and its shadow lane when it has shadows.
+pub(super) struct RouteEntry {
+    pub(super) route: Route,
+    pub(super) lane: Option<ShadowLane>,
+}
 
 /// What keeps a caller on one version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -66,13 +73,14 @@ pub enum RouteError {
     },
 }
 
-/// Versions of one model name with their weights, and the sticky key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Versions of one model name with their weights, the sticky key, and the shadows.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     /// In natural version order; zero weights kept (they get no traffic).
     versions: Vec<(String, u32)>,
     total: u64,
     sticky: StickyKey,
+    shadow: Option<ShadowConfig>,
 }
 
 impl Route {
@@ -105,7 +113,29 @@ impl Route {
             versions,
             total,
             sticky,
+            shadow: None,
         })
+    }
+
+    /// The route with shadows (see [`ShadowConfig`]): versions that get a copy of each batch
+    /// after the primary answered.
+    pub fn with_shadow(mut self, shadow: ShadowConfig) -> Result<Route, RouteError> {
+        if let Some(bad) = shadow
+            .versions
+            .iter()
+            .find(|v| v.is_empty() || v.contains('@') || v.chars().any(char::is_whitespace))
+        {
+            return Err(RouteError::InvalidVersion {
+                version: bad.clone(),
+            });
+        }
+        self.shadow = (!shadow.versions.is_empty()).then_some(shadow);
+        Ok(self)
+    }
+
+    /// The shadows, if any.
+    pub fn shadow(&self) -> Option<&ShadowConfig> {
+        self.shadow.as_ref()
     }
 
     /// The versions and their weights, in natural version order.
@@ -169,6 +199,8 @@ pub(super) enum Routed {
         n: usize,
         /// `(name@version, positions, requests)`, in natural version order.
         groups: Vec<(String, Vec<usize>, Vec<ExecRequest>)>,
+        /// The route, for its shadows.
+        entry: Arc<RouteEntry>,
     },
 }
 
@@ -179,9 +211,10 @@ impl ModelManager {
     pub fn set_route(&self, name: impl Into<String>, route: Route) -> Result<(), ManagerError> {
         let name = name.into();
         self.check_route(&name, &route)?;
+        let entry = self.install_entry(&name, route);
         let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
         let mut next = RouteTable::clone(&routes);
-        next.insert(name, Arc::new(route));
+        next.insert(name, Arc::new(entry));
         *routes = Arc::new(next);
         Ok(())
     }
@@ -192,12 +225,12 @@ impl ModelManager {
         let mut next = RouteTable::clone(&routes);
         let removed = next.remove(name)?;
         *routes = Arc::new(next);
-        Some(Arc::unwrap_or_clone(removed))
+        Some(removed.route.clone())
     }
 
     /// The route of `name`, if it has one.
     pub fn route(&self, name: &str) -> Option<Route> {
-        self.route_table().get(name).map(|r| Route::clone(r))
+        self.route_table().get(name).map(|e| e.route.clone())
     }
 
     /// A manager with the same providers, models, statistics and result cache (shared, not
@@ -212,13 +245,46 @@ impl ModelManager {
         for (name, route) in &routes {
             self.check_route(name, route)?;
         }
+        let table: RouteTable = routes
+            .into_iter()
+            .map(|(name, route)| {
+                let entry = self.install_entry(&name, route);
+                (name, Arc::new(entry))
+            })
+            .collect();
         Ok(ModelManager {
             registry: Arc::clone(&self.registry),
             cache: self.cache.clone(),
-            routes: RwLock::new(Arc::new(
-                routes.into_iter().map(|(n, r)| (n, Arc::new(r))).collect(),
-            )),
+            routes: RwLock::new(Arc::new(table)),
+            shadow_sink: RwLock::new(self.shadow_sink()),
         })
+    }
+
+    /// Sends shadow comparisons to `sink` (routes installed from now on; see
+    /// [`ShadowConfig`]). Without a sink shadows still run and are counted.
+    pub fn set_shadow_sink(&self, sink: Arc<dyn ShadowSink>) {
+        *self.shadow_sink.write().unwrap_or_else(|e| e.into_inner()) = Some(sink);
+    }
+
+    /// Where shadow comparisons go, if set.
+    pub fn shadow_sink(&self) -> Option<Arc<dyn ShadowSink>> {
+        self.shadow_sink
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// `route` ready to serve: with its shadow lane started when it has shadows. The lane calls
+    /// the shadows through a manager over the same models without the result cache.
+    fn install_entry(&self, name: &str, route: Route) -> RouteEntry {
+        let lane = route.shadow.as_ref().and_then(|shadow| {
+            let view = ModelManager {
+                registry: Arc::clone(&self.registry),
+                ..ModelManager::default()
+            };
+            ShadowLane::start(name, shadow, view, self.shadow_sink())
+        });
+        RouteEntry { route, lane }
     }
 
     pub(super) fn route_table(&self) -> Arc<RouteTable> {
@@ -232,12 +298,18 @@ impl ModelManager {
             });
         }
         let registry = self.read();
-        for (version, weight) in route.versions() {
+        let shadows = route.shadow.iter().flat_map(|s| s.versions.iter());
+        let needed = route
+            .versions()
+            .filter(|(_, w)| *w > 0)
+            .map(|(v, _)| v)
+            .chain(shadows.map(String::as_str));
+        for version in needed {
             let loaded = registry
                 .models
                 .get(name)
                 .is_some_and(|f| f.versions.contains_key(version));
-            if weight > 0 && !loaded {
+            if !loaded {
                 return Err(ManagerError::NotLoaded {
                     id: format!("{name}@{version}"),
                     known: registry.known_ids(&[]),
@@ -253,9 +325,10 @@ impl ModelManager {
             return Routed::Whole(requests);
         }
         let table = self.route_table();
-        let Some(route) = table.get(id) else {
+        let Some(entry) = table.get(id) else {
             return Routed::Whole(requests);
         };
+        let route = &entry.route;
         let n = requests.len();
         let mut groups: Vec<(String, Vec<usize>, Vec<ExecRequest>)> = route
             .versions()
@@ -273,7 +346,46 @@ impl ModelManager {
             metrics::counter!(ROUTE_REQUESTS_TOTAL, "model" => model.clone())
                 .increment(idx.len() as u64);
         }
-        Routed::Split { n, groups }
+        Routed::Split {
+            n,
+            groups,
+            entry: Arc::clone(entry),
+        }
+    }
+
+    /// Providers that answer only shadow versions of routes (no model with traffic of its
+    /// own), which [`hold`](Self::hold) leaves out. Empty, at once, without shadows.
+    pub(super) fn shadow_only_providers(&self) -> HashSet<String> {
+        let table = self.route_table();
+        let mut shadows: HashSet<String> = HashSet::new();
+        for (name, entry) in table.iter() {
+            let weighted: HashSet<&str> = entry
+                .route
+                .versions()
+                .filter(|(_, w)| *w > 0)
+                .map(|(v, _)| v)
+                .collect();
+            for version in entry.route.shadow.iter().flat_map(|s| s.versions.iter()) {
+                if !weighted.contains(version.as_str()) {
+                    shadows.insert(format!("{name}@{version}"));
+                }
+            }
+        }
+        if shadows.is_empty() {
+            return HashSet::new();
+        }
+        let registry = self.read();
+        let mut only: HashSet<String> = HashSet::new();
+        let mut primary: HashSet<&str> = HashSet::new();
+        for model in registry.models.values().flat_map(|f| f.versions.values()) {
+            if shadows.contains(&model.id) {
+                only.insert(model.spec.provider.clone());
+            } else {
+                primary.insert(&model.spec.provider);
+            }
+        }
+        only.retain(|p| !primary.contains(p.as_str()));
+        only
     }
 
     /// For admission: how many of `requests` requests for `id` each `name@version` gets, by
@@ -283,7 +395,7 @@ impl ModelManager {
             return None;
         }
         let table = self.route_table();
-        let route = table.get(id)?;
+        let route = &table.get(id)?.route;
         Some(
             route
                 .versions()
@@ -318,12 +430,12 @@ mod tests {
     #[test]
     fn weights_are_checked() {
         assert_eq!(
-            Route::new(Vec::<(String, u32)>::new(), StickyKey::Entity),
-            Err(RouteError::NoVersions)
+            Route::new(Vec::<(String, u32)>::new(), StickyKey::Entity).err(),
+            Some(RouteError::NoVersions)
         );
         assert_eq!(
-            Route::new([("1", 0), ("2", 0)], StickyKey::Entity),
-            Err(RouteError::ZeroTotal)
+            Route::new([("1", 0), ("2", 0)], StickyKey::Entity).err(),
+            Some(RouteError::ZeroTotal)
         );
         assert!(matches!(
             Route::new([("a@b", 1)], StickyKey::Entity),
