@@ -91,6 +91,17 @@ pub const ROUTE_REQUESTS_TOTAL: &str = "inferflow_route_requests_total";
 /// `name@version` of the shadow; `outcome`: agreed, disagreed, incomparable, error, timeout,
 /// dropped, unpublished).
 pub const SHADOW_REQUESTS_TOTAL: &str = "inferflow_shadow_requests_total";
+/// Answers of a monitored route's versions (counter; labels `model`, `outcome`: ok, error,
+/// empty).
+pub const MODEL_OUTPUTS_TOTAL: &str = "inferflow_model_outputs_total";
+/// Values at a monitored label path (counter; labels `model`, `path`, `label`: the first 32
+/// distinct values, then `other`).
+pub const MODEL_OUTPUT_LABELS_TOTAL: &str = "inferflow_model_output_labels_total";
+/// Numbers at a monitored score path (histogram; labels `model`, `path`).
+pub const MODEL_OUTPUT_SCORE: &str = "inferflow_model_output_score";
+/// Population stability index of a monitored path, current window against reference (gauge;
+/// labels `model`, `path`).
+pub const MODEL_OUTPUT_PSI: &str = "inferflow_model_output_psi";
 /// Configuration reloads by outcome (counter; label `outcome`: applied, rejected).
 pub const RELOADS_TOTAL: &str = "inferflow_reloads_total";
 /// Models loaded again after an idle unload, and models unloaded for idleness (counter;
@@ -256,6 +267,22 @@ fn describe() {
     describe_counter!(
         ROUTE_REQUESTS_TOTAL,
         "Requests for a routed model name, by the version its weighted route chose."
+    );
+    describe_counter!(
+        MODEL_OUTPUTS_TOTAL,
+        "Answers of a monitored route's versions, by outcome (ok, error, empty)."
+    );
+    describe_counter!(
+        MODEL_OUTPUT_LABELS_TOTAL,
+        "Values at a monitored label path of a model version's outputs."
+    );
+    describe_histogram!(
+        MODEL_OUTPUT_SCORE,
+        "Numbers at a monitored score path of a model version's outputs."
+    );
+    describe_gauge!(
+        MODEL_OUTPUT_PSI,
+        "Population stability index of a monitored output path: current window against the reference window."
     );
     describe_counter!(
         SHADOW_REQUESTS_TOTAL,

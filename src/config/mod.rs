@@ -55,8 +55,8 @@ pub use crate::kafka::{
 };
 pub use crate::pipeline::PipelinesConfig;
 pub use crate::providers::{
-    ModelSection, ModelsConfig, ProviderSection, ProvidersConfig, RouteSection, RoutesConfig,
-    ShadowSection,
+    ModelSection, ModelsConfig, MonitorSection, ProviderSection, ProvidersConfig, RouteSection,
+    RoutesConfig, ShadowSection,
 };
 pub use crate::replay::{ReplayConfig, ReplayStoreKind};
 pub use crate::secret::{REDACTED, Secret, SecretUrl};

@@ -34,7 +34,7 @@ use super::breaker::BreakerConfig;
 use super::cache::ResultCacheConfig;
 use super::huggingface::HuggingFaceConfig;
 use super::local::LocalConfig;
-use super::manager::{Route, RouteError, ShadowConfig, StickyKey};
+use super::manager::{MonitorConfig, Route, RouteError, ShadowConfig, StickyKey};
 use super::openai::OpenAiConfig;
 use super::ratelimit::RateLimitConfig;
 use crate::section::{Problems, Section};
@@ -159,6 +159,43 @@ pub struct RouteSection {
     /// Versions that get a copy of each batch after the primary answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowSection>,
+    /// Output paths of the versions watched as metrics, with drift.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<MonitorSection>,
+}
+
+/// `[routes.NAME.monitor]`: which outputs of the route's versions become metrics, and the
+/// drift windows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorSection {
+    /// Dotted output paths with categorical values (`label`).
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Dotted output paths with numbers (`compound`).
+    #[serde(default)]
+    pub scores: Vec<String>,
+    /// Bin edges of the scores for the PSI, ascending.
+    #[serde(default = "default_score_bins")]
+    pub score_bins: Vec<f64>,
+    /// The reference window: this long after the route is installed, then frozen.
+    #[serde(default = "default_reference_secs")]
+    pub reference_secs: NonZeroU64,
+    /// The current window, sliding.
+    #[serde(default = "default_current_secs")]
+    pub current_secs: NonZeroU64,
+}
+
+fn default_score_bins() -> Vec<f64> {
+    (1..10).map(|i| f64::from(i) / 10.0).collect()
+}
+
+fn default_reference_secs() -> NonZeroU64 {
+    NonZeroU64::new(3600).unwrap_or(NonZeroU64::MIN)
+}
+
+fn default_current_secs() -> NonZeroU64 {
+    NonZeroU64::new(900).unwrap_or(NonZeroU64::MIN)
 }
 
 /// `[routes.NAME.shadow]`: the route's shadow versions and how their answers are compared.
@@ -195,6 +232,16 @@ impl RouteSection {
             self.versions.iter().map(|(v, w)| (v.clone(), *w)),
             self.sticky_key,
         )?;
+        let route = match &self.monitor {
+            None => route,
+            Some(m) => route.with_monitor(MonitorConfig {
+                labels: m.labels.clone(),
+                scores: m.scores.clone(),
+                score_bins: m.score_bins.clone(),
+                reference: Duration::from_secs(m.reference_secs.get()),
+                current: Duration::from_secs(m.current_secs.get()),
+            }),
+        };
         match &self.shadow {
             None => Ok(route),
             Some(s) => route.with_shadow(ShadowConfig {
@@ -243,6 +290,24 @@ impl Section for RoutesConfig {
                 section.sticky_key,
             ) {
                 p.push(format!("routes.{name}.versions"), e.to_string());
+            }
+            if let Some(monitor) = &section.monitor {
+                let key = format!("routes.{name}.monitor");
+                for (field, paths) in [("labels", &monitor.labels), ("scores", &monitor.scores)] {
+                    if paths.iter().any(|path| path.split('.').any(str::is_empty)) {
+                        p.push(
+                            format!("{key}.{field}"),
+                            "dotted paths without empty segments (`label`, `scores.0`)",
+                        );
+                    }
+                }
+                let bins = &monitor.score_bins;
+                if bins.iter().any(|b| !b.is_finite()) || bins.windows(2).any(|w| w[0] >= w[1]) {
+                    p.push(
+                        format!("{key}.score_bins"),
+                        "bin edges must be finite numbers in increasing order",
+                    );
+                }
             }
             if let Some(shadow) = &section.shadow {
                 let key = format!("routes.{name}.shadow");

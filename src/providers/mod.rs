@@ -65,8 +65,8 @@ use crate::model::{ErrorBody, ErrorKind};
 
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 pub use config::{
-    ModelSection, ModelsConfig, ProviderSection, ProvidersConfig, RouteSection, RoutesConfig,
-    ShadowSection,
+    ModelSection, ModelsConfig, MonitorSection, ProviderSection, ProvidersConfig, RouteSection,
+    RoutesConfig, ShadowSection,
 };
 pub(crate) use config::{check_models_against_providers, check_routes_against_models};
 pub use local::{LocalConfig, LocalModelConfig, LocalModelKind, LocalProvider};

@@ -36,6 +36,16 @@ fn routes(v1: u32, v2: u32) -> String {
     format!("[routes.sentiment]\nversions = {{ \"1\" = {v1}, \"2\" = {v2} }}\n")
 }
 
+/// Each version's labels and scores as metrics, with a one-second reference window.
+const MONITOR: &str = r#"
+[routes.sentiment.monitor]
+labels = ["label"]
+scores = ["compound"]
+score_bins = [-0.5, -0.05, 0.05, 0.5]
+reference_secs = 1
+current_secs = 60
+"#;
+
 /// A request for `model` from entity `user/u{entity}`.
 fn request(id: &str, model: &str, entity: usize) -> Value {
     json!({
@@ -170,7 +180,7 @@ async fn a_reload_from_90_10_to_0_100_under_load_switches_versions_and_loses_not
     let group = unique_name("reroute");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("inferflow.toml");
-    std::fs::write(&file, format!("{MODELS}\n{}", routes(90, 10))).unwrap();
+    std::fs::write(&file, format!("{MODELS}\n{}{MONITOR}", routes(90, 10))).unwrap();
     let port = utils::free_port();
     let mut cmd =
         crate::harness::inferflow_run(&topics, &group, Some(&file), "warn,inferflow::app=info");
@@ -224,7 +234,11 @@ async fn a_reload_from_90_10_to_0_100_under_load_switches_versions_and_loses_not
     let bad = format!("{MODELS}\n[routes.sentiment]\nversions = {{ \"1\" = 0, \"3\" = 100 }}\n");
     for (at, text, outcome) in [
         (1200, bad, "rejected"),
-        (2400, format!("{MODELS}\n{}", routes(0, 100)), "applied"),
+        (
+            2400,
+            format!("{MODELS}\n{}{MONITOR}", routes(0, 100)),
+            "applied",
+        ),
     ] {
         tokio::time::sleep(Duration::from_millis(at).saturating_sub(started.elapsed())).await;
         let before = reloads(port, outcome).await;
@@ -258,6 +272,31 @@ async fn a_reload_from_90_10_to_0_100_under_load_switches_versions_and_loses_not
         |out| out.len() >= LOAD + AFTER,
     )
     .await;
+    // The monitor: each version's answers, labels and scores, and a PSI near 0 for the
+    // version answering everything since the reload (its inputs did not change).
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .expect("/metrics")
+        .text()
+        .await
+        .unwrap();
+    let m = |name: &str, labels: &str| crate::harness::metric(&body, name, labels);
+    for version in ["1", "2"] {
+        let model = format!("model=\"sentiment@{version}\"");
+        assert!(
+            m("inferflow_model_outputs_total", &model).is_some_and(|v| v > 0.0),
+            "answers of sentiment@{version} counted"
+        );
+        assert!(m("inferflow_model_output_labels_total", &model).is_some());
+        assert!(m("inferflow_model_output_score_count", &model).is_some());
+    }
+    let psi = m(
+        "inferflow_model_output_psi",
+        "model=\"sentiment@2\",path=\"label\"",
+    )
+    .expect("a PSI for sentiment@2's labels");
+    eprintln!("PSI of sentiment@2's labels after the reload: {psi}");
+    assert!(psi < 0.1, "stable inputs, PSI {psi}");
     signal(&child, "-TERM");
     let status = child.wait().expect("wait");
     assert!(status.success(), "inferflow exited with {status}");

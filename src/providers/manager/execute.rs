@@ -91,7 +91,15 @@ impl ModelManager {
     ) -> Vec<ClassifiedResult> {
         match self.route_batch(id, requests) {
             Routed::Whole(requests) => match self.resolve_listing(id, extra) {
-                Ok(model) => self.infer_classified(&model, requests).await,
+                Ok(model) => {
+                    let outcomes = self.infer_classified(&model, requests).await;
+                    if let Some(monitor) =
+                        self.monitored(id).as_ref().and_then(|e| e.monitor.as_ref())
+                    {
+                        monitor.record(&model.id, outcomes.iter().map(|o| o.as_ref().ok()));
+                    }
+                    outcomes
+                }
                 Err(error) => vec![Err(ModelFailure::never(error)); requests.len()],
             },
             Routed::Split { n, groups, entry } => {
@@ -112,6 +120,11 @@ impl ModelManager {
                         (version_id, idx, outcomes)
                     });
                 let done = join_all(runs).await;
+                if let Some(monitor) = &entry.monitor {
+                    for (version_id, _, outcomes) in &done {
+                        monitor.record(version_id, outcomes.iter().map(|o| o.as_ref().ok()));
+                    }
+                }
                 if let (Some(lane), Some(requests)) = (&entry.lane, copies) {
                     let primary = done
                         .iter()

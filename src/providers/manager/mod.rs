@@ -93,6 +93,7 @@
 mod execute;
 mod guard;
 mod lifecycle;
+mod monitor;
 mod registry;
 mod routing;
 mod shadow;
@@ -104,6 +105,7 @@ use super::ProviderError;
 
 pub use execute::{ClassifiedResult, ModelExecutor, ModelFailure, RetryAdvice};
 pub use guard::ProviderPolicy;
+pub use monitor::{MAX_LABELS, MonitorConfig, PSI_FLOOR, psi};
 pub use registry::{ModelManager, ResolvedModel};
 pub use routing::{ROUTE_HASH_SEED, Route, RouteError, StickyKey};
 pub use shadow::{ShadowConfig, ShadowSink, agreement};

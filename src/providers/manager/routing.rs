@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use twox_hash::XxHash64;
 
 use super::ManagerError;
+use super::monitor::{Monitor, MonitorConfig};
 use super::registry::{ModelManager, compare_versions};
 use super::shadow::{ShadowConfig, ShadowLane, ShadowSink};
 use crate::executor::ExecRequest;
@@ -42,6 +43,7 @@ pub(super) type RouteTable = BTreeMap<String, Arc<RouteEntry>>;
 pub(super) struct RouteEntry {
     pub(super) route: Route,
     pub(super) lane: Option<ShadowLane>,
+    pub(super) monitor: Option<Monitor>,
 }
 
 /// What keeps a caller on one version.
@@ -81,6 +83,7 @@ pub struct Route {
     total: u64,
     sticky: StickyKey,
     shadow: Option<ShadowConfig>,
+    monitor: Option<MonitorConfig>,
 }
 
 impl Route {
@@ -114,6 +117,7 @@ impl Route {
             total,
             sticky,
             shadow: None,
+            monitor: None,
         })
     }
 
@@ -131,6 +135,17 @@ impl Route {
         }
         self.shadow = (!shadow.versions.is_empty()).then_some(shadow);
         Ok(self)
+    }
+
+    /// The route with its versions' outputs watched (see [`MonitorConfig`]).
+    pub fn with_monitor(mut self, monitor: MonitorConfig) -> Route {
+        self.monitor = Some(monitor);
+        self
+    }
+
+    /// The monitor's configuration, if any.
+    pub fn monitor(&self) -> Option<&MonitorConfig> {
+        self.monitor.as_ref()
     }
 
     /// The shadows, if any.
@@ -284,7 +299,21 @@ impl ModelManager {
             };
             ShadowLane::start(name, shadow, view, self.shadow_sink())
         });
-        RouteEntry { route, lane }
+        let monitor = route.monitor.clone().map(Monitor::new);
+        RouteEntry {
+            route,
+            lane,
+            monitor,
+        }
+    }
+
+    /// The route entry of `id`'s model name (`name` or `name@version`), when it is monitored.
+    pub(super) fn monitored(&self, id: &str) -> Option<Arc<RouteEntry>> {
+        let name = id.split_once('@').map_or(id, |(name, _)| name);
+        self.route_table()
+            .get(name)
+            .filter(|e| e.monitor.is_some())
+            .cloned()
     }
 
     pub(super) fn route_table(&self) -> Arc<RouteTable> {
