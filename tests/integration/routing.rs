@@ -4,7 +4,6 @@
 //! nothing, switches the versions, and `/v1/predict` routes like the stream.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,9 @@ use inferflow::pipeline::{PipelineExecutor, PipelineManager};
 use inferflow::providers::build::{build_manager, with_routes};
 use serde_json::{Value, json};
 
-use crate::harness::{Raw, Running, Topics, collect, collect_until, config, produce};
+use crate::harness::{
+    Raw, Running, Topics, collect, collect_until, config, produce, reload_with, signal,
+};
 use crate::utils::{self, unique_name};
 
 /// The shipped VADER model under two versions, without the result cache.
@@ -134,28 +135,6 @@ async fn a_90_10_route_holds_its_shares_and_keeps_each_entity_on_one_version() {
     );
 }
 
-fn signal(child: &Child, sig: &str) {
-    let status = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
-
-/// The value of `inferflow_reloads_total{outcome=...}` on `/metrics`, 0 when absent.
-async fn reloads(port: u16, outcome: &str) -> u64 {
-    let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
-        return 0;
-    };
-    let body = response.text().await.unwrap_or_default();
-    crate::harness::metric(
-        &body,
-        "inferflow_reloads_total",
-        &format!("outcome=\"{outcome}\""),
-    )
-    .map_or(0, |v| v as u64)
-}
-
 /// `model_version` of `POST /v1/predict` for `request`.
 async fn predict_version(port: u16, request: &Value) -> String {
     let response = reqwest::Client::new()
@@ -186,19 +165,7 @@ async fn a_reload_from_90_10_to_0_100_under_load_switches_versions_and_loses_not
         crate::harness::inferflow_run(&topics, &group, Some(&file), "warn,inferflow::app=info");
     cmd.env("INFERFLOW__HTTP__LISTEN", format!("127.0.0.1:{port}"));
     let mut child = cmd.spawn().expect("start inferflow run");
-    // SIGHUP before the service listens for it would end the process; the HTTP server starts
-    // after the reload handler, so once /metrics answers, SIGHUP reloads.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "inferflow did not start serving HTTP"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::harness::wait_serving(port).await;
 
     // Over HTTP, an entity is answered by the version the route gives it, every time; with
     // 100 entities at 10 % some are on each version.
@@ -241,17 +208,7 @@ async fn a_reload_from_90_10_to_0_100_under_load_switches_versions_and_loses_not
         ),
     ] {
         tokio::time::sleep(Duration::from_millis(at).saturating_sub(started.elapsed())).await;
-        let before = reloads(port, outcome).await;
-        std::fs::write(&file, text).unwrap();
-        signal(&child, "-HUP");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while reloads(port, outcome).await <= before {
-            assert!(
-                Instant::now() < deadline,
-                "the {outcome} reload was not counted"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        reload_with(&child, port, &file, &text, outcome).await;
     }
     producer.await.unwrap();
     // After the reload: every request goes to version 2, on the stream and over HTTP.
