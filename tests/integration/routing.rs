@@ -420,7 +420,16 @@ async fn shadows_compare_off_the_request_path_and_a_failing_one_changes_nothing(
     eprintln!("with a healthy shadow: {took:?}");
     assert_eq!(primary(&results), expected, "the shadow changed no result");
     assert_eq!(shadows.len(), requests.len(), "one comparison per request");
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/shadow_result.v1.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let schema = jsonschema::validator_for(&schema).expect("the shadow result schema compiles");
     for (id, doc) in &shadows {
+        assert!(schema.is_valid(doc), "not a shadow_result.v1: {doc}");
         assert_eq!(doc["model"], "sentiment", "{doc}");
         assert_eq!(doc["primary"]["version"], "1", "{doc}");
         assert_eq!(doc["shadow"]["version"], "2", "{doc}");
