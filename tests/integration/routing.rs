@@ -254,6 +254,37 @@ async fn a_reload_from_90_10_to_0_100_under_load_switches_versions_and_loses_not
     .expect("a PSI for sentiment@2's labels");
     eprintln!("PSI of sentiment@2's labels after the reload: {psi}");
     assert!(psi < 0.1, "stable inputs, PSI {psi}");
+    // Shifted inputs: as many negative reviews again; the labels' PSI rises over the alert
+    // threshold (0.25).
+    let negative: Vec<Value> = (0..LOAD + AFTER)
+        .map(|i| {
+            let mut r = request(&format!("n{i}"), "sentiment", i % 1000);
+            r["data"] = json!({"text": "This is terrible and I hate it."});
+            r
+        })
+        .collect();
+    produce(&topics.requests, &raw(&negative)).await;
+    collect_until(
+        &[&topics.results],
+        Duration::from_secs(120),
+        Duration::ZERO,
+        |out| out.len() >= 2 * (LOAD + AFTER),
+    )
+    .await;
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .expect("/metrics")
+        .text()
+        .await
+        .unwrap();
+    let shifted = crate::harness::metric(
+        &body,
+        "inferflow_model_output_psi",
+        "model=\"sentiment@2\",path=\"label\"",
+    )
+    .expect("a PSI for sentiment@2's labels");
+    eprintln!("PSI of sentiment@2's labels after the shift: {shifted}");
+    assert!(shifted > 0.25, "shifted inputs, PSI {shifted}");
     signal(&child, "-TERM");
     let status = child.wait().expect("wait");
     assert!(status.success(), "inferflow exited with {status}");
