@@ -12,8 +12,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::feature_store::{FeatureStore, coherence};
-use crate::metrics::RELOADS_TOTAL;
+use crate::metrics::{RELOADS_TOTAL, SHADOW_REQUESTS_TOTAL};
 use crate::pipeline::{PipelineDef, PipelineExecutor, PipelineManager, StepDef, StepType};
+use crate::providers::manager::ShadowSink;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
 
 use crate::access::Access;
 use crate::access::tls::{RELOAD_POLL, Reloading};
@@ -221,6 +223,10 @@ pub async fn run(config: Config, sources: Sources) -> anyhow::Result<()> {
     )
     .await
     .context("starting the models of [providers] and [models]")?;
+    if let Some(sink) = shadow_sink(&config)? {
+        models.set_shadow_sink(sink);
+    }
+    let models = crate::providers::build::with_routes(&models, &config.routes)?;
     let defs = config.pipelines.load().map_err(|errs| {
         anyhow::anyhow!("loading pipelines from {}: {errs}", config.pipelines.dir)
     })?;
@@ -318,6 +324,47 @@ pub async fn run(config: Config, sources: Sources) -> anyhow::Result<()> {
         let _ = tokio::task::spawn_blocking(move || traces.shutdown(Duration::from_secs(5))).await;
     }
     outcome
+}
+
+/// The sink of the routes' shadow comparisons: produced to `topics.shadow_results`, keyed by
+/// request id, without waiting (a comparison the producer's queue refuses is dropped and
+/// counted, `outcome="unpublished"`). `None` when the topic is empty.
+pub fn shadow_sink(config: &Config) -> anyhow::Result<Option<Arc<dyn ShadowSink>>> {
+    if config.topics.shadow_results.is_empty() {
+        return Ok(None);
+    }
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        crate::kafka::producer_config(&config.kafka)
+            .create()
+            .context("creating the producer of topics.shadow_results")?;
+    Ok(Some(Arc::new(KafkaShadowSink {
+        producer,
+        topic: config.topics.shadow_results.clone(),
+    })))
+}
+
+struct KafkaShadowSink {
+    producer: ThreadedProducer<DefaultProducerContext>,
+    topic: String,
+}
+
+impl ShadowSink for KafkaShadowSink {
+    fn publish(&self, request_id: &str, comparison: &serde_json::Value) {
+        let payload = comparison.to_string();
+        let record = BaseRecord::to(&self.topic)
+            .key(request_id)
+            .payload(&payload);
+        if let Err((err, _)) = self.producer.send(record) {
+            let model = format!(
+                "{}@{}",
+                comparison["model"].as_str().unwrap_or_default(),
+                comparison["shadow"]["version"].as_str().unwrap_or_default()
+            );
+            metrics::counter!(SHADOW_REQUESTS_TOTAL, "model" => model, "outcome" => "unpublished")
+                .increment(1);
+            tracing::debug!(error = %err, "shadow comparison not produced");
+        }
+    }
 }
 
 /// True when a pipeline has a `features` step (at any depth).
@@ -454,8 +501,9 @@ async fn reloader(
 }
 
 /// Loads the configuration again and installs its pipelines and, when `[providers]`,
-/// `[models]` or `[result_cache]` changed, a new model manager. Other sections take effect
-/// only after a restart (logged).
+/// `[models]` or `[result_cache]` changed, a new model manager; when only `[routes]` changed,
+/// a manager with the new routes over the same models. Other sections take effect only after
+/// a restart (logged).
 async fn reload(
     sources: &Sources,
     current: &Config,
@@ -492,16 +540,25 @@ async fn reload(
     if !restart_only.is_empty() {
         tracing::warn!(sections = ?restart_only, "changed sections take effect after a restart");
     }
+    // New models get the new routes; unchanged models get them too when they changed (a
+    // manager sharing the loaded models), so the routes swap with the snapshot.
     let models = if models_changed {
-        Some(
-            crate::providers::build::build_manager(
-                &next.providers,
-                &next.models,
-                &next.result_cache,
-            )
-            .await
-            .context("starting the new models")?,
+        let built = crate::providers::build::build_manager(
+            &next.providers,
+            &next.models,
+            &next.result_cache,
         )
+        .await
+        .context("starting the new models")?;
+        if let Some(sink) = pipelines.models().shadow_sink() {
+            built.set_shadow_sink(sink);
+        }
+        Some(crate::providers::build::with_routes(&built, &next.routes)?)
+    } else if !same(&current.routes, &next.routes) {
+        Some(crate::providers::build::with_routes(
+            &pipelines.models(),
+            &next.routes,
+        )?)
     } else {
         None
     };

@@ -87,6 +87,24 @@ pub const PIPELINE_STEP_DURATION_SECONDS: &str = "inferflow_pipeline_step_durati
 pub const PIPELINE_STEP_ERRORS_TOTAL: &str = "inferflow_pipeline_step_errors_total";
 /// Requests sent to a model by a pipeline's model steps (counter; labels `pipeline`, `model`).
 pub const PIPELINE_MODEL_REQUESTS_TOTAL: &str = "inferflow_pipeline_model_requests_total";
+/// Requests for a routed model name, by the version the route sent them to (counter; label
+/// `model`: `name@version`).
+pub const ROUTE_REQUESTS_TOTAL: &str = "inferflow_route_requests_total";
+/// Requests copied to a route's shadow version, by outcome (counter; labels `model`:
+/// `name@version` of the shadow; `outcome`: agreed, disagreed, incomparable, error, timeout,
+/// dropped, unpublished).
+pub const SHADOW_REQUESTS_TOTAL: &str = "inferflow_shadow_requests_total";
+/// Answers of a monitored route's versions (counter; labels `model`, `outcome`: ok, error,
+/// empty).
+pub const MODEL_OUTPUTS_TOTAL: &str = "inferflow_model_outputs_total";
+/// Values at a monitored label path (counter; labels `model`, `path`, `label`: the first 32
+/// distinct values, then `other`).
+pub const MODEL_OUTPUT_LABELS_TOTAL: &str = "inferflow_model_output_labels_total";
+/// Numbers at a monitored score path (histogram; labels `model`, `path`).
+pub const MODEL_OUTPUT_SCORE: &str = "inferflow_model_output_score";
+/// Population stability index of a monitored path, current window against reference (gauge;
+/// labels `model`, `path`).
+pub const MODEL_OUTPUT_PSI: &str = "inferflow_model_output_psi";
 /// Configuration reloads by outcome (counter; label `outcome`: applied, rejected).
 pub const RELOADS_TOTAL: &str = "inferflow_reloads_total";
 /// Models loaded again after an idle unload, and models unloaded for idleness (counter;
@@ -249,6 +267,30 @@ fn describe() {
         "Requests sent to models by pipeline model steps."
     );
     describe_counter!(RELOADS_TOTAL, "Configuration reloads by outcome.");
+    describe_counter!(
+        ROUTE_REQUESTS_TOTAL,
+        "Requests for a routed model name, by the version its weighted route chose."
+    );
+    describe_counter!(
+        MODEL_OUTPUTS_TOTAL,
+        "Answers of a monitored route's versions, by outcome (ok, error, empty)."
+    );
+    describe_counter!(
+        MODEL_OUTPUT_LABELS_TOTAL,
+        "Values at a monitored label path of a model version's outputs."
+    );
+    describe_histogram!(
+        MODEL_OUTPUT_SCORE,
+        "Numbers at a monitored score path of a model version's outputs."
+    );
+    describe_gauge!(
+        MODEL_OUTPUT_PSI,
+        "Population stability index of a monitored output path: current window against the reference window."
+    );
+    describe_counter!(
+        SHADOW_REQUESTS_TOTAL,
+        "Requests copied to a shadow version, by outcome (agreed, disagreed, incomparable, error, timeout, dropped, unpublished)."
+    );
     describe_gauge!(
         UPTIME_SECONDS,
         Unit::Seconds,

@@ -1106,6 +1106,13 @@ pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
         .into_iter()
         .map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(replication)))
         .collect();
+    if !t.shadow_results.is_empty() {
+        topics.push(NewTopic::new(
+            &t.shadow_results,
+            partitions,
+            TopicReplication::Fixed(replication),
+        ));
+    }
     if !t.feature_invalidations.is_empty() {
         // Read from its end by every instance, never replayed: one partition, short retention.
         topics.push(

@@ -132,6 +132,58 @@ fn check_config_refuses_an_open_api_on_a_public_address() {
 }
 
 #[test]
+fn check_config_refuses_routes_to_unconfigured_versions_or_without_weight() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("routes.toml");
+    let models = r#"
+[providers.local.local.models.vader]
+kind = "vader"
+path = "models/vader"
+[models."sentiment@1"]
+provider = "local"
+remote_model = "vader"
+[models."sentiment@2"]
+provider = "local"
+remote_model = "vader"
+"#;
+    std::fs::write(
+        &file,
+        format!(
+            "{models}\n[routes.sentiment]\nversions = {{ \"1\" = 90, \"3\" = 10 }}\n\
+             [routes.iris]\nversions = {{ \"1\" = 0 }}\n"
+        ),
+    )
+    .unwrap();
+    let out = inferflow(&["check-config", "--config", file.to_str().unwrap()], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    for expected in [
+        "routes.sentiment.versions.\"3\": `sentiment@3` is not a configured model (configured versions of `sentiment`: 1, 2)",
+        "routes.iris.versions: the weights add up to 0",
+        "routes.iris.versions.\"1\": `iris@1` is not a configured model",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "{expected} missing from:\n{stderr}"
+        );
+    }
+    // The same routes over configured versions pass, and are printed.
+    std::fs::write(
+        &file,
+        format!("{models}\n[routes.sentiment]\nversions = {{ \"1\" = 90, \"2\" = 10 }}\n"),
+    )
+    .unwrap();
+    let out = inferflow(&["check-config", "--config", file.to_str().unwrap()], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("[routes.sentiment]"), "{stdout}");
+}
+
+#[test]
 fn check_config_reports_a_missing_file() {
     let out = inferflow(&["check-config", "--config", "/nonexistent/x.toml"], &[]);
     assert_eq!(out.status.code(), Some(2));

@@ -731,3 +731,99 @@ async fn provider_calls_errors_tokens_latency_breaker_and_cache_are_exported_as_
     assert_eq!(line(m::CACHE_LOOKUPS_TOTAL, &["outcome=\"miss\""]), 1.0);
     assert_eq!(line(m::CACHE_LOOKUPS_TOTAL, &["outcome=\"hit\""]), 1.0);
 }
+
+/// A request from `user/{entity}`.
+fn from(entity: &str, id: &str) -> ExecRequest {
+    ExecRequest {
+        request_id: id.into(),
+        data: json!(id),
+        parameters: None,
+        entity: Some(inferflow::model::Entity {
+            entity_type: "user".into(),
+            id: entity.into(),
+        }),
+        tenant: None,
+    }
+}
+
+#[tokio::test]
+async fn a_route_splits_a_batch_by_weight_sticky_per_entity_and_explicit_versions_win() {
+    use inferflow::providers::manager::{Route, StickyKey};
+
+    let (fake, manager, executor) = setup(false);
+    for version in ["1", "2"] {
+        manager
+            .load_model(spec("m", version, &format!("r{version}"), false))
+            .unwrap();
+    }
+    // A route to a version that is not loaded is refused, and nothing changes.
+    let refused = manager.set_route(
+        "m",
+        Route::new([("1", 50), ("3", 50)], StickyKey::Entity).unwrap(),
+    );
+    assert!(
+        matches!(refused, Err(ManagerError::NotLoaded { .. })),
+        "{refused:?}"
+    );
+    assert!(manager.route("m").is_none());
+
+    manager
+        .set_route(
+            "m",
+            Route::new([("1", 50), ("2", 50)], StickyKey::Entity).unwrap(),
+        )
+        .unwrap();
+    // One batch of 200 requests from 20 entities: one provider call per version, outcomes in
+    // request order, each entity on one version.
+    let requests: Vec<ExecRequest> = (0..200)
+        .map(|i| from(&format!("u{}", i % 20), &format!("q{i}")))
+        .collect();
+    let out = run(&executor, "m", requests).await;
+    let mut by_entity = std::collections::HashMap::new();
+    for (i, outcome) in out.iter().enumerate() {
+        let output = &outcome.as_ref().unwrap().output;
+        assert_eq!(output["echo"], format!("q{i}"), "outcome {i} in order");
+        assert_eq!(output["model"], format!("r{}", version_of(outcome)));
+        let first = by_entity
+            .entry(i % 20)
+            .or_insert_with(|| version_of(outcome).to_owned());
+        assert_eq!(first, version_of(outcome), "entity u{} moved", i % 20);
+    }
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 2, "one call per version: {calls:?}");
+    assert_eq!(calls.iter().map(|(_, n)| n).sum::<usize>(), 200);
+    // The library's own entry point routes the same way.
+    let again = manager.infer("m", vec![from("u3", "z")]).await;
+    assert_eq!(version_of(&again[0]), by_entity[&3]);
+    // An explicit version is never routed.
+    let explicit = run(
+        &executor,
+        "m@1",
+        (0..20).map(|e| from(&format!("u{e}"), "x")).collect(),
+    )
+    .await;
+    assert!(explicit.iter().all(|o| version_of(o) == "1"));
+    // A manager with other routes shares the models; the first keeps its route.
+    let all_two = manager
+        .with_routes(
+            [(
+                "m".to_owned(),
+                Route::new([("1", 0), ("2", 1)], StickyKey::Entity).unwrap(),
+            )]
+            .into(),
+        )
+        .unwrap();
+    let moved = all_two.infer("m", vec![from("u3", "z")]).await;
+    assert_eq!(version_of(&moved[0]), "2");
+    assert!(
+        manager
+            .route("m")
+            .is_some_and(|r| r.versions().any(|(v, w)| v == "1" && w == 50))
+    );
+    assert_eq!(
+        manager.remove_route("m").map(|r| r.sticky_key()),
+        Some(StickyKey::Entity)
+    );
+    let unrouted = run(&executor, "m", vec![from("u3", "z")]).await;
+    assert_eq!(version_of(&unrouted[0]), "2", "the highest version again");
+}

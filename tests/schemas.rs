@@ -23,6 +23,7 @@ const REQUEST_SCHEMA: &str = "inference_request.v1.json";
 const RESULT_SCHEMA: &str = "inference_result.v1.json";
 const DEAD_LETTER_SCHEMA: &str = "dead_letter.v1.json";
 const FEATURE_UPDATE_SCHEMA: &str = "feature_update.v1.json";
+const SHADOW_RESULT_SCHEMA: &str = "shadow_result.v1.json";
 
 /// Every file in `examples/invalid/`, and whether serde also rejects it when deserialising an
 /// `InferenceRequest`. The schema must reject all of them; the schema path suffix is the keyword
@@ -340,7 +341,8 @@ fn schemas_are_valid_draft_2020_12_and_well_formed() {
             DEAD_LETTER_SCHEMA,
             FEATURE_UPDATE_SCHEMA,
             REQUEST_SCHEMA,
-            RESULT_SCHEMA
+            RESULT_SCHEMA,
+            SHADOW_RESULT_SCHEMA
         ]),
         "unexpected set of schema files; update this test and schemas/README.md"
     );

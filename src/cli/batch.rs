@@ -241,7 +241,7 @@ async fn execute(mut config: Config, args: BatchArgs) -> anyhow::Result<Counts> 
     Ok(counts)
 }
 
-/// Models from `[providers]`/`[models]`, pipelines from `pipelines.dir`, and the feature store
+/// Models from `[providers]`/`[models]` with the `[routes]`, pipelines from `pipelines.dir`, and the feature store
 /// when a pipeline needs one.
 async fn build_executor(config: &Config) -> anyhow::Result<PipelineExecutor> {
     let models = inferflow::providers::build::build_manager(
@@ -251,6 +251,7 @@ async fn build_executor(config: &Config) -> anyhow::Result<PipelineExecutor> {
     )
     .await
     .context("starting the models of [providers] and [models]")?;
+    let models = inferflow::providers::build::with_routes(&models, &config.routes)?;
     let defs = config.pipelines.load().map_err(|errs| {
         anyhow::anyhow!("loading pipelines from {}: {errs}", config.pipelines.dir)
     })?;

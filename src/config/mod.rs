@@ -25,7 +25,7 @@
 //!
 //! Each component defines the tables it reads, with their own checks: `[kafka]` and `[topics]`
 //! in [`crate::kafka`], `[feature_store]` and `[ingest]` in [`crate::feature_store`],
-//! `[replay]` in [`crate::replay`], `[providers]`, `[models]` and `[result_cache]` in
+//! `[replay]` in [`crate::replay`], `[providers]`, `[models]`, `[routes]` and `[result_cache]` in
 //! [`crate::providers`], `[pipelines]` in [`crate::pipeline`], `[batch]` in
 //! [`crate::batching`], `[executor]` in [`crate::executor`], `[log]` in [`crate::telemetry`],
 //! `[http]` in [`crate::access`], `[tracing]` in [`crate::tracing_otel`].
@@ -56,7 +56,10 @@ pub use crate::kafka::{
     TopicsConfig, check_topic_name,
 };
 pub use crate::pipeline::PipelinesConfig;
-pub use crate::providers::{ModelSection, ModelsConfig, ProviderSection, ProvidersConfig};
+pub use crate::providers::{
+    ModelSection, ModelsConfig, MonitorSection, ProviderSection, ProvidersConfig, RouteSection,
+    RoutesConfig, ShadowSection,
+};
 pub use crate::replay::{ReplayConfig, ReplayStoreKind};
 pub use crate::secret::{REDACTED, Secret, SecretUrl};
 pub use crate::section::{ConfigError, ConfigErrors};
@@ -64,7 +67,7 @@ pub use crate::telemetry::{LogConfig, LogFormat};
 pub use crate::tracing_otel::TracingConfig;
 
 use crate::providers::cache::ResultCacheConfig;
-use crate::providers::check_models_against_providers;
+use crate::providers::{check_models_against_providers, check_routes_against_models};
 use crate::section::{Problems, Section};
 
 /// The defaults, embedded at build time.
@@ -148,6 +151,7 @@ const SECTIONS: &[&str] = &[
     "replay",
     "providers",
     "models",
+    "routes",
     "result_cache",
     "pipelines",
     "http",
@@ -250,6 +254,7 @@ impl Config {
         let replay = section::<ReplayConfig>(fig, "replay", problems);
         let providers = section::<ProvidersConfig>(fig, "providers", problems);
         let models = section::<ModelsConfig>(fig, "models", problems);
+        let routes = section::<RoutesConfig>(fig, "routes", problems);
         let result_cache = section::<ResultCacheConfig>(fig, "result_cache", problems);
         let pipelines = section::<PipelinesConfig>(fig, "pipelines", problems);
         let http = section::<HttpConfig>(fig, "http", problems);
@@ -266,6 +271,7 @@ impl Config {
             replay: replay?,
             providers: providers?,
             models: models?,
+            routes: routes?,
             result_cache: result_cache?,
             pipelines: pipelines?,
             http: http?,
@@ -274,6 +280,7 @@ impl Config {
         };
         config.validate_across_sections(problems);
         check_models_against_providers(&config.models, &config.providers, problems);
+        check_routes_against_models(&config.routes, &config.models, problems);
         Some(config)
     }
 

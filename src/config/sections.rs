@@ -20,7 +20,7 @@ use crate::feature_store::{
 use crate::kafka::{KafkaConfig, TopicsConfig};
 use crate::pipeline::PipelinesConfig;
 use crate::providers::cache::ResultCacheConfig;
-use crate::providers::{ModelsConfig, ProvidersConfig};
+use crate::providers::{ModelsConfig, ProvidersConfig, RoutesConfig};
 use crate::replay::{ReplayConfig, ReplayStoreKind};
 use crate::section::{Problems, Section};
 use crate::telemetry::LogConfig;
@@ -119,6 +119,8 @@ pub struct Config {
     pub providers: ProvidersConfig,
     /// `[models."name@version"]`
     pub models: ModelsConfig,
+    /// `[routes.NAME]`
+    pub routes: RoutesConfig,
     /// `[result_cache]`
     pub result_cache: ResultCacheConfig,
     /// `[pipelines]`

@@ -281,6 +281,9 @@ pub struct TopicsConfig {
     pub dlq: String,
     /// Cache invalidations between instances; empty turns them off.
     pub feature_invalidations: String,
+    /// Comparisons of routes' shadow versions with the primary, keyed by request id; empty
+    /// turns publishing them off (shadows are still counted).
+    pub shadow_results: String,
     /// Topics a request may name in `reply_to`.
     #[serde(default)]
     pub reply_to_allowed: Vec<String>,
@@ -308,6 +311,11 @@ impl Section for TopicsConfig {
             && let Err(why) = check_topic_name(&self.feature_invalidations)
         {
             p.push("topics.feature_invalidations", why);
+        }
+        if !self.shadow_results.is_empty()
+            && let Err(why) = check_topic_name(&self.shadow_results)
+        {
+            p.push("topics.shadow_results", why);
         }
         if self.features == self.requests {
             p.push(

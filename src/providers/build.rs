@@ -1,7 +1,8 @@
 //! From configuration to a running [`ModelManager`]: the providers of `[providers.*]` with
 //! their breakers and rate limits, the models of `[models.*]` (warmed up when they have a
 //! `warmup` sample), their default versions, the result cache of `[result_cache]`, and the
-//! idle sweeper when a model unloads after idle time.
+//! idle sweeper when a model unloads after idle time; then the weighted routes of `[routes.*]`
+//! ([`with_routes`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,9 @@ use super::huggingface::HuggingFaceProvider;
 use super::local::LocalProvider;
 use super::manager::{ModelManager, ModelSpec, ProviderPolicy};
 use super::openai::OpenAiProvider;
-use super::{ModelsConfig, Provider, ProviderInput, ProviderSection, ProvidersConfig};
+use super::{
+    ModelsConfig, Provider, ProviderInput, ProviderSection, ProvidersConfig, RoutesConfig,
+};
 
 /// How often idle models are looked for.
 const IDLE_SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -94,4 +97,20 @@ pub async fn build_manager(
         manager.spawn_idle_sweeper(IDLE_SWEEP_EVERY);
     }
     Ok(manager)
+}
+
+/// `manager` with the routes of `[routes]` (a manager sharing its models: see
+/// [`ModelManager::with_routes`]). What start-up does after [`build_manager`], and all a reload
+/// that changes only `[routes]` does.
+pub fn with_routes(
+    manager: &ModelManager,
+    routes: &RoutesConfig,
+) -> anyhow::Result<Arc<ModelManager>> {
+    let routes = routes.routes().map_err(anyhow::Error::msg)?;
+    let names: Vec<String> = routes.keys().cloned().collect();
+    let routed = manager.with_routes(routes).context("routes")?;
+    if !names.is_empty() {
+        tracing::info!(routes = ?names, "weighted routes installed");
+    }
+    Ok(Arc::new(routed))
 }

@@ -25,6 +25,8 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::num::{NonZeroU64, NonZeroUsize};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +34,7 @@ use super::breaker::BreakerConfig;
 use super::cache::ResultCacheConfig;
 use super::huggingface::HuggingFaceConfig;
 use super::local::LocalConfig;
+use super::manager::{MonitorConfig, Route, RouteError, ShadowConfig, StickyKey};
 use super::openai::OpenAiConfig;
 use super::ratelimit::RateLimitConfig;
 use crate::section::{Problems, Section};
@@ -134,6 +137,236 @@ impl ModelsConfig {
                 chosen.map(|v| (name.to_owned(), v.to_owned()))
             })
             .collect()
+    }
+}
+
+/// One `[routes.NAME]` table: the versions a bare model name is routed to, by weight.
+///
+/// ```toml
+/// [routes.sentiment]
+/// versions = { "1" = 90, "2" = 10 }   # weights, relative; they must add up to more than 0
+/// sticky_key = "entity"               # or "request_id"
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    /// Weight by version; each version must be configured as `[models."NAME@VERSION"]`.
+    pub versions: BTreeMap<String, u32>,
+    /// What keeps a caller on one version: the request's entity (default; the request id when
+    /// it has none) or the request id.
+    #[serde(default)]
+    pub sticky_key: StickyKey,
+    /// Versions that get a copy of each batch after the primary answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowSection>,
+    /// Output paths of the versions watched as metrics, with drift.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<MonitorSection>,
+}
+
+/// `[routes.NAME.monitor]`: which outputs of the route's versions become metrics, and the
+/// drift windows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorSection {
+    /// Dotted output paths with categorical values (`label`).
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Dotted output paths with numbers (`compound`).
+    #[serde(default)]
+    pub scores: Vec<String>,
+    /// Bin edges of the scores for the PSI, ascending.
+    #[serde(default = "default_score_bins")]
+    pub score_bins: Vec<f64>,
+    /// The reference window: this long after the route is installed, then frozen.
+    #[serde(default = "default_reference_secs")]
+    pub reference_secs: NonZeroU64,
+    /// The current window, sliding.
+    #[serde(default = "default_current_secs")]
+    pub current_secs: NonZeroU64,
+}
+
+fn default_score_bins() -> Vec<f64> {
+    (1..10).map(|i| f64::from(i) / 10.0).collect()
+}
+
+fn default_reference_secs() -> NonZeroU64 {
+    NonZeroU64::new(3600).unwrap_or(NonZeroU64::MIN)
+}
+
+fn default_current_secs() -> NonZeroU64 {
+    NonZeroU64::new(900).unwrap_or(NonZeroU64::MIN)
+}
+
+/// `[routes.NAME.shadow]`: the route's shadow versions and how their answers are compared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowSection {
+    /// Versions of the route's model, each configured in `[models]`.
+    pub versions: Vec<String>,
+    /// The output value compared, dotted (`label`, `scores.0`); absent: the whole outputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare_path: Option<String>,
+    /// Numbers agree when they differ by at most this.
+    #[serde(default)]
+    pub tolerance: f64,
+    /// Batches waiting for the shadows at most; beyond that a batch is dropped (counted).
+    #[serde(default = "default_queue_batches")]
+    pub queue_batches: NonZeroUsize,
+    /// Longest time one shadow call may take.
+    #[serde(default = "default_shadow_timeout_ms")]
+    pub timeout_ms: NonZeroU64,
+}
+
+fn default_queue_batches() -> NonZeroUsize {
+    NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN)
+}
+
+fn default_shadow_timeout_ms() -> NonZeroU64 {
+    NonZeroU64::new(10_000).unwrap_or(NonZeroU64::MIN)
+}
+
+impl RouteSection {
+    fn route(&self) -> Result<Route, RouteError> {
+        let route = Route::new(
+            self.versions.iter().map(|(v, w)| (v.clone(), *w)),
+            self.sticky_key,
+        )?;
+        let route = match &self.monitor {
+            None => route,
+            Some(m) => route.with_monitor(MonitorConfig {
+                labels: m.labels.clone(),
+                scores: m.scores.clone(),
+                score_bins: m.score_bins.clone(),
+                reference: Duration::from_secs(m.reference_secs.get()),
+                current: Duration::from_secs(m.current_secs.get()),
+            }),
+        };
+        match &self.shadow {
+            None => Ok(route),
+            Some(s) => route.with_shadow(ShadowConfig {
+                versions: s.versions.clone(),
+                compare_path: s.compare_path.clone(),
+                tolerance: s.tolerance,
+                queue_batches: s.queue_batches.get(),
+                timeout: Duration::from_millis(s.timeout_ms.get()),
+            }),
+        }
+    }
+}
+
+/// `[routes]`: weighted routes by model name.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RoutesConfig(pub BTreeMap<String, RouteSection>);
+
+impl RoutesConfig {
+    /// The routes, built; `Err` names the key of the first route that cannot be built (the
+    /// configuration's validation reports all of them).
+    pub fn routes(&self) -> Result<BTreeMap<String, Route>, String> {
+        self.0
+            .iter()
+            .map(|(name, section)| {
+                section
+                    .route()
+                    .map(|route| (name.clone(), route))
+                    .map_err(|e| format!("routes.{name}: {e}"))
+            })
+            .collect()
+    }
+}
+
+impl Section for RoutesConfig {
+    fn validate(&self, p: &mut Problems) {
+        for (name, section) in &self.0 {
+            if name.is_empty() || name.contains('@') || name.chars().any(char::is_whitespace) {
+                p.push(
+                    format!("routes.{name}"),
+                    "a route is named by a bare model name (no `@version`, no spaces)",
+                );
+            }
+            if let Err(e) = Route::new(
+                section.versions.iter().map(|(v, w)| (v.clone(), *w)),
+                section.sticky_key,
+            ) {
+                p.push(format!("routes.{name}.versions"), e.to_string());
+            }
+            if let Some(monitor) = &section.monitor {
+                let key = format!("routes.{name}.monitor");
+                for (field, paths) in [("labels", &monitor.labels), ("scores", &monitor.scores)] {
+                    if paths.iter().any(|path| path.split('.').any(str::is_empty)) {
+                        p.push(
+                            format!("{key}.{field}"),
+                            "dotted paths without empty segments (`label`, `scores.0`)",
+                        );
+                    }
+                }
+                let bins = &monitor.score_bins;
+                if bins.iter().any(|b| !b.is_finite()) || bins.windows(2).any(|w| w[0] >= w[1]) {
+                    p.push(
+                        format!("{key}.score_bins"),
+                        "bin edges must be finite numbers in increasing order",
+                    );
+                }
+            }
+            if let Some(shadow) = &section.shadow {
+                let key = format!("routes.{name}.shadow");
+                if shadow.versions.is_empty() {
+                    p.push(format!("{key}.versions"), "names no version");
+                }
+                if !(shadow.tolerance.is_finite() && shadow.tolerance >= 0.0) {
+                    p.push(format!("{key}.tolerance"), "must be a number of at least 0");
+                }
+                if shadow
+                    .compare_path
+                    .as_deref()
+                    .is_some_and(|path| path.split('.').any(str::is_empty))
+                {
+                    p.push(
+                        format!("{key}.compare_path"),
+                        "a dotted path without empty segments (`label`, `scores.0`)",
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Cross-checks of `[routes]` against `[models]`: every version a route names is configured.
+pub(crate) fn check_routes_against_models(
+    routes: &RoutesConfig,
+    models: &ModelsConfig,
+    p: &mut Problems,
+) {
+    for (name, section) in &routes.0 {
+        let configured: Vec<&str> = models
+            .0
+            .keys()
+            .filter_map(|id| ModelsConfig::split_id(id))
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .collect();
+        let shadows = section.shadow.iter().flat_map(|s| s.versions.iter());
+        let keys = section
+            .versions
+            .keys()
+            .map(|v| (v, format!("routes.{name}.versions.\"{v}\"")))
+            .chain(shadows.map(|v| (v, format!("routes.{name}.shadow.versions"))));
+        for (version, key) in keys {
+            if !configured.contains(&version.as_str()) {
+                p.push(
+                    key,
+                    format!(
+                        "`{name}@{version}` is not a configured model (configured versions of `{name}`: {})",
+                        if configured.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            configured.join(", ")
+                        }
+                    ),
+                );
+            }
+        }
     }
 }
 

@@ -64,8 +64,11 @@ use serde_json::{Map, Value};
 use crate::model::{ErrorBody, ErrorKind};
 
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
-pub(crate) use config::check_models_against_providers;
-pub use config::{ModelSection, ModelsConfig, ProviderSection, ProvidersConfig};
+pub use config::{
+    ModelSection, ModelsConfig, MonitorSection, ProviderSection, ProvidersConfig, RouteSection,
+    RoutesConfig, ShadowSection,
+};
+pub(crate) use config::{check_models_against_providers, check_routes_against_models};
 pub use local::{LocalConfig, LocalModelConfig, LocalModelKind, LocalProvider};
 pub use openai::{OpenAiConfig, OpenAiModelConfig, OpenAiProvider, OpenAiTask};
 pub use ratelimit::{RateLimitConfig, RateLimiter};

@@ -528,3 +528,66 @@ impl Drop for Killed {
         }
     }
 }
+
+/// Sends `sig` (`-HUP`, `-TERM`) to `child`.
+pub fn signal(child: &std::process::Child, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// The value of `inferflow_reloads_total{outcome=...}` on `/metrics` at `port`, 0 when absent.
+pub async fn reloads(port: u16, outcome: &str) -> u64 {
+    let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
+        return 0;
+    };
+    let body = response.text().await.unwrap_or_default();
+    metric(
+        &body,
+        "inferflow_reloads_total",
+        &format!("outcome=\"{outcome}\""),
+    )
+    .map_or(0, |v| v as u64)
+}
+
+/// Waits (up to a minute) until `inferflow run` answers `/metrics` on `port`. SIGHUP before
+/// the service listens for it would end the process; the HTTP server starts after the reload
+/// handler, so from then on SIGHUP reloads.
+pub async fn wait_serving(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "inferflow did not start serving HTTP"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Writes `text` to `file`, sends SIGHUP to `child` and waits (up to 10 s) until
+/// `inferflow_reloads_total{outcome}` on `port` counts one more.
+pub async fn reload_with(
+    child: &std::process::Child,
+    port: u16,
+    file: &std::path::Path,
+    text: &str,
+    outcome: &str,
+) -> u64 {
+    let before = reloads(port, outcome).await;
+    std::fs::write(file, text).unwrap();
+    signal(child, "-HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reloads(port, outcome).await <= before {
+        assert!(
+            Instant::now() < deadline,
+            "the {outcome} reload was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    before
+}

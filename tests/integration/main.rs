@@ -23,6 +23,7 @@ mod pipelines;
 mod process;
 mod processor;
 mod replay;
+mod routing;
 mod secure;
 mod smoke;
 mod sql_store;

@@ -3,7 +3,7 @@
 //! `inferflow run` under load that loses and fails nothing.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,9 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{Raw, Running, Topics, collect, collect_until, config, produce};
+use crate::harness::{
+    Raw, Running, Topics, collect, collect_until, config, produce, reload_with, signal,
+};
 use crate::utils::{self, unique_name};
 
 /// The shipped local models, without the result cache (so a repeated request is computed
@@ -253,27 +255,6 @@ fn spawn(topics: &Topics, group: &str, dir: &std::path::Path, port: u16) -> Chil
     cmd.spawn().expect("start inferflow run")
 }
 
-fn signal(child: &Child, sig: &str) {
-    let status = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
-
-/// The value of `inferflow_reloads_total{outcome=...}` on `/metrics`, 0 when absent.
-async fn reloads(port: u16, outcome: &str) -> u64 {
-    let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
-        return 0;
-    };
-    let body = response.text().await.unwrap_or_default();
-    let needle = format!("inferflow_reloads_total{{outcome=\"{outcome}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&needle))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_under_load_loses_and_fails_no_request() {
     utils::init_tracing();
@@ -286,19 +267,7 @@ async fn a_reload_under_load_loses_and_fails_no_request() {
     let port = crate::utils::free_port();
     let test_started = Instant::now();
     let mut child = spawn(&topics, &group, dir.path(), port);
-    // SIGHUP before the service listens for it would end the process; the HTTP server starts
-    // after the reload handler, so once /metrics answers, SIGHUP reloads.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "inferflow did not start serving HTTP"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::harness::wait_serving(port).await;
 
     // 3,000 requests over about 6 s; each batch spends a little time in the slow echo model,
     // so reloads land while batches are in flight.
@@ -332,19 +301,9 @@ async fn a_reload_under_load_loses_and_fails_no_request() {
         (4500, pipeline_file(3), "applied"),
     ] {
         tokio::time::sleep(Duration::from_millis(at).saturating_sub(started.elapsed())).await;
-        let before = reloads(port, outcome).await;
+        let before = reload_with(&child, port, &file, &text, outcome).await;
         if outcome == "applied" {
             applied_before = before;
-        }
-        std::fs::write(&file, text).unwrap();
-        signal(&child, "-HUP");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while reloads(port, outcome).await <= before {
-            assert!(
-                Instant::now() < deadline,
-                "the {outcome} reload was not counted"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     assert!(applied_before >= 1, "two reloads were applied");

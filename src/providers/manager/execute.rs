@@ -8,9 +8,11 @@ use futures::future::{BoxFuture, join_all};
 
 use super::lifecycle::InFlight;
 use super::registry::{ModelManager, ResolvedModel};
+use super::routing::Routed;
+use super::shadow::{PrimaryAnswer, ShadowJob};
 use super::stats::add;
 use crate::executor::{BUILTIN_MODELS, Builtins, ExecOutput, ExecRequest, ExecResult, Executor};
-use crate::model::{ErrorBody, StepRecord, Target};
+use crate::model::{ErrorBody, ErrorKind, StepRecord, Target};
 use crate::providers::cache::{CacheKey, CachePolicy};
 use crate::providers::{Provider, ProviderError, ProviderInput, ProviderOutput};
 
@@ -68,28 +70,100 @@ impl ModelFailure {
 pub type ClassifiedResult = Result<ExecOutput, ModelFailure>;
 
 impl ModelManager {
-    /// Runs `requests` through the model `id` resolves to; one outcome per request, in order.
+    /// Runs `requests` through the model `id` resolves to (a routed name: each request through
+    /// the version its route picks); one outcome per request, in order.
     pub async fn infer(&self, id: &str, requests: Vec<ExecRequest>) -> Vec<ExecResult> {
-        match self.resolve(id) {
-            Ok(model) => self.infer_resolved(&model, requests).await,
-            Err(error) => vec![Err(error); requests.len()],
-        }
-    }
-
-    async fn infer_resolved(
-        &self,
-        model: &ResolvedModel,
-        requests: Vec<ExecRequest>,
-    ) -> Vec<ExecResult> {
-        self.infer_classified(model, requests)
+        self.infer_routed(id, requests, &[])
             .await
             .into_iter()
             .map(|outcome| outcome.map_err(|failure| failure.body))
             .collect()
     }
 
-    /// [`infer_resolved`](Self::infer_resolved) with each failure classified for retrying.
-    async fn infer_classified(
+    /// Runs `requests` for `id`: split by its route when it has one, each group through the
+    /// version it was routed to (the groups concurrently), otherwise whole through what `id`
+    /// resolves to. `extra` are ids named as known in an `unknown_model` error.
+    async fn infer_routed(
+        &self,
+        id: &str,
+        requests: Vec<ExecRequest>,
+        extra: &[&str],
+    ) -> Vec<ClassifiedResult> {
+        match self.route_batch(id, requests) {
+            Routed::Whole(requests) => match self.resolve_listing(id, extra) {
+                Ok(model) => {
+                    let outcomes = self.infer_classified(&model, requests).await;
+                    if let Some(monitor) =
+                        self.monitored(id).as_ref().and_then(|e| e.monitor.as_ref())
+                    {
+                        monitor.record(&model.id, outcomes.iter().map(|o| o.as_ref().ok()));
+                    }
+                    outcomes
+                }
+                Err(error) => vec![Err(ModelFailure::never(error)); requests.len()],
+            },
+            Routed::Split { n, groups, entry } => {
+                // The shadows get copies of the requests, so copy them before the call.
+                let copies: Option<Vec<ExecRequest>> = entry.lane.as_ref().map(|_| {
+                    groups
+                        .iter()
+                        .flat_map(|(_, _, requests)| requests.iter().cloned())
+                        .collect()
+                });
+                let runs = groups
+                    .into_iter()
+                    .map(|(version_id, idx, requests)| async move {
+                        let outcomes = match self.resolve_listing(&version_id, extra) {
+                            Ok(model) => self.infer_classified(&model, requests).await,
+                            Err(error) => vec![Err(ModelFailure::never(error)); requests.len()],
+                        };
+                        (version_id, idx, outcomes)
+                    });
+                let done = join_all(runs).await;
+                if let Some(monitor) = &entry.monitor {
+                    for (version_id, _, outcomes) in &done {
+                        monitor.record(version_id, outcomes.iter().map(|o| o.as_ref().ok()));
+                    }
+                }
+                if let (Some(lane), Some(requests)) = (&entry.lane, copies) {
+                    let primary = done
+                        .iter()
+                        .flat_map(|(version_id, _, outcomes)| {
+                            let version = version_id.rsplit('@').next().unwrap_or_default();
+                            outcomes.iter().map(move |o| {
+                                o.as_ref().ok().map(|out| PrimaryAnswer {
+                                    version: version.to_owned(),
+                                    output: out.output.clone(),
+                                    latency_us: out.steps.first().map_or(0, |s| s.latency_us),
+                                })
+                            })
+                        })
+                        .collect();
+                    lane.offer(ShadowJob { requests, primary });
+                }
+                let mut slots: Vec<Option<ClassifiedResult>> = vec![None; n];
+                for (_, idx, outcomes) in done {
+                    for (i, outcome) in idx.into_iter().zip(outcomes) {
+                        slots[i] = Some(outcome);
+                    }
+                }
+                slots
+                    .into_iter()
+                    .map(|slot| {
+                        slot.unwrap_or_else(|| {
+                            Err(ModelFailure::never(ErrorBody::new(
+                                ErrorKind::Internal,
+                                "the routed model returned no outcome",
+                            )))
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Runs `requests` through `model`, each failure classified for retrying.
+    pub(super) async fn infer_classified(
         &self,
         model: &ResolvedModel,
         requests: Vec<ExecRequest>,
@@ -213,6 +287,14 @@ impl ModelExecutor {
         &self.manager
     }
 
+    /// Whether the [`Builtins`] answer `id`: a built-in id (`echo`) the manager neither
+    /// loaded nor routes.
+    fn builtin_answers(&self, id: &str) -> bool {
+        BUILTIN_MODELS.contains(&id)
+            && self.manager.route_shares(id, 0).is_none()
+            && self.manager.resolve(id).is_err()
+    }
+
     /// [`Executor::execute`] with each failure classified: whether the caller may try the
     /// request again ([`RetryAdvice`]). A pipeline step decides its retries from this.
     pub async fn execute_classified(
@@ -230,12 +312,12 @@ impl ModelExecutor {
             Target::Model(id) => id,
             Target::Pipeline(_) => return builtins(self.builtins.execute(target, requests).await),
         };
-        match self.manager.resolve_listing(id, &BUILTIN_MODELS) {
-            Ok(model) => self.manager.infer_classified(&model, requests).await,
-            Err(_) if BUILTIN_MODELS.contains(&id.as_str()) => {
-                builtins(self.builtins.execute(target, requests).await)
-            }
-            Err(error) => vec![Err(ModelFailure::never(error)); requests.len()],
+        if !self.builtin_answers(id) {
+            self.manager
+                .infer_routed(id, requests, &BUILTIN_MODELS)
+                .await
+        } else {
+            builtins(self.builtins.execute(target, requests).await)
         }
     }
 
@@ -243,10 +325,16 @@ impl ModelExecutor {
     /// ([`Provider::retries_itself`]); false for unknown models and the built-ins.
     pub fn retries_itself(&self, target: &Target) -> bool {
         match target {
-            Target::Model(id) => self
-                .manager
-                .resolve(id)
-                .is_ok_and(|model| model.provider.retries_itself()),
+            Target::Model(id) => {
+                // A routed name: what its first version with traffic does (the versions of
+                // one name normally share a provider).
+                let id = match self.manager.route_shares(id, 1) {
+                    Some(shares) => shares.into_iter().next().map(|(v, _)| v),
+                    None => Some(id.clone()),
+                };
+                id.and_then(|id| self.manager.resolve(&id).ok())
+                    .is_some_and(|model| model.provider.retries_itself())
+            }
             Target::Pipeline(_) => false,
         }
     }
@@ -264,12 +352,15 @@ impl Executor for ModelExecutor {
                 // Pipelines come later; for now the built-in `identity` answers.
                 Target::Pipeline(_) => return self.builtins.execute(target, requests).await,
             };
-            match self.manager.resolve_listing(id, &BUILTIN_MODELS) {
-                Ok(model) => self.manager.infer_resolved(&model, requests).await,
-                Err(_) if BUILTIN_MODELS.contains(&id.as_str()) => {
-                    self.builtins.execute(target, requests).await
-                }
-                Err(error) => vec![Err(error); requests.len()],
+            if !self.builtin_answers(id) {
+                self.manager
+                    .infer_routed(id, requests, &BUILTIN_MODELS)
+                    .await
+                    .into_iter()
+                    .map(|outcome| outcome.map_err(|failure| failure.body))
+                    .collect()
+            } else {
+                self.builtins.execute(target, requests).await
             }
         })
     }

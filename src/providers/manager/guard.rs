@@ -270,9 +270,15 @@ impl ModelManager {
 
     /// A reason to stop fetching requests now: a provider's circuit breaker is open (and not
     /// yet due for its probe). Cheap: a read lock and two atomic loads per provider.
+    /// A provider only shadow versions use is left out: a failing shadow never pauses the
+    /// stream.
     pub fn hold(&self) -> Option<String> {
+        let shadow_only = self.shadow_only_providers();
         let registry = self.read();
         registry.providers.values().find_map(|g| {
+            if shadow_only.contains(&g.guard.name) {
+                return None;
+            }
             let left = g.guard.breaker.as_ref()?.is_open()?;
             Some(format!(
                 "circuit breaker open for provider `{}` (probe in {} ms)",
@@ -287,6 +293,13 @@ impl ModelManager {
     /// rate-limit capacity for the batch (which its calls then draw on). Returns at once for
     /// unknown models; never fails.
     pub async fn admit(&self, id: &str, requests: usize) {
+        if let Some(shares) = self.route_shares(id, requests) {
+            // A routed name: each version for its share of the batch, by weight.
+            for (version_id, share) in shares {
+                Box::pin(self.admit(&version_id, share)).await;
+            }
+            return;
+        }
         let Ok(model) = self.resolve(id) else { return };
         if requests == 0 {
             return;

@@ -1,8 +1,8 @@
 //! Loading and unloading models: loads (with or without warm-up), unloads, and the idle
 //! unload with its transparent reload.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use super::guard::Guard;
@@ -143,18 +143,24 @@ impl ModelManager {
     }
 
     /// Runs [`unload_idle`](Self::unload_idle) every `every` on the current Tokio runtime,
-    /// until the manager is dropped or the task is aborted.
+    /// until the manager (and every manager derived from it) is dropped or the task is aborted.
     pub fn spawn_idle_sweeper(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        let manager: Weak<ModelManager> = Arc::downgrade(self);
+        // The registry, not this manager: managers derived for new routes
+        // ([`with_routes`](Self::with_routes)) share it, and the sweep goes on while any does.
+        let registry = Arc::downgrade(&self.registry);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                let Some(manager) = manager.upgrade() else {
+                let Some(registry) = registry.upgrade() else {
                     return;
                 };
-                manager.unload_idle();
+                ModelManager {
+                    registry,
+                    ..ModelManager::default()
+                }
+                .unload_idle();
             }
         })
     }

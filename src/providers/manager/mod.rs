@@ -21,6 +21,15 @@
 //!
 //! An unknown model fails with [`ErrorKind::UnknownModel`] and a message listing the loaded ids.
 //!
+//! # Weighted routes
+//!
+//! A bare name with a [`Route`] ([`ModelManager::set_route`], or `[routes.NAME]` in the
+//! configuration) is not resolved to one version: each request of a batch goes to the version
+//! the route picks for its sticky key, by weight (see `routing`), the batch is split into one
+//! call per version, and the outcomes are put back in order. An explicit `name@version` is
+//! never routed. [`ModelManager::with_routes`] derives a manager with the same models and
+//! other routes; a reload installs one with the new pipeline snapshot.
+//!
 //! # Executing
 //!
 //! [`ModelManager::infer`] runs the requests of one batch for one model. When the model has
@@ -62,7 +71,8 @@
 //!
 //! # Layout
 //!
-//! `registry` holds the providers and the loaded models and resolves ids; `lifecycle` loads
+//! `registry` holds the providers and the loaded models and resolves ids; `routing` holds the
+//! weighted routes and splits a batch by them; `lifecycle` loads
 //! and unloads models (warm-up, idle unload, reload); `guard` is each provider's breaker and
 //! rate limiter around the provider call; `execute` runs batches (through the result cache)
 //! and is the [`ModelExecutor`]; `stats` holds the per-model counters.
@@ -83,7 +93,10 @@
 mod execute;
 mod guard;
 mod lifecycle;
+mod monitor;
 mod registry;
+mod routing;
+mod shadow;
 mod stats;
 
 use std::time::Duration;
@@ -92,7 +105,10 @@ use super::ProviderError;
 
 pub use execute::{ClassifiedResult, ModelExecutor, ModelFailure, RetryAdvice};
 pub use guard::ProviderPolicy;
+pub use monitor::{MAX_LABELS, MonitorConfig, PSI_FLOOR, psi};
 pub use registry::{ModelManager, ResolvedModel};
+pub use routing::{ROUTE_HASH_SEED, Route, RouteError, StickyKey};
+pub use shadow::{ShadowConfig, ShadowSink, agreement};
 pub use stats::ModelStats;
 
 /// A model to load: `name@version`, answered by `provider` as `remote_model`.

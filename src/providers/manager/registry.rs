@@ -9,6 +9,8 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use super::ModelSpec;
 use super::guard::{Guard, Guarded};
 use super::lifecycle::Lifecycle;
+use super::routing::RouteTable;
+use super::shadow::ShadowSink;
 use super::stats::{Counters, ModelStats};
 use crate::model::{ErrorBody, ErrorKind};
 use crate::providers::Provider;
@@ -78,12 +80,18 @@ impl Registry {
     }
 }
 
-/// Providers, loaded models, default versions and usage statistics. Share it as
+/// Providers, loaded models, default versions, routes and usage statistics. Share it as
 /// `Arc<ModelManager>`; every method takes `&self`.
 #[derive(Default)]
 pub struct ModelManager {
-    registry: RwLock<Registry>,
+    /// Shared with the managers [`ModelManager::with_routes`] derives: the models are the same,
+    /// only the routes differ.
+    pub(super) registry: Arc<RwLock<Registry>>,
     pub(super) cache: Option<ResultCache>,
+    /// The weighted routes by model name; replaced whole, read once per batch.
+    pub(super) routes: RwLock<Arc<RouteTable>>,
+    /// Where the shadows of routes installed from now on send their comparisons.
+    pub(super) shadow_sink: RwLock<Option<Arc<dyn ShadowSink>>>,
 }
 
 impl fmt::Debug for ModelManager {
@@ -106,8 +114,9 @@ impl ModelManager {
     /// A manager whose models with `cache` on use `cache`.
     pub fn with_cache(cache: ResultCache) -> Self {
         ModelManager {
-            registry: RwLock::default(),
+            registry: Arc::default(),
             cache: Some(cache),
+            ..ModelManager::default()
         }
     }
 
@@ -221,7 +230,7 @@ impl ModelManager {
 }
 
 /// Compares versions "naturally": digit runs as numbers, other runs byte by byte.
-fn compare_versions(a: &str, b: &str) -> Ordering {
+pub(super) fn compare_versions(a: &str, b: &str) -> Ordering {
     let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
     loop {
         match (a.first(), b.first()) {
