@@ -100,7 +100,8 @@ pub const MODEL_OUTPUTS_TOTAL: &str = "inferflow_model_outputs_total";
 /// Values at a monitored label path (counter; labels `model`, `path`, `label`: the first 32
 /// distinct values, then `other`).
 pub const MODEL_OUTPUT_LABELS_TOTAL: &str = "inferflow_model_output_labels_total";
-/// Numbers at a monitored score path (histogram; labels `model`, `path`).
+/// Numbers at a monitored score path (histogram, buckets every 0.1 from -1 to 1; labels
+/// `model`, `path`).
 pub const MODEL_OUTPUT_SCORE: &str = "inferflow_model_output_score";
 /// Population stability index of a monitored path, current window against reference (gauge;
 /// labels `model`, `path`).
@@ -142,6 +143,12 @@ const LATENCY_BUCKETS: &[f64] = &[
 const FAST_LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
 ];
+/// Scores of model outputs: every 0.1 from -1 to 1 (signed scores such as VADER's compound,
+/// probabilities); anything above 1 counts in `+Inf` only.
+const SCORE_BUCKETS: &[f64] = &[
+    -1.0, -0.9, -0.8, -0.7, -0.6, -0.5, -0.4, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6,
+    0.7, 0.8, 0.9, 1.0,
+];
 const BATCH_SIZE_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
 ];
@@ -168,6 +175,7 @@ fn builder() -> PrometheusBuilder {
         PIPELINE_STEP_DURATION_SECONDS,
         FAST_LATENCY_BUCKETS,
     );
+    let builder = with(builder, MODEL_OUTPUT_SCORE, SCORE_BUCKETS);
     with(builder, BATCH_SIZE_RECORDS, BATCH_SIZE_BUCKETS)
 }
 

@@ -46,6 +46,14 @@ const MAY_BE_EMPTY: &[(&str, &str)] = &[
     ),
 ];
 
+/// The route's weights at start-up, and after the reload (a canary step).
+const ROUTE_50_50: &str = r#"versions = { "1" = 50, "2" = 50 }"#;
+const ROUTE_20_80: &str = r#"versions = { "1" = 20, "2" = 80 }"#;
+/// The monitor's reference window: requests keep coming over HTTP from the reload (which
+/// starts new windows) until the PSI is exported, so it only has to exceed how long the reload
+/// takes to be seen.
+const REFERENCE_SECS: u64 = 2;
+
 /// What Grafana puts in for its interval variables; the dashboard's own variables become `.*`.
 const INTERVAL: &str = "1m";
 
@@ -214,6 +222,7 @@ statistics_interval_ms = 1000
 
 [topics]
 feature_invalidations = "{base}.invalidations"
+shadow_results = "{base}.shadow-results"
 
 [feature_store]
 backend = "embedded"
@@ -245,6 +254,25 @@ remote_model = "vader"
 
 [models."chat@1"]
 provider = "gpt"
+
+# A rollout: `sentiment` split between two versions (the same VADER), version 2 shadowing
+# the requests version 1 answers, both versions' labels and scores watched. The reference
+# window is short so a PSI is exported within the test.
+[models."sentiment@2"]
+provider = "local"
+remote_model = "vader"
+
+[routes.sentiment]
+{ROUTE_50_50}
+[routes.sentiment.shadow]
+versions = ["2"]
+compare_path = "label"
+[routes.sentiment.monitor]
+labels = ["label"]
+scores = ["compound"]
+score_bins = [-0.5, -0.05, 0.05, 0.5]
+reference_secs = {REFERENCE_SECS}
+current_secs = 60
 "#,
             store = dir.join("features.redb").display(),
             pipelines = pipelines.display(),
@@ -259,7 +287,13 @@ fn doc(value: Value) -> Raw {
     (None, Some(value.to_string().into_bytes()))
 }
 
-/// The requests of one round: every pipeline and model, an unknown model, a model refusing its
+/// A request for the routed name `sentiment` from entity `user/u{entity}`.
+fn routed(id: &str, entity: usize) -> Value {
+    json!({"request_id": id, "model": "sentiment", "entity": {"type": "user", "id": format!("u{entity}")}, "data": {"text": format!("Review {id}: what a GREAT day!")}})
+}
+
+/// The requests of one round: every pipeline and model, requests for the routed `sentiment`
+/// (split between its versions, version 1's shadowed), an unknown model, a model refusing its
 /// input, a step failing, and bytes that are not JSON (a dead letter: no request id to answer).
 fn round(n: usize) -> Vec<Raw> {
     let question = json!({"question": "where is my order?"});
@@ -280,6 +314,7 @@ fn round(n: usize) -> Vec<Raw> {
         doc(json!({"request_id": format!("e{n}-input"), "model": "sentiment@1", "data": 42})),
         doc(json!({"request_id": format!("e{n}-step"), "pipeline": "sentiment", "data": 42})),
     ];
+    raw.extend((0..8).map(|e| doc(routed(&format!("r{n}-{e}"), e))));
     raw.push((None, Some(b"not json at all".to_vec())));
     raw
 }
@@ -315,6 +350,7 @@ async fn every_dashboard_panel_and_alert_expression_works_on_a_real_prometheus()
         &format!("http://127.0.0.1:{port}"),
         &topics,
         &inferflow,
+        &config,
     )
     .await;
     // Two scrapes after the traffic.
@@ -374,9 +410,16 @@ fn start_prometheus(binary: &Path, dir: &Path, target_port: u16) -> (Killed, Str
     (prometheus, format!("http://127.0.0.1:{prom_port}"))
 }
 
-/// Feature updates, two rounds of requests, a readiness check and a reload (SIGHUP), each
-/// waited for: what the dashboard's panels show.
-async fn send_traffic(http: &reqwest::Client, api: &str, topics: &Topics, inferflow: &Killed) {
+/// Feature updates, two rounds of requests, a readiness check, and a reload (SIGHUP) moving the
+/// route to 20/80 under requests over HTTP until the monitor exports a PSI, each waited for:
+/// what the dashboard's panels show.
+async fn send_traffic(
+    http: &reqwest::Client,
+    api: &str,
+    topics: &Topics,
+    inferflow: &Killed,
+    config: &Path,
+) {
     // Feature updates (one not JSON: a dead letter from the features source), read back over
     // HTTP once ingested.
     let update = |user: &str, segment: &str| -> Raw {
@@ -447,23 +490,42 @@ async fn send_traffic(http: &reqwest::Client, api: &str, topics: &Topics, inferf
     }
     let ready = http.get(format!("{api}/readyz")).send().await;
     assert!(ready.is_ok_and(|r| r.status().is_success()), "/readyz");
+    // The canary step: the route from 50/50 to 20/80, which starts the monitor's windows
+    // again. Routed requests over HTTP from before the SIGHUP on, so the new reference window
+    // fills and, once it is frozen, the PSI is exported.
+    let text = std::fs::read_to_string(config).unwrap();
+    assert!(text.contains(ROUTE_50_50));
+    std::fs::write(config, text.replace(ROUTE_50_50, ROUTE_20_80)).unwrap();
     let hup = Command::new("kill")
         .args(["-HUP", &inferflow.0.id().to_string()])
         .status()
         .expect("kill -HUP");
     assert!(hup.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let body = http.get(format!("{api}/metrics")).send().await;
-        let text = match body {
+    let limit = Duration::from_secs(REFERENCE_SECS + 30);
+    let deadline = Instant::now() + limit;
+    for n in 0.. {
+        let answer = http
+            .post(format!("{api}/v1/predict"))
+            .json(&routed(&format!("h{n}"), n % 50))
+            .send()
+            .await
+            .expect("POST /v1/predict");
+        let doc: Value = answer.json().await.expect("a result document");
+        assert_eq!(doc["status"], "ok", "{doc}");
+        let text = match http.get(format!("{api}/metrics")).send().await {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         };
-        if text.contains(r#"inferflow_reloads_total{outcome="applied"}"#) {
+        if text.contains(r#"inferflow_reloads_total{outcome="applied"}"#)
+            && text.contains("inferflow_model_output_psi{")
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "no reload within 30 s of SIGHUP");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            Instant::now() < deadline,
+            "no reload and PSI within {limit:?} of SIGHUP"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
