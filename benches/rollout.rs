@@ -53,6 +53,8 @@ results = "inferflow.bench.rollout.results"
 dlq = "inferflow.bench.rollout.dlq"
 features = "inferflow.bench.rollout.features"
 shadow_results = "inferflow.bench.rollout.shadow-results"
+# One provider for both versions: they share its `max_concurrency` permits (the cores), as
+# two versions of one local model do in production.
 [providers.local.local.models.vader]
 kind = "vader"
 path = "models/vader"
@@ -60,6 +62,7 @@ path = "models/vader"
 provider = "local"
 remote_model = "vader"
 cache = false
+# The shadow: the same VADER, so every comparison agrees.
 [models."sentiment@2"]
 provider = "local"
 remote_model = "vader"
