@@ -240,8 +240,9 @@ where
 #[tokio::test]
 async fn retry_after_as_an_http_date_is_waited_out_unless_too_far() {
     for_both(|kind| async move {
-        // Two seconds ahead, to the second: a wait of more than one second.
-        let setup = Setup::start(kind, [rate_limited_for(2)], 3_000, 3).await;
+        // Three seconds ahead, to the second (an HTTP date drops the fraction): more than two
+        // seconds ahead when written, so still more than one second when the client reads it.
+        let setup = Setup::start(kind, [rate_limited_for(3)], 3_000, 3).await;
         let started = Instant::now();
         let out = setup.call().await;
         assert!(out.is_ok(), "{kind:?}: {out:?}");
