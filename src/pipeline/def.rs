@@ -24,6 +24,7 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,8 +57,35 @@ pub struct PipelineDef {
     /// `record_output`).
     #[serde(default)]
     pub record_outputs: bool,
+    /// Batch limits (`[batch]` in the file).
+    #[serde(default, skip_serializing_if = "PipelineBatch::is_unlimited")]
+    pub batch: PipelineBatch,
     /// The steps, run in order.
     pub steps: Vec<StepDef>,
+}
+
+/// A pipeline's batch limits: `[batch]` in its file.
+///
+/// Batches are formed by the source before requests are decoded (`[batch]` in the
+/// configuration: size, bytes, linger), so a batch may hold requests for several pipelines;
+/// these limits apply to this pipeline's share of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineBatch {
+    /// Most requests one run of the steps takes at once (for a model that accepts batches of
+    /// at most this size, or to bound a features step's reads). A larger share of a batch
+    /// runs as chunks of this size, concurrently (each model call still under its provider's
+    /// `max_concurrency`). Unset: the whole share in one run. Applies wherever the pipeline
+    /// runs, also when another pipeline chains it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_records: Option<NonZeroUsize>,
+}
+
+impl PipelineBatch {
+    /// No limit set.
+    pub fn is_unlimited(&self) -> bool {
+        self.max_records.is_none()
+    }
 }
 
 /// The kinds of step.

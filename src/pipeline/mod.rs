@@ -50,7 +50,7 @@ use serde_json::Value;
 
 pub use self::config::PipelinesConfig;
 use self::def::{Catalog, Pipeline, compile_all};
-pub use self::def::{OnError, PipelineDef, StepDef, StepType, load_dir};
+pub use self::def::{OnError, PipelineBatch, PipelineDef, StepDef, StepType, load_dir};
 use self::run::{Engine, Item};
 pub use self::transform::{TransformContext, TransformDef, TransformFn};
 use crate::executor::{BUILTIN_MODELS, Builtins, ExecOutput, ExecRequest, ExecResult, Executor};

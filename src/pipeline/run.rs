@@ -164,17 +164,32 @@ impl<'s> Engine<'s> {
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let record = record_outputs || pipeline.def.record_outputs;
-            for step in &pipeline.steps {
-                let live: Vec<usize> = (0..items.len())
-                    .filter(|&i| items[i].error.is_none())
-                    .collect();
-                if live.is_empty() {
-                    break;
+            match pipeline.def.batch.max_records {
+                // `[batch] max_records`: disjoint chunks, run side by side.
+                Some(max) if items.len() > max.get() => {
+                    let chunks = items
+                        .chunks_mut(max.get())
+                        .map(|chunk| self.run_steps(pipeline, chunk, depth, record));
+                    futures::future::join_all(chunks).await;
                 }
-                self.run_step(&pipeline.id, step, items, &live, depth, record)
-                    .await;
+                _ => self.run_steps(pipeline, items, depth, record).await,
             }
         })
+    }
+
+    /// Runs the pipeline's steps in order over `items`, each step over the requests still
+    /// running.
+    async fn run_steps(&self, pipeline: &Pipeline, items: &mut [Item], depth: usize, record: bool) {
+        for step in &pipeline.steps {
+            let live: Vec<usize> = (0..items.len())
+                .filter(|&i| items[i].error.is_none())
+                .collect();
+            if live.is_empty() {
+                break;
+            }
+            self.run_step(&pipeline.id, step, items, &live, depth, record)
+                .await;
+        }
     }
 
     /// Runs one step for the requests at `live`, with its retries and timeout, and applies the

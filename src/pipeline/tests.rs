@@ -340,3 +340,100 @@ async fn a_skipped_step_leaves_the_data_as_it_was_before_the_step() {
     assert_eq!(out.output, json!({"a": 1}));
     assert_eq!(out.steps[0].output, Some(json!({"a": 1})));
 }
+
+/// A provider that answers each input with itself and records the size of every call.
+struct Recording {
+    sizes: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl crate::providers::Provider for Recording {
+    fn infer_batch(
+        &self,
+        _model: &str,
+        inputs: Vec<crate::providers::ProviderInput>,
+    ) -> BoxFuture<'_, Vec<Result<crate::providers::ProviderOutput, crate::providers::ProviderError>>>
+    {
+        self.sizes.lock().unwrap().push(inputs.len());
+        Box::pin(async move {
+            inputs
+                .into_iter()
+                .map(|input| Ok(crate::providers::ProviderOutput::new(input.data)))
+                .collect()
+        })
+    }
+}
+
+/// `[batch] max_records` splits a pipeline's share of a batch into chunks no larger than it,
+/// for every model call, and the outcomes stay in the requests' order; without it the whole
+/// batch is one call.
+#[tokio::test]
+async fn batch_max_records_bounds_every_model_call() {
+    use crate::providers::manager::ModelSpec;
+    let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let models = Arc::new(ModelManager::new());
+    models.register_provider(
+        "recording",
+        Arc::new(Recording {
+            sizes: Arc::clone(&sizes),
+        }),
+    );
+    models
+        .load_model(ModelSpec {
+            cache: false,
+            ..ModelSpec::new("m", "1", "recording", "m")
+        })
+        .unwrap();
+    let m = PipelineManager::new(models);
+    let steps = "[[steps]]\ntype = \"model\"\nmodel = \"m\"\n";
+    m.create_pipeline(def(&format!(
+        "id = \"limited\"\n[batch]\nmax_records = 3\n{steps}"
+    )))
+    .unwrap();
+    m.create_pipeline(def(&format!("id = \"whole\"\n{steps}")))
+        .unwrap();
+    let requests = || {
+        (0..8)
+            .map(|i| ExecRequest {
+                request_id: format!("r{i}"),
+                data: json!({ "i": i }),
+                parameters: None,
+                entity: None,
+                tenant: None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let outputs: Vec<Value> = m
+        .execute_batch("limited", requests())
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().output)
+        .collect();
+    let expected: Vec<Value> = (0..8).map(|i| json!({ "i": i })).collect();
+    assert_eq!(outputs, expected);
+    let mut limited = std::mem::take(&mut *sizes.lock().unwrap());
+    limited.sort_unstable();
+    assert_eq!(limited, [2, 3, 3]);
+    m.execute_batch("whole", requests()).await;
+    assert_eq!(*sizes.lock().unwrap(), [8]);
+}
+
+#[test]
+fn batch_max_records_must_be_positive_and_batch_knows_its_keys() {
+    let zero = def::parse(
+        "[batch]\nmax_records = 0\n[[steps]]\ntype = \"model\"\nmodel = \"echo\"\n",
+        "p",
+        "test",
+    )
+    .unwrap_err();
+    assert!(zero[0].path == "pipelines.p.batch.max_records", "{zero:?}");
+    let unknown = def::parse(
+        "[batch]\nlinger_ms = 5\n[[steps]]\ntype = \"model\"\nmodel = \"echo\"\n",
+        "p",
+        "test",
+    )
+    .unwrap_err();
+    assert!(
+        unknown[0].path.starts_with("pipelines.p.batch"),
+        "{unknown:?}"
+    );
+}
