@@ -349,18 +349,12 @@ struct KafkaShadowSink {
 }
 
 impl ShadowSink for KafkaShadowSink {
-    fn publish(&self, request_id: &str, comparison: &serde_json::Value) {
-        let payload = comparison.to_string();
+    fn publish(&self, request_id: &str, shadow: &str, comparison: &[u8]) {
         let record = BaseRecord::to(&self.topic)
             .key(request_id)
-            .payload(&payload);
+            .payload(comparison);
         if let Err((err, _)) = self.producer.send(record) {
-            let model = format!(
-                "{}@{}",
-                comparison["model"].as_str().unwrap_or_default(),
-                comparison["shadow"]["version"].as_str().unwrap_or_default()
-            );
-            metrics::counter!(SHADOW_REQUESTS_TOTAL, "model" => model, "outcome" => "unpublished")
+            metrics::counter!(SHADOW_REQUESTS_TOTAL, "model" => shadow.to_owned(), "outcome" => "unpublished")
                 .increment(1);
             tracing::debug!(error = %err, "shadow comparison not produced");
         }
