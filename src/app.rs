@@ -197,6 +197,7 @@ pub fn api(
         permits: Arc::new(tokio::sync::Semaphore::new(
             config.http.max_in_flight_requests.get(),
         )),
+        pipelines: None,
     }
 }
 
@@ -268,7 +269,10 @@ pub async fn run(config: Config, sources: Sources) -> anyhow::Result<()> {
         stop.clone(),
     ));
     let http_stop = CancellationToken::new();
-    let api = Arc::new(api(&config, Arc::clone(&executor), store.clone()));
+    let api = Arc::new(Api {
+        pipelines: Some(Arc::clone(&pipelines)),
+        ..api(&config, Arc::clone(&executor), store.clone())
+    });
     let http = {
         let http_stop = http_stop.clone();
         let config = config.clone();
