@@ -2,10 +2,7 @@
 //! the request path, and their answers are compared with the primary's.
 //!
 //! A route with a [`ShadowConfig`] gets a *lane* when it is installed: a bounded queue of
-//! batches (`queue_batches`) and one task that takes them in turn, on a thread and a
-//! current-thread runtime of its own at idle priority (Linux `SCHED_IDLE`, its one blocking
-//! thread too): a shadow gets only the CPU the request path leaves unused, so it cannot take
-//! a core from the primary. After a routed batch's
+//! batches (`queue_batches`) and one task that takes them in turn. After a routed batch's
 //! primary versions answered, [`ModelManager`]'s executor puts the requests and the primary
 //! outcomes on the lane with `try_send` and returns: a full queue drops the batch (counted,
 //! `outcome="dropped"`), nothing waits. The task calls each shadow version under its own
@@ -104,42 +101,20 @@ pub(super) struct ShadowLane {
 }
 
 impl ShadowLane {
-    /// Starts the task of `name`'s shadows, calling them through `manager`, on a thread and
-    /// a runtime of its own at idle priority. `None` (logged) when the thread or the runtime
-    /// cannot be had.
+    /// Starts the task of `name`'s shadows, calling them through `manager`. `None` (logged)
+    /// outside a Tokio runtime.
     pub(super) fn start(
         name: &str,
         config: &ShadowConfig,
         manager: ModelManager,
         sink: Option<Arc<dyn ShadowSink>>,
     ) -> Option<ShadowLane> {
-        let (tx, rx) = mpsc::channel(config.queue_batches.max(1));
-        // A runtime of its own, on threads of idle priority (SCHED_IDLE): a shadow only gets
-        // the CPU the request path leaves unused, so it cannot lengthen the primary's tail by
-        // taking a core from it. Its blocking pool (local models) runs at idle priority too.
-        let task = run(name.to_owned(), config.clone(), manager, sink, rx);
-        let built = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .max_blocking_threads(1)
-            .on_thread_start(idle_priority)
-            .build();
-        let runtime = match built {
-            Ok(runtime) => runtime,
-            Err(e) => {
-                tracing::warn!(model = %name, error = %e, "no runtime for the route's shadows: they are off");
-                return None;
-            }
-        };
-        let spawned = std::thread::Builder::new()
-            .name(format!("inferflow-shadow-{name}"))
-            .spawn(move || {
-                idle_priority();
-                runtime.block_on(task);
-            });
-        if let Err(e) = spawned {
-            tracing::warn!(model = %name, error = %e, "no thread for the route's shadows: they are off");
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(model = %name, "no Tokio runtime: the route's shadows are off");
             return None;
-        }
+        };
+        let (tx, rx) = mpsc::channel(config.queue_batches.max(1));
+        runtime.spawn(run(name.to_owned(), config.clone(), manager, sink, rx));
         Some(ShadowLane {
             tx,
             name: name.to_owned(),
@@ -158,20 +133,6 @@ impl ShadowLane {
                 metrics::counter!(SHADOW_REQUESTS_TOTAL, "model" => format!("{}@{version}", self.name), "outcome" => "dropped")
                     .increment(n);
             }
-        }
-    }
-}
-
-/// Puts the calling thread in the idle scheduling class (Linux `SCHED_IDLE`); elsewhere, or
-/// when refused, it keeps its priority (logged at debug level).
-fn idle_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid parameter.
-        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
-        if rc != 0 {
-            tracing::debug!(error = %std::io::Error::last_os_error(), "shadow thread keeps its priority");
         }
     }
 }
