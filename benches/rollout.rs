@@ -36,7 +36,7 @@ use inferflow::config::Config;
 use inferflow::executor::ExecRequest;
 use inferflow::providers::build::{build_manager, with_routes};
 use inferflow::providers::manager::{ModelManager, ShadowSink};
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// Requests per batch.
 const BATCH: usize = 32;
@@ -76,9 +76,9 @@ struct Counting {
 }
 
 impl ShadowSink for Counting {
-    fn publish(&self, request_id: &str, comparison: &Value) {
+    fn publish(&self, request_id: &str, shadow: &str, comparison: &[u8]) {
         self.seen.fetch_add(1, Ordering::Relaxed);
-        self.inner.publish(request_id, comparison);
+        self.inner.publish(request_id, shadow, comparison);
     }
 }
 

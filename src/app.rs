@@ -197,6 +197,7 @@ pub fn api(
         permits: Arc::new(tokio::sync::Semaphore::new(
             config.http.max_in_flight_requests.get(),
         )),
+        pipelines: None,
     }
 }
 
@@ -268,7 +269,10 @@ pub async fn run(config: Config, sources: Sources) -> anyhow::Result<()> {
         stop.clone(),
     ));
     let http_stop = CancellationToken::new();
-    let api = Arc::new(api(&config, Arc::clone(&executor), store.clone()));
+    let api = Arc::new(Api {
+        pipelines: Some(Arc::clone(&pipelines)),
+        ..api(&config, Arc::clone(&executor), store.clone())
+    });
     let http = {
         let http_stop = http_stop.clone();
         let config = config.clone();
@@ -349,18 +353,12 @@ struct KafkaShadowSink {
 }
 
 impl ShadowSink for KafkaShadowSink {
-    fn publish(&self, request_id: &str, comparison: &serde_json::Value) {
-        let payload = comparison.to_string();
+    fn publish(&self, request_id: &str, shadow: &str, comparison: &[u8]) {
         let record = BaseRecord::to(&self.topic)
             .key(request_id)
-            .payload(&payload);
+            .payload(comparison);
         if let Err((err, _)) = self.producer.send(record) {
-            let model = format!(
-                "{}@{}",
-                comparison["model"].as_str().unwrap_or_default(),
-                comparison["shadow"]["version"].as_str().unwrap_or_default()
-            );
-            metrics::counter!(SHADOW_REQUESTS_TOTAL, "model" => model, "outcome" => "unpublished")
+            metrics::counter!(SHADOW_REQUESTS_TOTAL, "model" => shadow.to_owned(), "outcome" => "unpublished")
                 .increment(1);
             tracing::debug!(error = %err, "shadow comparison not produced");
         }

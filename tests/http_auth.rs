@@ -17,7 +17,10 @@ use inferflow::app::{Listeners, serve_listeners};
 use inferflow::config::Config;
 use inferflow::executor::{ExecOutput, ExecRequest, ExecResult, Executor};
 use inferflow::feature_store::FeatureStore;
+use inferflow::http::api::Api;
 use inferflow::model::Target;
+use inferflow::pipeline::PipelineManager;
+use inferflow::providers::build::{build_manager, with_routes};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -96,11 +99,36 @@ impl Executor for Recorder {
     }
 }
 
-/// A served API: its URLs, its store, and what stops it.
+/// The models of the route administration: `sentiment` routed to VADER and watched, `plain`
+/// routed without a monitor.
+const MODELS: &str = r#"
+[providers.local.local.models.vader]
+kind = "vader"
+path = "models/vader"
+[models."sentiment@1"]
+provider = "local"
+remote_model = "vader"
+cache = false
+[models."plain@1"]
+provider = "local"
+remote_model = "vader"
+cache = false
+[routes.sentiment]
+versions = { "1" = 100 }
+[routes.sentiment.monitor]
+labels = ["label"]
+reference_secs = 3600
+current_secs = 3600
+[routes.plain]
+versions = { "1" = 100 }
+"#;
+
+/// A served API: its URLs, its store, its models, and what stops it.
 struct Served {
     url: String,
     ops_url: Option<String>,
     store: Arc<FeatureStore>,
+    pipelines: Arc<PipelineManager>,
     _dir: tempfile::TempDir,
     _stop: DropGuard,
 }
@@ -114,7 +142,7 @@ fn tokens_toml(dir: &std::path::Path) -> String {
         [[http.tokens]]
         name = "all"
         sha256 = "{}"
-        scopes = ["predict", "features:read", "features:write"]
+        scopes = ["predict", "features:read", "features:write", "models:admin"]
         [[http.tokens]]
         name = "predict-only"
         sha256 = "{}"
@@ -126,7 +154,7 @@ fn tokens_toml(dir: &std::path::Path) -> String {
         [[http.tokens]]
         name = "acme"
         sha256 = "{}"
-        scopes = ["predict", "features:read", "features:write"]
+        scopes = ["predict", "features:read", "features:write", "models:admin"]
         tenant = "acme"
         [[http.tokens]]
         name = "limited"
@@ -154,17 +182,21 @@ async fn serve(http: impl FnOnce(&std::path::Path) -> String, ops: bool) -> Serv
     captured_logs();
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
-        "[kafka]\nbootstrap_servers = \"127.0.0.1:1\"\n[feature_store]\nbackend = \"embedded\"\npath = \"{}/features.redb\"\n{}",
+        "[kafka]\nbootstrap_servers = \"127.0.0.1:1\"\n[feature_store]\nbackend = \"embedded\"\npath = \"{}/features.redb\"\n{MODELS}\n{}",
         dir.path().display(),
         http(dir.path())
     );
     let config = Config::from_toml_str(&toml).expect("valid config");
     let store = Arc::new(FeatureStore::open(&config.feature_store).await.unwrap());
-    let api = Arc::new(inferflow::app::api(
-        &config,
-        Arc::new(Recorder),
-        Some(Arc::clone(&store)),
-    ));
+    let models = build_manager(&config.providers, &config.models, &config.result_cache)
+        .await
+        .expect("models start");
+    let models = with_routes(&models, &config.routes).expect("routes");
+    let pipelines = Arc::new(PipelineManager::new(models));
+    let api = Arc::new(Api {
+        pipelines: Some(Arc::clone(&pipelines)),
+        ..inferflow::app::api(&config, Arc::new(Recorder), Some(Arc::clone(&store)))
+    });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let scheme = if config.http.tls.is_some() {
         "https"
@@ -202,6 +234,7 @@ async fn serve(http: impl FnOnce(&std::path::Path) -> String, ops: bool) -> Serv
         url,
         ops_url,
         store,
+        pipelines,
         _dir: dir,
         _stop: stop.drop_guard(),
     }
@@ -262,6 +295,13 @@ fn routes() -> Vec<Route> {
             path: "/v1/feature-groups/g/vectors/u1",
             body: None,
             scope: "features:read",
+        },
+        Route {
+            method: "POST",
+            template: "/v1/routes/{route}/drift/reference",
+            path: "/v1/routes/sentiment/drift/reference",
+            body: None,
+            scope: "models:admin",
         },
     ]
 }
@@ -834,4 +874,77 @@ mod tls {
         let answer = predict(&unmapped, url, None).await.unwrap();
         assert_eq!(answer.status(), 401);
     }
+}
+
+/// Sends `n` reviews through the routed `sentiment` model: `positive` of them praise, the
+/// others complain.
+async fn reviews(pipelines: &PipelineManager, n: usize, positive: usize) {
+    let batch = (0..n)
+        .map(|i| ExecRequest {
+            request_id: format!("r{i}"),
+            data: json!(if i < positive {
+                "great, I love it"
+            } else {
+                "terrible, I hate it"
+            }),
+            parameters: None,
+            entity: None,
+            tenant: None,
+        })
+        .collect();
+    let outcomes = pipelines.models().infer("sentiment", batch).await;
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+}
+
+/// `POST /v1/routes/{route}/drift/reference` makes the current window of the route's monitor
+/// its reference and says what it holds; 404 for a route that is not there or not watched.
+#[tokio::test]
+async fn the_drift_reference_route_takes_the_current_window() {
+    let served = serve(tokens_toml, false).await;
+    let http = reqwest::Client::new();
+    let post = |route: &str| {
+        http.post(format!("{}/v1/routes/{route}/drift/reference", served.url))
+            .bearer_auth(ALL)
+            .send()
+    };
+    for (route, why) in [
+        ("nope", "no route `nope`"),
+        ("plain", "route `plain` has no monitor"),
+    ] {
+        let response = post(route).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{route}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["kind"], "unknown_model", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(why), "{route}: {message}");
+    }
+    let references = |body: Value| -> Vec<(String, String, u64)> {
+        assert_eq!(body["route"], "sentiment", "{body}");
+        body["references"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["model"].as_str().unwrap().to_owned(),
+                    r["path"].as_str().unwrap().to_owned(),
+                    r["observations"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    // Nothing answered yet: nothing to take.
+    let response = post("sentiment").await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(references(response.json().await.unwrap()), []);
+    // 30 answers in the current window (the hour): the reference holds them.
+    reviews(&served.pipelines, 30, 20).await;
+    let response = post("sentiment").await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let label = |n| vec![("sentiment@1".to_owned(), "label".to_owned(), n)];
+    assert_eq!(references(response.json().await.unwrap()), label(30));
+    // Taken again later: the current window has grown.
+    reviews(&served.pipelines, 12, 0).await;
+    let response = post("sentiment").await.unwrap();
+    assert_eq!(references(response.json().await.unwrap()), label(42));
 }

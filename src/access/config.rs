@@ -44,6 +44,9 @@ pub enum Scope {
     /// Feature writes: `PUT /v1/features`.
     #[serde(rename = "features:write")]
     FeaturesWrite,
+    /// Model administration: `POST /v1/routes/{route}/drift/reference`.
+    #[serde(rename = "models:admin")]
+    ModelsAdmin,
 }
 
 impl Scope {
@@ -53,6 +56,7 @@ impl Scope {
             Scope::Predict => "predict",
             Scope::FeaturesRead => "features:read",
             Scope::FeaturesWrite => "features:write",
+            Scope::ModelsAdmin => "models:admin",
         }
     }
 }
@@ -207,7 +211,7 @@ impl HttpConfig {
         for (i, t) in self.tokens.iter().enumerate() {
             if t.tenant.is_some() && t.scopes.iter().any(|s| *s != Scope::Predict) {
                 out.push(format!(
-                    "http.tokens[{i}] (`{}`) is bound to a tenant and has a features scope: the feature store is shared by every tenant, so the feature routes refuse tenant-bound tokens (403)",
+                    "http.tokens[{i}] (`{}`) is bound to a tenant and has a features or models:admin scope: the feature store and the model routes are shared by every tenant, so their routes refuse tenant-bound tokens (403)",
                     t.name
                 ));
             }
@@ -221,7 +225,7 @@ fn check_grant(prefix: &str, scopes: &[Scope], tenant: Option<&str>, p: &mut Pro
     if scopes.is_empty() {
         p.push(
             format!("{prefix}.scopes"),
-            "is empty; name at least one of predict, features:read, features:write",
+            "is empty; name at least one of predict, features:read, features:write, models:admin",
         );
     }
     if tenant.is_some_and(|t| t.trim().is_empty()) {

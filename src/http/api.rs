@@ -9,7 +9,8 @@
 //! by `http.max_in_flight_requests`: beyond it the answer is 429 at once, never a queue.
 //!
 //! Each route needs a scope ([`routes`]): `predict` for the inference routes, `features:read`
-//! for the feature reads, `features:write` for the feature writes ([`super::auth`]). A
+//! for the feature reads, `features:write` for the feature writes, `models:admin` for
+//! `POST /v1/routes/{route}/drift/reference` ([`super::auth`]). A
 //! principal bound to a tenant acts for that tenant only ([`super::auth::bind_tenant`]).
 
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use crate::decode::{DecodeRules, Decoded, decode};
 use crate::executor::{ExecRequest, ExecResult, Executor};
 use crate::feature_store::FeatureStore;
 use crate::model::{ErrorBody, ErrorKind, InferenceResult, Target};
+use crate::pipeline::PipelineManager;
 use crate::processor::result_document;
 use crate::tracing_otel::{self as otel, Arrival, TraceHeaders};
 
@@ -48,6 +50,9 @@ pub struct Api {
     pub execute_timeout: Duration,
     /// `http.max_in_flight_requests` permits.
     pub permits: Arc<Semaphore>,
+    /// The pipelines, whose snapshot holds the current model manager and its routes (a reload
+    /// installs another), for the route administration; `None` answers 404 there.
+    pub pipelines: Option<Arc<PipelineManager>>,
 }
 
 /// The HTTP status for an error kind.
@@ -83,7 +88,7 @@ fn result_response(doc: InferenceResult) -> Response {
 
 /// The API routes, merged into the server's router, each group behind the scope it needs:
 /// `predict` for inference, `features:read` for the `GET` feature routes, `features:write`
-/// for `PUT /v1/features`.
+/// for `PUT /v1/features`, `models:admin` for the route administration.
 pub fn routes(api: Arc<Api>, access: Arc<Access>) -> Router {
     let gate = |scope| {
         axum::middleware::from_fn_with_state(
@@ -112,9 +117,13 @@ pub fn routes(api: Arc<Api>, access: Arc<Access>) -> Router {
             get(get_group_vector),
         )
         .route_layer(gate(Scope::FeaturesRead));
+    let admin_routes = Router::new()
+        .route("/v1/routes/{route}/drift/reference", post(rebase_reference))
+        .route_layer(gate(Scope::ModelsAdmin));
     predict_routes
         .merge(write_routes)
         .merge(read_routes)
+        .merge(admin_routes)
         .with_state(api)
 }
 
@@ -181,6 +190,38 @@ where
         });
     }
     response
+}
+
+/// `POST /v1/routes/{route}/drift/reference`: the current window of every version and output
+/// path of the route's monitor becomes its drift reference, frozen
+/// ([`crate::providers::manager::ModelManager::rebase_reference`]). Answers what each
+/// reference holds; 404 (`unknown_model`) for a route that does not exist or has no
+/// `monitor`.
+async fn rebase_reference(State(api): State<Arc<Api>>, Path(route): Path<String>) -> Response {
+    let models = api.pipelines.as_ref().map(|p| p.models());
+    let Some(models) = models else {
+        return error_response(ErrorBody::new(
+            ErrorKind::UnknownModel,
+            format!("no route `{route}`: this server has no models"),
+        ));
+    };
+    match models.rebase_reference(&route) {
+        Some(references) => (
+            StatusCode::OK,
+            Json(serde_json::json!({ "route": route, "references": references })),
+        )
+            .into_response(),
+        None => {
+            let why = if models.route(&route).is_some() {
+                format!(
+                    "route `{route}` has no monitor ([routes.{route}.monitor]): it keeps no drift reference"
+                )
+            } else {
+                format!("no route `{route}` ([routes] of the configuration)")
+            };
+            error_response(ErrorBody::new(ErrorKind::UnknownModel, why))
+        }
+    }
 }
 
 /// The body of `POST /v1/pipelines/{id}/execute`.

@@ -5,7 +5,7 @@
 //! verified client certificate whose subject CN `[[http.tls.clients]]` maps (a token, when
 //! sent, decides). No or an unknown token: 401 with `WWW-Authenticate: Bearer`; a principal
 //! without the scope, or bound to a tenant on the feature routes (the store is shared by every
-//! tenant): 403; over its `max_requests_per_second` or `max_in_flight`: 429 with
+//! tenant) or the model administration (so are the routes): 403; over its `max_requests_per_second` or `max_in_flight`: 429 with
 //! `Retry-After`. The principal goes on to the handler as an extension, which binds the
 //! request's tenant ([`bind_tenant`]). Only the principal's name is ever logged or answered;
 //! never the token.
@@ -128,9 +128,14 @@ pub async fn authorize(State(gate): State<Gate>, mut request: Request, next: Nex
     if gate.scope != Scope::Predict
         && let Some(tenant) = &principal.tenant
     {
-        tracing::debug!(principal = %principal.name, scope = %gate.scope, "HTTP request refused: tenant-bound principal on a feature route");
+        tracing::debug!(principal = %principal.name, scope = %gate.scope, "HTTP request refused: tenant-bound principal on a shared route");
+        let shared = if gate.scope == Scope::ModelsAdmin {
+            "the model routes are shared"
+        } else {
+            "the feature store is shared"
+        };
         return forbidden(format!(
-            "{} is bound to tenant `{tenant}`, and the feature store is shared by every tenant",
+            "{} is bound to tenant `{tenant}`, and {shared} by every tenant",
             principal.name
         ));
     }

@@ -12,7 +12,8 @@
 //!   quote it back;
 //! - a semaphore of `max_concurrency` permits, one per HTTP request in flight, held for one
 //!   attempt until its body has been read, not across retry sleeps (waiting calls hold no
-//!   capacity);
+//!   capacity); calls of a route's shadow versions take another `max_concurrency` of their own
+//!   ([`lane`](super::lane)), so a shadow never holds a permit the request path waits for;
 //! - the provider's [`RetryPolicy`], whose attempt limit, backoff and budget every call shares.
 //!
 //! With tracing on, every attempt carries `traceparent` (and `tracestate`) naming the model
@@ -43,8 +44,8 @@ use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::Semaphore;
 
+use super::lane::Permits;
 use super::retry::{RetryConfig, RetryPolicy, parse_retry_after};
 use super::{BuildError, ProviderError, sanitize_message};
 use crate::secret::Secret;
@@ -101,8 +102,8 @@ pub(crate) struct Endpoint {
     timeout: Duration,
     /// The connect timeout, reported when connecting is what timed out.
     connect_timeout: Duration,
-    /// One permit per HTTP request in flight.
-    permits: Semaphore,
+    /// One permit per HTTP request in flight, per lane.
+    permits: Permits,
     /// Kept for `Debug` only.
     max_concurrency: usize,
     /// Attempts, backoff and the budget shared by every call.
@@ -159,7 +160,7 @@ impl Endpoint {
             credential,
             timeout,
             connect_timeout,
-            permits: Semaphore::new(max_concurrency),
+            permits: Permits::new(max_concurrency, max_concurrency),
             max_concurrency,
             retry: RetryPolicy::new(settings.retry),
             error_format: settings.error_format,
@@ -201,13 +202,14 @@ impl Endpoint {
 
     /// One HTTP request, holding a concurrency permit until its body has been read.
     async fn attempt(&self, url: &str, body: Bytes) -> Result<Bytes, ProviderError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| ProviderError::Connection {
-                message: "the provider has been shut down".to_owned(),
-            })?;
+        let _permit =
+            self.permits
+                .current()
+                .acquire()
+                .await
+                .map_err(|_| ProviderError::Connection {
+                    message: "the provider has been shut down".to_owned(),
+                })?;
         let mut request = self
             .client
             .post(url)

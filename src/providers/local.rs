@@ -20,7 +20,9 @@
 //! **Running.** Inference never runs on the runtime's worker threads: each batch is one task
 //! on Tokio's blocking pool, and a semaphore of `max_concurrency` permits bounds how many run
 //! at once (by default the number of CPUs), so a burst of batches queues instead of
-//! oversubscribing the cores. An ONNX batch of N valid inputs is **one** model run on an
+//! oversubscribing the cores. Calls of a route's shadow versions have one permit of their own
+//! instead ([`lane`](super::lane)): one shadow batch runs at a time, beside the
+//! `max_concurrency` of the request path, and never holds a permit a primary batch waits for. An ONNX batch of N valid inputs is **one** model run on an
 //! `[N, features]` tensor; invalid inputs fail alone with [`ProviderError::InvalidInput`]
 //! (the wire's `invalid_request`), never a panic.
 //!
@@ -43,13 +45,16 @@ use std::sync::{Arc, RwLock};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use tokio::sync::Semaphore;
 use tract_onnx::prelude::{
     Framework, InferenceModelExt, Tensor, TypedModel, TypedRunnableModel, tvec,
 };
 
+use super::lane::Permits;
 use super::vader::Vader;
 use super::{BuildError, Provider, ProviderError, ProviderInput, ProviderOutput};
+
+/// Batches of shadow calls running at once, beside the request path's `max_concurrency`.
+const SHADOW_PERMITS: usize = 1;
 
 /// Settings of the local provider.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,7 +161,7 @@ struct Slot {
 /// The local provider. See the [module documentation](self).
 pub struct LocalProvider {
     slots: HashMap<String, Slot>,
-    permits: Arc<Semaphore>,
+    permits: Permits,
     max_concurrency: usize,
 }
 
@@ -211,7 +216,7 @@ impl LocalProvider {
             .collect();
         Ok(LocalProvider {
             slots,
-            permits: Arc::new(Semaphore::new(config.max_concurrency.get())),
+            permits: Permits::new(config.max_concurrency.get(), SHADOW_PERMITS),
             max_concurrency: config.max_concurrency.get(),
         })
     }
@@ -252,7 +257,7 @@ impl LocalProvider {
             return Ok(loaded);
         }
         let config = slot.config.clone();
-        let permit = Arc::clone(&self.permits)
+        let permit = Arc::clone(self.permits.current())
             .acquire_owned()
             .await
             .map_err(|_| local_error("the provider has been shut down"))?;
@@ -280,7 +285,7 @@ impl LocalProvider {
             .get(name)
             .map(|s| Arc::clone(&s.runs))
             .unwrap_or_default();
-        let permit = match Arc::clone(&self.permits).acquire_owned().await {
+        let permit = match Arc::clone(self.permits.current()).acquire_owned().await {
             Ok(permit) => permit,
             Err(_) => return vec![Err(local_error("the provider has been shut down")); n],
         };

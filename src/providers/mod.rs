@@ -47,6 +47,7 @@ pub mod cache;
 mod config;
 mod endpoint;
 pub mod huggingface;
+pub(crate) mod lane;
 pub mod local;
 pub mod manager;
 pub mod openai;

@@ -103,13 +103,26 @@ impl ModelManager {
                 Err(error) => vec![Err(ModelFailure::never(error)); requests.len()],
             },
             Routed::Split { n, groups, entry } => {
-                // The shadows get copies of the requests, so copy them before the call.
-                let copies: Option<Vec<ExecRequest>> = entry.lane.as_ref().map(|_| {
-                    groups
-                        .iter()
-                        .flat_map(|(_, _, requests)| requests.iter().cloned())
-                        .collect()
-                });
+                // The shadows get the requests: the primary's calls consume their inputs, so
+                // with a lane they run on copies of only what a call reads (data, parameters,
+                // tenant), and the requests move to the lane afterwards.
+                let mut copies: Option<Vec<ExecRequest>> = None;
+                let groups = match &entry.lane {
+                    None => groups,
+                    Some(_) => {
+                        let mut originals = Vec::with_capacity(n);
+                        let groups = groups
+                            .into_iter()
+                            .map(|(version_id, idx, requests)| {
+                                let inputs = requests.iter().map(call_input).collect();
+                                originals.extend(requests);
+                                (version_id, idx, inputs)
+                            })
+                            .collect();
+                        copies = Some(originals);
+                        groups
+                    }
+                };
                 let runs = groups
                     .into_iter()
                     .map(|(version_id, idx, requests)| async move {
@@ -126,20 +139,30 @@ impl ModelManager {
                     }
                 }
                 if let (Some(lane), Some(requests)) = (&entry.lane, copies) {
+                    let versions = done
+                        .iter()
+                        .map(|(version_id, _, _)| {
+                            version_id.rsplit('@').next().unwrap_or_default().to_owned()
+                        })
+                        .collect();
                     let primary = done
                         .iter()
-                        .flat_map(|(version_id, _, outcomes)| {
-                            let version = version_id.rsplit('@').next().unwrap_or_default();
+                        .enumerate()
+                        .flat_map(|(version, (_, _, outcomes))| {
                             outcomes.iter().map(move |o| {
                                 o.as_ref().ok().map(|out| PrimaryAnswer {
-                                    version: version.to_owned(),
+                                    version,
                                     output: out.output.clone(),
                                     latency_us: out.steps.first().map_or(0, |s| s.latency_us),
                                 })
                             })
                         })
                         .collect();
-                    lane.offer(ShadowJob { requests, primary });
+                    lane.offer(ShadowJob {
+                        requests,
+                        primary,
+                        versions,
+                    });
                 }
                 let mut slots: Vec<Option<ClassifiedResult>> = vec![None; n];
                 for (_, idx, outcomes) in done {
@@ -162,7 +185,8 @@ impl ModelManager {
         }
     }
 
-    /// Runs `requests` through `model`, each failure classified for retrying.
+    /// Runs `requests` through `model`, each failure classified for retrying. Only a
+    /// request's `data`, `parameters` and `tenant` are read.
     pub(super) async fn infer_classified(
         &self,
         model: &ResolvedModel,
@@ -262,6 +286,18 @@ impl ModelManager {
                 }
             })
             .collect()
+    }
+}
+
+/// What [`ModelManager::infer_classified`] reads of `request`, copied: its data, parameters
+/// and tenant.
+fn call_input(request: &ExecRequest) -> ExecRequest {
+    ExecRequest {
+        request_id: String::new(),
+        data: request.data.clone(),
+        parameters: request.parameters.clone(),
+        entity: None,
+        tenant: request.tenant.clone(),
     }
 }
 

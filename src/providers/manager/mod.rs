@@ -105,7 +105,7 @@ use super::ProviderError;
 
 pub use execute::{ClassifiedResult, ModelExecutor, ModelFailure, RetryAdvice};
 pub use guard::ProviderPolicy;
-pub use monitor::{MAX_LABELS, MonitorConfig, PSI_FLOOR, psi};
+pub use monitor::{MAX_LABELS, MonitorConfig, PSI_FLOOR, ReferenceWindow, psi};
 pub use registry::{ModelManager, ResolvedModel};
 pub use routing::{ROUTE_HASH_SEED, Route, RouteError, StickyKey};
 pub use shadow::{ShadowConfig, ShadowSink, agreement};

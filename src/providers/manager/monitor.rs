@@ -12,7 +12,9 @@
 //! - for each `scores` path, `inferflow_model_output_score{model, path}` (a histogram);
 //! - for every path, `inferflow_model_output_psi{model, path}`: the PSI between the
 //!   *reference* window (the first `reference_secs` after the route was installed, then frozen;
-//!   or frozen on demand with [`ModelManager::freeze_reference`]) and the *current* window (the
+//!   or frozen on demand with [`ModelManager::freeze_reference`]; or replaced by the current
+//!   window, frozen, with [`ModelManager::rebase_reference`], which
+//!   `POST /v1/routes/{route}/drift/reference` calls) and the *current* window (the
 //!   last `current_secs`, sliding in tenths). Labels are their own bins; scores fall into the
 //!   bins `score_bins` bounds (edges, ascending; below the first and above the last are bins
 //!   too).
@@ -25,6 +27,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use serde_json::Value;
 
 use super::registry::ModelManager;
@@ -126,8 +129,21 @@ impl Drift {
                 self.slices.push_back((now, counts));
             }
         }
+        let current = self.current(now, cfg);
+        // Only a frozen reference is compared: while it fills, the two windows overlap.
+        self.frozen
+            .then(|| psi(&self.reference, &current))
+            .flatten()
+    }
+
+    /// The counts of the current window at `now`: the slices of the last `cfg.current`.
+    fn current(&self, now: Instant, cfg: &MonitorConfig) -> Vec<u64> {
         let mut current: Vec<u64> = Vec::new();
-        for (_, counts) in &self.slices {
+        for (_, counts) in self
+            .slices
+            .iter()
+            .filter(|(at, _)| now.saturating_duration_since(*at) < cfg.current)
+        {
             for (i, c) in counts.iter().enumerate() {
                 if current.len() <= i {
                     current.resize(i + 1, 0);
@@ -135,10 +151,15 @@ impl Drift {
                 current[i] += c;
             }
         }
-        // Only a frozen reference is compared: while it fills, the two windows overlap.
-        self.frozen
-            .then(|| psi(&self.reference, &current))
-            .flatten()
+        current
+    }
+
+    /// Makes the current window at `now` the reference, frozen; returns the PSI of the
+    /// current window against it (0, or `None` without observations).
+    fn rebase(&mut self, now: Instant, cfg: &MonitorConfig) -> Option<f64> {
+        self.reference = self.current(now, cfg);
+        self.frozen = true;
+        psi(&self.reference, &self.reference)
     }
 }
 
@@ -170,6 +191,29 @@ impl Monitor {
             started: Instant::now(),
             state: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Makes each version's and path's current window its reference, frozen, and sets the
+    /// PSI gauges accordingly; what each reference holds now, sorted by model and path.
+    pub(super) fn rebase(&self) -> Vec<ReferenceWindow> {
+        let now = Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<ReferenceWindow> = state
+            .iter_mut()
+            .map(|((model, path), s)| {
+                if let Some(psi) = s.drift.rebase(now, &self.config) {
+                    metrics::gauge!(MODEL_OUTPUT_PSI, "model" => model.clone(), "path" => path.clone())
+                        .set(psi);
+                }
+                ReferenceWindow {
+                    model: model.clone(),
+                    path: path.clone(),
+                    observations: s.drift.reference.iter().sum(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.model, &a.path).cmp(&(&b.model, &b.path)));
+        out
     }
 
     /// Freezes every reference window now (those still filling).
@@ -274,7 +318,29 @@ fn is_empty(v: &Value) -> bool {
     }
 }
 
+/// One version's and path's drift reference, as [`ModelManager::rebase_reference`] left it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReferenceWindow {
+    /// The version, `name@version`.
+    pub model: String,
+    /// The output path.
+    pub path: String,
+    /// Outputs the reference counts.
+    pub observations: u64,
+}
+
 impl ModelManager {
+    /// Makes the current window of every version and path of `name`'s route monitor its
+    /// reference, frozen (see [`MonitorConfig`]): from here on the PSI compares the current
+    /// window with what it held now, and is 0 at once. What each reference holds, or `None`
+    /// when `name` has no monitored route. Paths not observed yet start their reference
+    /// window as usual.
+    pub fn rebase_reference(&self, name: &str) -> Option<Vec<ReferenceWindow>> {
+        let table = self.route_table();
+        let monitor = table.get(name)?.monitor.as_ref()?;
+        Some(monitor.rebase())
+    }
+
     /// Freezes the reference windows of `name`'s route monitor now (see [`MonitorConfig`]):
     /// from here on its PSI compares the current window with what was seen so far. False
     /// when `name` has no monitored route.
@@ -346,5 +412,42 @@ mod tests {
         }
         let shifted = last.unwrap();
         assert!(shifted > 0.25, "shifted PSI {shifted}");
+    }
+
+    #[test]
+    fn a_rebased_reference_is_the_current_window() {
+        let cfg = MonitorConfig {
+            labels: vec![],
+            scores: vec![],
+            score_bins: vec![],
+            reference: Duration::from_secs(3600),
+            current: Duration::from_secs(10),
+        };
+        let t0 = Instant::now();
+        let mut d = Drift::new();
+        // 20 s of bin 0, then 10 s of bins 1 and 2: the current window holds only the latter.
+        for i in 0..200u64 {
+            assert_eq!(
+                d.observe(0, t0 + Duration::from_millis(i * 100), t0, &cfg),
+                None
+            );
+        }
+        for i in 0..100u64 {
+            let bin = 1 + (i % 2) as usize;
+            d.observe(bin, t0 + Duration::from_millis(20_000 + i * 100), t0, &cfg);
+        }
+        // Just before the first slice of bins 1 and 2 leaves the window (slices of 1 s).
+        let now = t0 + Duration::from_millis(29_950);
+        assert_eq!(d.rebase(now, &cfg), Some(0.0));
+        assert_eq!(d.reference.iter().sum::<u64>(), 100, "{:?}", d.reference);
+        assert_eq!(d.reference.first(), Some(&0), "bin 0 left the window");
+        // The same mix stays near 0; all in bin 0 again is a large shift.
+        let same = d.observe(1, now, t0, &cfg).unwrap();
+        assert!(same < 0.01, "{same}");
+        let mut last = None;
+        for i in 0..100u64 {
+            last = d.observe(0, now + Duration::from_millis(i * 100), t0, &cfg);
+        }
+        assert!(last.unwrap() > 0.25, "{last:?}");
     }
 }

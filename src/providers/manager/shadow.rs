@@ -14,27 +14,35 @@
 //! comparison document to the [`ShadowSink`] (the service's sink produces it to
 //! `topics.shadow_results`, keyed by the request id).
 //!
-//! The primary's result never depends on a shadow: the copy is taken after the primary
+//! The primary's result never depends on a shadow: the lane gets the batch after the primary
 //! answered, the queue never blocks, and the shadow task holds no permit, no execute timeout
-//! and no lock the primary needs. A shadow version's provider is also left out of
+//! and no lock the primary needs: its provider calls take the providers' shadow permits
+//! ([`lane`]), never the request path's. Each comparison is serialised straight from the
+//! lane's values ([`Comparison`]), the comparisons of a batch into one reused buffer, and the
+//! outcomes are counted once per batch. A shadow version's provider is also left out of
 //! [`ModelManager::hold`] when only shadows use it, so its open breaker does not pause the
 //! stream.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::registry::ModelManager;
 use crate::executor::ExecRequest;
 use crate::metrics::SHADOW_REQUESTS_TOTAL;
+use crate::providers::lane;
 
 /// Where shadow comparisons go. [`publish`](Self::publish) must not block; it may drop (and
 /// should count what it drops).
 pub trait ShadowSink: Send + Sync + 'static {
-    /// One comparison, keyed by `request_id`.
-    fn publish(&self, request_id: &str, comparison: &Value);
+    /// One comparison: `comparison` is a `shadow_result.v1` JSON document
+    /// (`schemas/shadow_result.v1.json`) of the shadow version `shadow` (`name@version`, to
+    /// count what is dropped), keyed by `request_id`. The bytes are borrowed from a buffer
+    /// the lane reuses: copy what is kept.
+    fn publish(&self, request_id: &str, shadow: &str, comparison: &[u8]);
 }
 
 /// The shadows of a route and how their answers are compared.
@@ -66,18 +74,22 @@ impl ShadowConfig {
     }
 }
 
-/// What the primary answered for one request.
+/// What the primary answered for one request: the version (an index into
+/// [`ShadowJob::versions`]), the output, the call's latency.
 pub(super) struct PrimaryAnswer {
-    pub(super) version: String,
+    pub(super) version: usize,
     pub(super) output: Value,
     pub(super) latency_us: u64,
 }
 
 /// A batch for the shadows: requests and, per request, the primary's answer when it
-/// succeeded.
+/// succeeded. The requests are moved to the lane; only their inputs were copied, before the
+/// primary's call consumed its own.
 pub(super) struct ShadowJob {
     pub(super) requests: Vec<ExecRequest>,
     pub(super) primary: Vec<Option<PrimaryAnswer>>,
+    /// The primary versions that answered the batch (`1`, not `sentiment@1`).
+    pub(super) versions: Vec<String>,
 }
 
 /// A route's queue to its shadow task. Dropping it (with the route table that holds it) ends
@@ -125,6 +137,61 @@ impl ShadowLane {
     }
 }
 
+/// One comparison as it is produced (`schemas/shadow_result.v1.json`), serialised straight
+/// from the lane's borrowed values.
+#[derive(Serialize)]
+struct Comparison<'a> {
+    request_id: &'a str,
+    model: &'a str,
+    primary: Answer<'a>,
+    shadow: Answer<'a>,
+    compare_path: Option<&'a str>,
+    agreement: Option<bool>,
+}
+
+/// One side of a [`Comparison`].
+#[derive(Serialize)]
+struct Answer<'a> {
+    version: &'a str,
+    output: &'a Value,
+    latency_us: u64,
+}
+
+/// The outcomes of one shadow version over one batch, counted once per batch.
+#[derive(Default)]
+struct Tally {
+    agreed: u64,
+    disagreed: u64,
+    incomparable: u64,
+    error: u64,
+    timeout: u64,
+}
+
+impl Tally {
+    fn add(&mut self, agreed: Option<bool>) {
+        match agreed {
+            Some(true) => self.agreed += 1,
+            Some(false) => self.disagreed += 1,
+            None => self.incomparable += 1,
+        }
+    }
+
+    fn record(&self, id: &str) {
+        for (outcome, n) in [
+            ("agreed", self.agreed),
+            ("disagreed", self.disagreed),
+            ("incomparable", self.incomparable),
+            ("error", self.error),
+            ("timeout", self.timeout),
+        ] {
+            if n > 0 {
+                metrics::counter!(SHADOW_REQUESTS_TOTAL, "model" => id.to_owned(), "outcome" => outcome)
+                    .increment(n);
+            }
+        }
+    }
+}
+
 async fn run(
     name: String,
     config: ShadowConfig,
@@ -132,41 +199,72 @@ async fn run(
     sink: Option<Arc<dyn ShadowSink>>,
     mut rx: mpsc::Receiver<ShadowJob>,
 ) {
-    while let Some(job) = rx.recv().await {
-        for version in &config.versions {
-            let id = format!("{name}@{version}");
-            let count = |outcome: &'static str, n: usize| {
-                metrics::counter!(SHADOW_REQUESTS_TOTAL, "model" => id.clone(), "outcome" => outcome)
-                    .increment(n as u64);
-            };
+    let ids: Vec<String> = config
+        .versions
+        .iter()
+        .map(|v| format!("{name}@{v}"))
+        .collect();
+    // The comparisons of one batch and version, serialised one after the other; reused.
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut ends: Vec<(usize, usize)> = Vec::new();
+    while let Some(mut job) = rx.recv().await {
+        let last = config.versions.len().saturating_sub(1);
+        for (v, (version, id)) in config.versions.iter().zip(&ids).enumerate() {
+            let mut tally = Tally::default();
             // Requests the primary answered, by another version than this shadow.
             let picks: Vec<usize> = (0..job.requests.len())
                 .filter(|&i| {
                     job.primary
                         .get(i)
                         .and_then(Option::as_ref)
-                        .is_some_and(|p| p.version != *version)
+                        .and_then(|p| job.versions.get(p.version))
+                        .is_some_and(|p| p != version)
                 })
                 .collect();
             if picks.is_empty() {
                 continue;
             }
-            let Ok(model) = manager.resolve(&id) else {
-                count("error", picks.len());
+            let Ok(model) = manager.resolve(id) else {
+                tally.error = picks.len() as u64;
+                tally.record(id);
                 continue;
             };
-            let requests: Vec<ExecRequest> =
-                picks.iter().map(|&i| job.requests[i].clone()).collect();
+            // The shadow's inputs: the last version takes them, the others copy them. The
+            // request ids stay for the comparisons (the call does not read them).
+            let requests: Vec<ExecRequest> = picks
+                .iter()
+                .map(|&i| {
+                    let r = &mut job.requests[i];
+                    if v == last {
+                        ExecRequest {
+                            request_id: String::new(),
+                            data: r.data.take(),
+                            parameters: r.parameters.take(),
+                            entity: r.entity.take(),
+                            tenant: r.tenant.take(),
+                        }
+                    } else {
+                        ExecRequest {
+                            request_id: String::new(),
+                            ..r.clone()
+                        }
+                    }
+                })
+                .collect();
             let started = Instant::now();
-            let call = manager.infer_classified(&model, requests);
+            // On the providers' shadow permits (`lane`), never the request path's.
+            let call = lane::shadow(manager.infer_classified(&model, requests));
             let Ok(outcomes) = tokio::time::timeout(config.timeout, call).await else {
-                count("timeout", picks.len());
+                tally.timeout = picks.len() as u64;
+                tally.record(id);
                 continue;
             };
             let latency_us = started.elapsed().as_micros() as u64;
+            buffer.clear();
+            ends.clear();
             for (&i, outcome) in picks.iter().zip(outcomes) {
                 let (Some(primary), Ok(shadow)) = (&job.primary[i], outcome) else {
-                    count("error", 1);
+                    tally.error += 1;
                     continue;
                 };
                 let agreed = agreement(
@@ -175,33 +273,42 @@ async fn run(
                     config.compare_path.as_deref(),
                     config.tolerance,
                 );
-                count(
-                    match agreed {
-                        Some(true) => "agreed",
-                        Some(false) => "disagreed",
-                        None => "incomparable",
-                    },
-                    1,
-                );
-                if let Some(sink) = &sink {
-                    let request_id = &job.requests[i].request_id;
-                    let doc = json!({
-                        "request_id": request_id,
-                        "model": name,
-                        "primary": {
-                            "version": primary.version,
-                            "output": primary.output,
-                            "latency_us": primary.latency_us,
+                tally.add(agreed);
+                if sink.is_some() {
+                    let comparison = Comparison {
+                        request_id: &job.requests[i].request_id,
+                        model: &name,
+                        primary: Answer {
+                            version: job.versions.get(primary.version).map_or("", String::as_str),
+                            output: &primary.output,
+                            latency_us: primary.latency_us,
                         },
-                        "shadow": {
-                            "version": version,
-                            "output": shadow.output,
-                            "latency_us": latency_us,
+                        shadow: Answer {
+                            version,
+                            output: &shadow.output,
+                            latency_us,
                         },
-                        "compare_path": config.compare_path,
-                        "agreement": agreed,
-                    });
-                    sink.publish(request_id, &doc);
+                        compare_path: config.compare_path.as_deref(),
+                        agreement: agreed,
+                    };
+                    let start = buffer.len();
+                    // Serialising a `Value` into memory cannot fail; if it ever did, the
+                    // comparison is counted as not produced.
+                    if serde_json::to_writer(&mut buffer, &comparison).is_ok() {
+                        ends.push((i, buffer.len()));
+                    } else {
+                        buffer.truncate(start);
+                        metrics::counter!(SHADOW_REQUESTS_TOTAL, "model" => id.clone(), "outcome" => "unpublished")
+                            .increment(1);
+                    }
+                }
+            }
+            tally.record(id);
+            if let Some(sink) = &sink {
+                let mut start = 0;
+                for &(i, end) in &ends {
+                    sink.publish(&job.requests[i].request_id, id, &buffer[start..end]);
+                    start = end;
                 }
             }
         }
@@ -239,6 +346,7 @@ pub(crate) fn lookup<'v>(value: &'v Value, path: &str) -> Option<&'v Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn agreement_compares_labels_and_numbers_within_the_tolerance() {
