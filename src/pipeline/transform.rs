@@ -223,16 +223,16 @@ impl TransformContext<'_> {
 
     /// The value at a context path (`data.text`, `features.profile.segment`, `entity.id`).
     pub fn lookup(&self, data: &Value, path: &JsonPath) -> Option<Value> {
-        let tail = path.tail();
+        // The path after its root is read in place (`get_after`), never built as a new path.
         let root: Value = match path.first_key()? {
-            "data" => return tail.get(data).cloned(),
-            "input" => return tail.get(self.input).cloned(),
+            "data" => return path.get_after(1, data).cloned(),
+            "input" => return path.get_after(1, self.input).cloned(),
             "features" => {
-                return if tail.is_root() {
+                return if path.depth() == 1 {
                     Some(Value::Object(self.features.clone()))
                 } else {
-                    let first = tail.first_key()?;
-                    tail.tail().get(self.features.get(first)?).cloned()
+                    let first = path.key_at(1)?;
+                    path.get_after(2, self.features.get(first)?).cloned()
                 };
             }
             "parameters" => Value::Object(self.parameters.cloned().unwrap_or_default()),
@@ -242,7 +242,7 @@ impl TransformContext<'_> {
             "request_id" => Value::String(self.request_id.into()),
             _ => return None,
         };
-        tail.get(&root).cloned()
+        path.get_after(1, &root).cloned()
     }
 }
 

@@ -39,13 +39,15 @@
 //! the reference itself never applies.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 /// The hasher of the lexicon tables: foldhash, several times faster than std's SipHash on
 /// short words, with a per-process random seed. The keys are the lexicon's own (nobody else
 /// inserts any), so SipHash's resistance to chosen-key flooding buys nothing here.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// A set with the same hasher.
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 /// The lexicon file's name in a VADER model directory.
 pub const LEXICON_FILE: &str = "vader_lexicon.txt";
@@ -303,6 +305,12 @@ pub struct Vader {
     boosters: FastMap<&'static str, f64>,
     /// The boosters of several words ("kind of"), for phrase lookups.
     phrase_boosters: Vec<(&'static str, f64)>,
+    /// Every word of an idiom or of a booster of several words: a phrase can only match
+    /// words around a token when one of them is in here, so most tokens skip the phrase
+    /// comparisons.
+    phrase_words: FastSet<&'static str>,
+    /// [`NEGATIONS`], for lookups.
+    negations: FastSet<&'static str>,
 }
 
 impl Vader {
@@ -365,12 +373,21 @@ impl Vader {
             .filter(|(w, _)| w.contains(' '))
             .map(|(w, v)| (*w, *v))
             .collect();
+        let phrase_words = IDIOMS
+            .iter()
+            .map(|(p, _)| *p)
+            .chain(BOOSTERS_DOWN.iter().chain(BOOSTERS_UP).copied())
+            .filter(|p| p.contains(' '))
+            .flat_map(|p| p.split(' '))
+            .collect();
         Ok(Vader {
             lexicon: words,
             emoji: emojis,
             emoji_ascii_free,
             boosters,
             phrase_boosters,
+            phrase_words,
+            negations: NEGATIONS.iter().copied().collect(),
         })
     }
 
@@ -485,7 +502,7 @@ impl Vader {
                 _ => 1.0,
             };
             valence += scalar;
-            valence = negation(valence, lower, i, distance);
+            valence = negation(&self.negations, valence, lower, i, distance);
             if distance == 3 {
                 valence = self.idioms(valence, lower, i);
             }
@@ -496,6 +513,14 @@ impl Vader {
     /// Idioms around token `i` (called only when `i >= 3`), and two-word dampeners
     /// ("kind of") before it. Phrases are compared word by word, without joining them.
     fn idioms(&self, mut valence: f64, lower: &[Cow<'_, str>], i: usize) -> f64 {
+        // Every phrase below is compared with words in `i - 3 ..= i + 2`: when none of them
+        // is a word of any phrase, nothing can match. (Single-word idioms such as "badass"
+        // are only ever compared as phrases of two or three words, so they never match,
+        // with or without this check.)
+        let window = &lower[i - 3..lower.len().min(i + 3)];
+        if !window.iter().any(|w| self.phrase_words.contains(&**w)) {
+            return valence;
+        }
         let before = [i - 1..i + 1, i - 2..i + 1, i - 2..i, i - 3..i, i - 3..i - 1];
         let idiom = |range: std::ops::Range<usize>| {
             let words = &lower[range];
@@ -577,8 +602,15 @@ fn lowercase(word: &str) -> Cow<'_, str> {
 }
 
 /// The negation rule for the word `distance` tokens before token `i`.
-fn negation(valence: f64, lower: &[Cow<'_, str>], i: usize, distance: usize) -> f64 {
+fn negation(
+    negations: &FastSet<&str>,
+    valence: f64,
+    lower: &[Cow<'_, str>],
+    i: usize,
+    distance: usize,
+) -> f64 {
     let at = |k: usize| -> &str { &lower[i - k] };
+    let is_negation = |word: &str| is_negation(negations, word);
     match distance {
         1 if is_negation(at(1)) => valence * NEGATION,
         2 if at(2) == "never" && matches!(at(1), "so" | "this") => valence * 1.25,
@@ -596,8 +628,9 @@ fn negation(valence: f64, lower: &[Cow<'_, str>], i: usize, distance: usize) -> 
     }
 }
 
-fn is_negation(word: &str) -> bool {
-    NEGATIONS.contains(&word) || word.contains("n't")
+/// A word of [`NEGATIONS`] (looked up in `negations`, the same words), or one with `n't`.
+fn is_negation(negations: &FastSet<&str>, word: &str) -> bool {
+    negations.contains(word) || (word.as_bytes().contains(&b'\'') && word.contains("n't"))
 }
 
 /// Python's `str.isupper`: at least one cased character, and no lower-case one.
