@@ -316,32 +316,45 @@ impl TextOp {
                 if unchanged {
                     return s;
                 }
+                // Runs of other characters are copied whole; each run of whitespace becomes
+                // one ' '.
                 let mut out = String::with_capacity(s.len());
                 let mut in_space = false;
-                for c in s.chars() {
+                let mut start = 0;
+                for (i, c) in s.char_indices() {
                     if c.is_whitespace() {
                         if !in_space {
+                            out.push_str(&s[start..i]);
                             out.push(' ');
                         }
                         in_space = true;
+                        start = i + c.len_utf8();
                     } else {
-                        out.push(c);
                         in_space = false;
                     }
                 }
+                out.push_str(&s[start..]);
                 out
             }
             TextOp::StripControl => {
                 if !s.chars().any(char::is_control) {
                     return s;
                 }
-                s.chars()
-                    .filter_map(|c| match c {
-                        '\n' | '\r' | '\t' => Some(' '),
-                        c if c.is_control() => None,
-                        c => Some(c),
-                    })
-                    .collect()
+                // Runs of other characters are copied whole; a line break or tab becomes a
+                // space, any other control character goes.
+                let mut out = String::with_capacity(s.len());
+                let mut start = 0;
+                for (i, c) in s.char_indices() {
+                    if c.is_control() {
+                        out.push_str(&s[start..i]);
+                        if matches!(c, '\n' | '\r' | '\t') {
+                            out.push(' ');
+                        }
+                        start = i + c.len_utf8();
+                    }
+                }
+                out.push_str(&s[start..]);
+                out
             }
             TextOp::Truncate(n) => {
                 let mut s = s;
@@ -721,6 +734,55 @@ mod tests {
         let input = json!({"text": "orig"});
         t.apply(data, &ctx(&input, &features))
             .map_err(|e| e.message)
+    }
+
+    /// The run-copying `strip_control` and `collapse_whitespace` give what the character by
+    /// character versions they replaced gave, multi-byte characters and edges included.
+    #[test]
+    fn text_ops_copy_runs_as_char_by_char_would() {
+        let strip = |s: &str| -> String {
+            s.chars()
+                .filter_map(|c| match c {
+                    '\n' | '\r' | '\t' => Some(' '),
+                    c if c.is_control() => None,
+                    c => Some(c),
+                })
+                .collect()
+        };
+        let collapse = |s: &str| -> String {
+            let mut out = String::new();
+            let mut in_space = false;
+            for c in s.chars() {
+                if c.is_whitespace() {
+                    if !in_space {
+                        out.push(' ');
+                    }
+                    in_space = true;
+                } else {
+                    out.push(c);
+                    in_space = false;
+                }
+            }
+            out
+        };
+        for s in [
+            "",
+            "a",
+            "\t",
+            "é\u{7}ü\n\r\tx",
+            "\u{1}\u{1}start and end\u{7f}",
+            "  a \u{3000}\u{a0} b  ",
+            "x\u{85}y\u{2028}z",
+            "日本\t\t語\u{1}",
+            "plain text, nothing to do",
+        ] {
+            assert_eq!(TextOp::StripControl.apply(s.to_owned()), strip(s), "{s:?}");
+            assert_eq!(
+                TextOp::CollapseWhitespace.apply(s.to_owned()),
+                collapse(s),
+                "{s:?}"
+            );
+        }
     }
 
     #[test]

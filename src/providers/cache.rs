@@ -354,14 +354,22 @@ fn bump(counter: &AtomicU64) {
 
 /// Counts a lookup in the cache's own counters and in the exported metric.
 fn count(counter: &AtomicU64, status: CacheStatus) {
-    bump(counter);
+    count_n(counter, status, 1);
+}
+
+/// Counts `n` lookups of one outcome (a batch's, at once: one metric update, not `n`).
+fn count_n(counter: &AtomicU64, status: CacheStatus, n: u64) {
+    if n == 0 {
+        return;
+    }
+    counter.fetch_add(n, Ordering::Relaxed);
     let outcome = match status {
         CacheStatus::Hit => "hit",
         CacheStatus::Miss => "miss",
         CacheStatus::Coalesced => "coalesced",
         CacheStatus::Bypassed => "bypassed",
     };
-    metrics::counter!(crate::metrics::CACHE_LOOKUPS_TOTAL, "outcome" => outcome).increment(1);
+    metrics::counter!(crate::metrics::CACHE_LOOKUPS_TOTAL, "outcome" => outcome).increment(n);
 }
 
 /// The inference result cache. Cheap to clone; clones share entries and counters.
@@ -487,9 +495,10 @@ impl ResultCache {
         let mut distinct: std::collections::HashMap<&CacheKey, usize, KeyHashing> =
             std::collections::HashMap::with_capacity_and_hasher(keys.len(), KeyHashing);
         let mut to_compute: Vec<usize> = Vec::new();
+        let mut hits = 0;
         for (i, key) in keys.iter().enumerate() {
             if let Some(cached) = self.cache.get(key).await {
-                count(&self.counters.hits, CacheStatus::Hit);
+                hits += 1;
                 answers.push(Some((Ok(cached.output.clone()), CacheStatus::Hit)));
                 continue;
             }
@@ -501,6 +510,7 @@ impl ResultCache {
             }
             slot_of[i] = Some(slot);
         }
+        count_n(&self.counters.hits, CacheStatus::Hit, hits);
         if to_compute.is_empty() {
             return answers.into_iter().flatten().collect();
         }
@@ -537,6 +547,10 @@ impl ResultCache {
                 self.cache.insert(key, Arc::clone(cached)).await;
             }
         }
+        let misses = to_compute.len() as u64;
+        let coalesced = slot_of.iter().flatten().count() as u64 - misses;
+        count_n(&self.counters.misses, CacheStatus::Miss, misses);
+        count_n(&self.counters.coalesced, CacheStatus::Coalesced, coalesced);
         answers
             .into_iter()
             .zip(slot_of)
@@ -545,10 +559,8 @@ impl ResultCache {
                 (Some(answer), _) => answer,
                 (None, Some(slot)) => {
                     let status = if to_compute[slot] == i {
-                        count(&self.counters.misses, CacheStatus::Miss);
                         CacheStatus::Miss
                     } else {
-                        count(&self.counters.coalesced, CacheStatus::Coalesced);
                         CacheStatus::Coalesced
                     };
                     let outcome = match &computed[slot] {

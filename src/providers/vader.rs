@@ -303,12 +303,10 @@ pub struct Vader {
     /// ASCII text then needs no emoji lookup at all.
     emoji_ascii_free: bool,
     boosters: FastMap<&'static str, f64>,
-    /// The boosters of several words ("kind of"), for phrase lookups.
-    phrase_boosters: Vec<(&'static str, f64)>,
-    /// Every word of an idiom or of a booster of several words: a phrase can only match
-    /// words around a token when one of them is in here, so most tokens skip the phrase
-    /// comparisons.
-    phrase_words: FastSet<&'static str>,
+    /// The boosters of several words ("kind of"), by their first word, for phrase lookups.
+    phrase_boosters: FastMap<&'static str, Vec<(&'static str, f64)>>,
+    /// [`IDIOMS`], by their first word (in [`IDIOMS`]' order under each).
+    idioms: FastMap<&'static str, Vec<(&'static str, f64)>>,
     /// [`NEGATIONS`], for lookups.
     negations: FastSet<&'static str>,
 }
@@ -368,25 +366,33 @@ impl Vader {
             .collect();
         let emoji_ascii_free = emojis.keys().all(|c| !c.is_ascii());
         let boosters: FastMap<&'static str, f64> = boosters;
-        let phrase_boosters = boosters
+        let mut phrase_boosters: FastMap<&'static str, Vec<(&'static str, f64)>> =
+            FastMap::default();
+        for (phrase, v) in BOOSTERS_UP
             .iter()
+            .map(|w| (*w, BOOST))
+            .chain(BOOSTERS_DOWN.iter().map(|w| (*w, -BOOST)))
             .filter(|(w, _)| w.contains(' '))
-            .map(|(w, v)| (*w, *v))
-            .collect();
-        let phrase_words = IDIOMS
-            .iter()
-            .map(|(p, _)| *p)
-            .chain(BOOSTERS_DOWN.iter().chain(BOOSTERS_UP).copied())
-            .filter(|p| p.contains(' '))
-            .flat_map(|p| p.split(' '))
-            .collect();
+        {
+            phrase_boosters
+                .entry(first_word(phrase))
+                .or_default()
+                .push((phrase, v));
+        }
+        let mut idioms: FastMap<&'static str, Vec<(&'static str, f64)>> = FastMap::default();
+        for &(phrase, v) in IDIOMS {
+            idioms
+                .entry(first_word(phrase))
+                .or_default()
+                .push((phrase, v));
+        }
         Ok(Vader {
             lexicon: words,
             emoji: emojis,
             emoji_ascii_free,
             boosters,
             phrase_boosters,
-            phrase_words,
+            idioms,
             negations: NEGATIONS.iter().copied().collect(),
         })
     }
@@ -513,18 +519,20 @@ impl Vader {
     /// Idioms around token `i` (called only when `i >= 3`), and two-word dampeners
     /// ("kind of") before it. Phrases are compared word by word, without joining them.
     fn idioms(&self, mut valence: f64, lower: &[Cow<'_, str>], i: usize) -> f64 {
-        // Every phrase below is compared with words in `i - 3 ..= i + 2`: when none of them
-        // is a word of any phrase, nothing can match. (Single-word idioms such as "badass"
-        // are only ever compared as phrases of two or three words, so they never match,
-        // with or without this check.)
-        let window = &lower[i - 3..lower.len().min(i + 3)];
-        if !window.iter().any(|w| self.phrase_words.contains(&**w)) {
+        // Every phrase below starts at a word in `i - 3 ..= i`: when none of those words
+        // starts an idiom or a booster phrase, nothing can match.
+        let starts = |w: &Cow<'_, str>| {
+            self.idioms.contains_key(&**w) || self.phrase_boosters.contains_key(&**w)
+        };
+        if !lower[i - 3..=i].iter().any(starts) {
             return valence;
         }
         let before = [i - 1..i + 1, i - 2..i + 1, i - 2..i, i - 3..i, i - 3..i - 1];
+        // The idioms starting with the range's first word are the only ones it can be.
         let idiom = |range: std::ops::Range<usize>| {
             let words = &lower[range];
-            IDIOMS
+            self.idioms
+                .get(&**words.first()?)?
                 .iter()
                 .find(|(p, _)| phrase_is(p, words))
                 .map(|(_, v)| *v)
@@ -554,11 +562,13 @@ impl Vader {
     fn phrase_booster(&self, words: &[Cow<'_, str>]) -> Option<f64> {
         match words {
             [word] => self.boosters.get(&**word).copied(),
-            _ => self
+            [first, ..] => self
                 .phrase_boosters
+                .get(&**first)?
                 .iter()
                 .find(|(p, _)| phrase_is(p, words))
                 .map(|(_, v)| *v),
+            [] => None,
         }
     }
 
@@ -573,6 +583,11 @@ impl Vader {
             valence * NEGATION
         }
     }
+}
+
+/// The phrase's first word.
+fn first_word(phrase: &'static str) -> &'static str {
+    phrase.split(' ').next().unwrap_or(phrase)
 }
 
 /// True when `phrase` is `words` joined by single spaces. Tokens never contain a space (they
