@@ -278,6 +278,10 @@ impl TextOp {
     /// something changes.
     fn apply(self, s: String) -> String {
         match self {
+            // ASCII text is in every normal form, and a text of at most `n` bytes has at most
+            // `n` characters: both are answered without looking at the characters.
+            TextOp::Normalize(_) if s.is_ascii() => s,
+            TextOp::Truncate(n) if s.len() <= n => s,
             TextOp::Trim => {
                 let trimmed = s.trim();
                 if trimmed.len() == s.len() {
@@ -783,6 +787,13 @@ mod tests {
                 "{s:?}"
             );
         }
+        // The shortcuts: ASCII is already normal; no more bytes than `n` is within `n`.
+        let nfkc = TextOp::Normalize(NormalForm::Nfkc);
+        assert_eq!(nfkc.apply("plain ASCII ~".into()), "plain ASCII ~");
+        assert_eq!(nfkc.apply("ﬁ Ｈ".into()), "fi H");
+        assert_eq!(TextOp::Truncate(5).apply("hello".into()), "hello");
+        assert_eq!(TextOp::Truncate(5).apply("héllo".into()), "héllo");
+        assert_eq!(TextOp::Truncate(4).apply("héllo".into()), "héll");
     }
 
     #[test]
