@@ -740,62 +740,6 @@ mod tests {
             .map_err(|e| e.message)
     }
 
-    /// The run-copying `strip_control` and `collapse_whitespace` give what the character by
-    /// character versions they replaced gave, multi-byte characters and edges included.
-    #[test]
-    fn text_ops_copy_runs_as_char_by_char_would() {
-        let strip = |s: &str| -> String {
-            s.chars()
-                .filter_map(|c| match c {
-                    '\n' | '\r' | '\t' => Some(' '),
-                    c if c.is_control() => None,
-                    c => Some(c),
-                })
-                .collect()
-        };
-        let collapse = |s: &str| -> String {
-            let mut out = String::new();
-            let mut in_space = false;
-            for c in s.chars() {
-                if c.is_whitespace() {
-                    if !in_space {
-                        out.push(' ');
-                    }
-                    in_space = true;
-                } else {
-                    out.push(c);
-                    in_space = false;
-                }
-            }
-            out
-        };
-        for s in [
-            "",
-            "a",
-            "\t",
-            "é\u{7}ü\n\r\tx",
-            "\u{1}\u{1}start and end\u{7f}",
-            "  a \u{3000}\u{a0} b  ",
-            "x\u{85}y\u{2028}z",
-            "日本\t\t語\u{1}",
-            "plain text, nothing to do",
-        ] {
-            assert_eq!(TextOp::StripControl.apply(s.to_owned()), strip(s), "{s:?}");
-            assert_eq!(
-                TextOp::CollapseWhitespace.apply(s.to_owned()),
-                collapse(s),
-                "{s:?}"
-            );
-        }
-        // The shortcuts: ASCII is already normal; no more bytes than `n` is within `n`.
-        let nfkc = TextOp::Normalize(NormalForm::Nfkc);
-        assert_eq!(nfkc.apply("plain ASCII ~".into()), "plain ASCII ~");
-        assert_eq!(nfkc.apply("ﬁ Ｈ".into()), "fi H");
-        assert_eq!(TextOp::Truncate(5).apply("hello".into()), "hello");
-        assert_eq!(TextOp::Truncate(5).apply("héllo".into()), "héllo");
-        assert_eq!(TextOp::Truncate(4).apply("héllo".into()), "héll");
-    }
-
     #[test]
     fn text_cleaning() {
         let dirty = json!({"text": "  Ｈｅｌｌｏ\u{0007}\n\t  WORLD  "});
@@ -967,6 +911,18 @@ mod tests {
             "e\u{301} and é",
             "\u{3000}ideographic\u{a0}space",
             "ünïcödé ok",
+            // Runs copied whole around controls and spaces of several bytes, at the edges.
+            "é\u{7}ü\n\r\tx",
+            "\u{1}\u{1}start and end\u{7f}",
+            "x\u{85}y\u{2028}z",
+            "日本\t\t語\u{1}",
+            // The shortcuts: ASCII (already in every normal form), at most 3 bytes (within
+            // `Truncate(3)`), and just over.
+            "plain ASCII ~",
+            "abc",
+            "abcd",
+            "hé",
+            "héllo",
         ];
         for text in texts {
             let collapsed = {
