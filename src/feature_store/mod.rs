@@ -293,6 +293,61 @@ macro_rules! forward_backend {
 }
 use forward_backend;
 
+/// What [`FeatureStore::read_cached`] found.
+#[derive(Debug)]
+pub enum CachedRead {
+    /// The cache held every name: the vector.
+    Done(FeatureVector),
+    /// Some names must be read from the backend: pass this to [`FeatureStore::finish_read`].
+    Pending(PendingRead),
+}
+
+/// A feature-vector read the cache could not answer whole: what it found so far.
+#[derive(Debug)]
+pub struct PendingRead {
+    entity_type: String,
+    entity_id: String,
+    /// The names asked for, each once, in the order asked.
+    names: Vec<String>,
+    /// Per name, what the cache held (`None`: not cached).
+    found: Vec<Option<Cached>>,
+    /// When the read began (for the cache fills).
+    now: Instant,
+}
+
+/// The vector of one entity from what was found for each name (`None` or `Some(None)`: no
+/// value).
+fn build_vector<'n>(
+    entity_type: &str,
+    entity_id: &str,
+    found: impl Iterator<Item = (&'n str, Option<Cached>)>,
+) -> FeatureVector {
+    let now_ms = model::unix_now_ms();
+    let mut vector = FeatureVector {
+        entity_type: entity_type.to_owned(),
+        entity_id: entity_id.to_owned(),
+        features: BTreeMap::new(),
+        missing: Vec::new(),
+        stale: Vec::new(),
+    };
+    for (name, feature) in found {
+        match feature.flatten() {
+            Some(f) => {
+                vector.features.insert(
+                    name.to_owned(),
+                    FeatureValue {
+                        values: f.values.clone(),
+                        version: f.version,
+                        age_ms: f.age_ms(now_ms),
+                    },
+                );
+            }
+            None => vector.missing.push(name.to_owned()),
+        }
+    }
+    vector
+}
+
 /// Backend calls in flight at most in the batch methods ([`FeatureStore::set_features`],
 /// [`FeatureStore::get_feature_vectors`]).
 pub const BATCH_CONCURRENCY: usize = 32;
@@ -455,6 +510,22 @@ impl FeatureStore {
         entity_id: &str,
         names: &[S],
     ) -> Result<(FeatureVector, bool), FeatureStoreError> {
+        match self.read_cached(entity_type, entity_id, names)? {
+            CachedRead::Done(vector) => Ok((vector, true)),
+            CachedRead::Pending(pending) => self.finish_read(pending).await,
+        }
+    }
+
+    /// The first half of [`FeatureStore::get_feature_vector_and_source`], without a future:
+    /// the names looked up in the cache (each lookup counted once, as there). When the cache
+    /// holds every name (a value or a known absence) the vector is [`CachedRead::Done`];
+    /// otherwise [`FeatureStore::finish_read`] reads the rest from the backend.
+    pub fn read_cached<S: AsRef<str>>(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+        names: &[S],
+    ) -> Result<CachedRead, FeatureStoreError> {
         model::validate_entity(entity_type, entity_id)?;
         let mut unique: Vec<&str> = Vec::with_capacity(names.len());
         for name in names.iter().map(AsRef::as_ref) {
@@ -464,74 +535,83 @@ impl FeatureStore {
             }
         }
         let now = Instant::now();
-        let mut found: Vec<Option<Cached>> = unique
+        let found: Vec<Option<Cached>> = unique
             .iter()
             .map(|name| {
                 self.cache
                     .get(&FeatureKey::new(entity_type, entity_id, *name), now)
             })
             .collect();
-        let misses: Vec<usize> = (0..unique.len()).filter(|&i| found[i].is_none()).collect();
-        let from_cache = misses.is_empty();
+        let missed = found.iter().filter(|f| f.is_none()).count();
         metrics::counter!(m::FEATURE_READS_TOTAL, "source" => "cache")
-            .increment((unique.len() - misses.len()) as u64);
-        metrics::counter!(m::FEATURE_READS_TOTAL, "source" => "store")
-            .increment(misses.len() as u64);
-        if !misses.is_empty() {
-            let keys: Vec<FeatureKey> = misses
-                .iter()
-                .map(|&i| FeatureKey::new(entity_type, entity_id, unique[i]))
-                .collect();
-            let tickets: Vec<_> = keys.iter().map(|k| self.cache.begin_fill(k)).collect();
-            let miss_names: Vec<&str> = misses.iter().map(|&i| unique[i]).collect();
-            let read = timed_read(
-                self.backend
-                    .get_features(entity_type, entity_id, &miss_names),
-            )
-            .await?;
-            if read.len() != miss_names.len() {
-                return Err(FeatureStoreError::decode(
-                    "feature vector read",
-                    format!(
-                        "the backend returned {} results for {} names",
-                        read.len(),
-                        miss_names.len()
-                    ),
-                ));
-            }
-            for (((i, key), ticket), feature) in misses.iter().zip(keys).zip(tickets).zip(read) {
-                let feature = feature.map(Arc::new);
-                let ttl = self.entry_ttl(feature.as_ref().and_then(|f| f.ttl_secs));
-                let _ = self
-                    .cache
-                    .complete_fill(ticket, key, feature.clone(), ttl, now);
-                found[*i] = Some(feature);
-            }
+            .increment((unique.len() - missed) as u64);
+        metrics::counter!(m::FEATURE_READS_TOTAL, "source" => "store").increment(missed as u64);
+        if missed == 0 {
+            return Ok(CachedRead::Done(build_vector(
+                entity_type,
+                entity_id,
+                unique.into_iter().zip(found),
+            )));
         }
-        let now_ms = model::unix_now_ms();
-        let mut vector = FeatureVector {
+        Ok(CachedRead::Pending(PendingRead {
             entity_type: entity_type.to_owned(),
             entity_id: entity_id.to_owned(),
-            features: BTreeMap::new(),
-            missing: Vec::new(),
-            stale: Vec::new(),
-        };
-        for (name, feature) in unique.into_iter().zip(found) {
-            match feature.flatten() {
-                Some(f) => {
-                    vector.features.insert(
-                        name.to_owned(),
-                        FeatureValue {
-                            values: f.values.clone(),
-                            version: f.version,
-                            age_ms: f.age_ms(now_ms),
-                        },
-                    );
-                }
-                None => vector.missing.push(name.to_owned()),
-            }
+            names: unique.into_iter().map(str::to_owned).collect(),
+            found,
+            now,
+        }))
+    }
+
+    /// The second half of [`FeatureStore::get_feature_vector_and_source`]: the names the cache
+    /// did not hold, read from the backend in one call (and cached), and the vector. The
+    /// `bool` is false: the backend was read.
+    pub async fn finish_read(
+        &self,
+        pending: PendingRead,
+    ) -> Result<(FeatureVector, bool), FeatureStoreError> {
+        let PendingRead {
+            entity_type,
+            entity_id,
+            names,
+            mut found,
+            now,
+        } = pending;
+        let misses: Vec<usize> = (0..names.len()).filter(|&i| found[i].is_none()).collect();
+        let keys: Vec<FeatureKey> = misses
+            .iter()
+            .map(|&i| FeatureKey::new(&entity_type, &entity_id, &names[i]))
+            .collect();
+        let tickets: Vec<_> = keys.iter().map(|k| self.cache.begin_fill(k)).collect();
+        let miss_names: Vec<&str> = misses.iter().map(|&i| names[i].as_str()).collect();
+        let read = timed_read(
+            self.backend
+                .get_features(&entity_type, &entity_id, &miss_names),
+        )
+        .await?;
+        if read.len() != miss_names.len() {
+            return Err(FeatureStoreError::decode(
+                "feature vector read",
+                format!(
+                    "the backend returned {} results for {} names",
+                    read.len(),
+                    miss_names.len()
+                ),
+            ));
         }
-        Ok((vector, from_cache))
+        for (((i, key), ticket), feature) in misses.iter().zip(keys).zip(tickets).zip(read) {
+            let feature = feature.map(Arc::new);
+            let ttl = self.entry_ttl(feature.as_ref().and_then(|f| f.ttl_secs));
+            let _ = self
+                .cache
+                .complete_fill(ticket, key, feature.clone(), ttl, now);
+            found[*i] = Some(feature);
+        }
+        let vector = build_vector(
+            &entity_type,
+            &entity_id,
+            names.iter().map(String::as_str).zip(found),
+        );
+        Ok((vector, false))
     }
 
     /// The vector of `group`'s features for one entity of the group's entity type.

@@ -101,8 +101,27 @@ impl JsonPath {
 
     /// The value at this path, if there is one.
     pub fn get<'v>(&self, value: &'v Value) -> Option<&'v Value> {
+        self.get_after(0, value)
+    }
+
+    /// The key at segment `n` (0 is the first), if that segment is a key.
+    pub(crate) fn key_at(&self, n: usize) -> Option<&str> {
+        match self.segments.get(n) {
+            Some(Segment::Key(k)) => Some(k),
+            _ => None,
+        }
+    }
+
+    /// How many segments the path has.
+    pub(crate) fn depth(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// The value at the path made of the segments after the first `skip`, if there is one:
+    /// what `tail()` (applied `skip` times) would find, without building the shorter path.
+    pub(crate) fn get_after<'v>(&self, skip: usize, value: &'v Value) -> Option<&'v Value> {
         let mut current = value;
-        for segment in &self.segments {
+        for segment in self.segments.iter().skip(skip) {
             current = match (segment, current) {
                 (Segment::Key(k), Value::Object(map)) => map.get(k)?,
                 (Segment::Index(i), Value::Array(items)) => items.get(*i)?,

@@ -18,7 +18,7 @@ use super::def::{FeatureSource, MAX_DEPTH, OnError, Pipeline, Step, StepKind};
 use super::path::JsonPath;
 use super::transform::{Transform, TransformContext};
 use crate::executor::ExecRequest;
-use crate::feature_store::FeatureVector;
+use crate::feature_store::{CachedRead, FeatureStoreError, FeatureVector, PendingRead};
 use crate::metrics::{PIPELINE_MODEL_REQUESTS_TOTAL, PIPELINE_STEP_ERRORS_TOTAL};
 use crate::model::{Entity, ErrorBody, ErrorKind, FeatureRead, StepRecord, Target};
 use crate::providers::manager::{ModelExecutor, RetryAdvice};
@@ -144,6 +144,17 @@ impl StepError {
 }
 
 type Outcome = Result<Delta, StepError>;
+
+/// One feature-vector read's outcome, and whether the cache answered it whole.
+type VectorRead = Result<(FeatureVector, bool), FeatureStoreError>;
+
+/// A feature-vector read that goes to the backend.
+enum BackendRead {
+    /// The names the cache did not hold.
+    Rest(PendingRead),
+    /// A traced request's whole read (entity id, parent span), under its own span.
+    Traced(String, otel::Context),
+}
 
 /// Feature vectors a features step reads at once.
 const FEATURE_READ_CONCURRENCY: usize = 32;
@@ -589,49 +600,76 @@ impl<'s> Engine<'s> {
                 })
             })
             .collect();
-        let wanted: Vec<(String, Option<otel::Context>)> = ids
-            .iter()
-            .zip(idx)
-            .filter_map(|(r, &i)| {
-                r.as_ref()
-                    .ok()
-                    .map(|id| (id.clone(), items[i].trace.clone()))
-            })
-            .collect();
-        // Owned futures (not `get_feature_vectors`, whose borrowing closure the compiler
-        // cannot prove `Send` inside this recursive, boxed future).
-        let names = Arc::new(names);
-        let entity_type = Arc::new(entity_type);
-        let reads = wanted.into_iter().map(|(id, parent)| {
-            let (store, names, entity_type) = (
-                Arc::clone(store),
-                Arc::clone(&names),
-                Arc::clone(&entity_type),
-            );
-            async move {
-                let span = parent
-                    .as_ref()
-                    .and_then(|cx| otel::child(cx, "feature read", SpanKind::Client));
-                let read = store
-                    .get_feature_vector_and_source(&entity_type, &id, &names)
-                    .await;
-                if let Some(cx) = &span {
-                    otel::set_attribute(cx, "inferflow.entity_type", entity_type.to_string());
-                    otel::end(cx);
+        // Each read is first tried in the store's cache, without a future: most are answered
+        // there. Reads the cache cannot answer whole, and traced reads (which keep their
+        // span), go to the backend below, at most FEATURE_READ_CONCURRENCY at once.
+        let mut vectors: Vec<Option<VectorRead>> = Vec::with_capacity(idx.len());
+        let mut backend: Vec<(usize, BackendRead)> = Vec::new();
+        for (r, &i) in ids.iter().zip(idx) {
+            let Ok(id) = r else { continue };
+            let slot = vectors.len();
+            match &items[i].trace {
+                Some(parent) => {
+                    backend.push((slot, BackendRead::Traced(id.clone(), parent.clone())));
+                    vectors.push(None);
                 }
-                read
+                None => match store.read_cached(&entity_type, id, &names) {
+                    Ok(CachedRead::Done(vector)) => vectors.push(Some(Ok((vector, true)))),
+                    Ok(CachedRead::Pending(pending)) => {
+                        backend.push((slot, BackendRead::Rest(pending)));
+                        vectors.push(None);
+                    }
+                    Err(err) => vectors.push(Some(Err(err))),
+                },
             }
-        });
-        let mut vectors = futures::stream::iter(reads)
-            .buffered(FEATURE_READ_CONCURRENCY)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter();
+        }
+        if !backend.is_empty() {
+            // Owned futures (not `get_feature_vectors`, whose borrowing closure the compiler
+            // cannot prove `Send` inside this recursive, boxed future).
+            let names = Arc::new(names);
+            let entity_type = Arc::new(entity_type);
+            let reads = backend.into_iter().map(|(slot, read)| {
+                let (store, names, entity_type) = (
+                    Arc::clone(store),
+                    Arc::clone(&names),
+                    Arc::clone(&entity_type),
+                );
+                async move {
+                    let read = match read {
+                        BackendRead::Rest(pending) => store.finish_read(pending).await,
+                        BackendRead::Traced(id, parent) => {
+                            let span = otel::child(&parent, "feature read", SpanKind::Client);
+                            let read = store
+                                .get_feature_vector_and_source(&entity_type, &id, &names)
+                                .await;
+                            if let Some(cx) = &span {
+                                otel::set_attribute(
+                                    cx,
+                                    "inferflow.entity_type",
+                                    entity_type.to_string(),
+                                );
+                                otel::end(cx);
+                            }
+                            read
+                        }
+                    };
+                    (slot, read)
+                }
+            });
+            let done = futures::stream::iter(reads)
+                .buffered(FEATURE_READ_CONCURRENCY)
+                .collect::<Vec<_>>()
+                .await;
+            for (slot, read) in done {
+                vectors[slot] = Some(read);
+            }
+        }
+        let mut vectors = vectors.into_iter();
         ids.into_iter()
             .zip(idx)
             .map(|(id, &i)| {
                 id?;
-                let (vector, from_cache): (FeatureVector, bool) = match vectors.next() {
+                let (vector, from_cache): (FeatureVector, bool) = match vectors.next().flatten() {
                     Some(Ok(v)) => v,
                     Some(Err(err)) => return Err(StepError::feature_store(err.to_string())),
                     None => {

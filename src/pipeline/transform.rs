@@ -223,16 +223,16 @@ impl TransformContext<'_> {
 
     /// The value at a context path (`data.text`, `features.profile.segment`, `entity.id`).
     pub fn lookup(&self, data: &Value, path: &JsonPath) -> Option<Value> {
-        let tail = path.tail();
+        // The path after its root is read in place (`get_after`), never built as a new path.
         let root: Value = match path.first_key()? {
-            "data" => return tail.get(data).cloned(),
-            "input" => return tail.get(self.input).cloned(),
+            "data" => return path.get_after(1, data).cloned(),
+            "input" => return path.get_after(1, self.input).cloned(),
             "features" => {
-                return if tail.is_root() {
+                return if path.depth() == 1 {
                     Some(Value::Object(self.features.clone()))
                 } else {
-                    let first = tail.first_key()?;
-                    tail.tail().get(self.features.get(first)?).cloned()
+                    let first = path.key_at(1)?;
+                    path.get_after(2, self.features.get(first)?).cloned()
                 };
             }
             "parameters" => Value::Object(self.parameters.cloned().unwrap_or_default()),
@@ -242,7 +242,7 @@ impl TransformContext<'_> {
             "request_id" => Value::String(self.request_id.into()),
             _ => return None,
         };
-        tail.get(&root).cloned()
+        path.get_after(1, &root).cloned()
     }
 }
 
@@ -278,6 +278,10 @@ impl TextOp {
     /// something changes.
     fn apply(self, s: String) -> String {
         match self {
+            // ASCII text is in every normal form, and a text of at most `n` bytes has at most
+            // `n` characters: both are answered without looking at the characters.
+            TextOp::Normalize(_) if s.is_ascii() => s,
+            TextOp::Truncate(n) if s.len() <= n => s,
             TextOp::Trim => {
                 let trimmed = s.trim();
                 if trimmed.len() == s.len() {
@@ -316,32 +320,45 @@ impl TextOp {
                 if unchanged {
                     return s;
                 }
+                // Runs of other characters are copied whole; each run of whitespace becomes
+                // one ' '.
                 let mut out = String::with_capacity(s.len());
                 let mut in_space = false;
-                for c in s.chars() {
+                let mut start = 0;
+                for (i, c) in s.char_indices() {
                     if c.is_whitespace() {
                         if !in_space {
+                            out.push_str(&s[start..i]);
                             out.push(' ');
                         }
                         in_space = true;
+                        start = i + c.len_utf8();
                     } else {
-                        out.push(c);
                         in_space = false;
                     }
                 }
+                out.push_str(&s[start..]);
                 out
             }
             TextOp::StripControl => {
                 if !s.chars().any(char::is_control) {
                     return s;
                 }
-                s.chars()
-                    .filter_map(|c| match c {
-                        '\n' | '\r' | '\t' => Some(' '),
-                        c if c.is_control() => None,
-                        c => Some(c),
-                    })
-                    .collect()
+                // Runs of other characters are copied whole; a line break or tab becomes a
+                // space, any other control character goes.
+                let mut out = String::with_capacity(s.len());
+                let mut start = 0;
+                for (i, c) in s.char_indices() {
+                    if c.is_control() {
+                        out.push_str(&s[start..i]);
+                        if matches!(c, '\n' | '\r' | '\t') {
+                            out.push(' ');
+                        }
+                        start = i + c.len_utf8();
+                    }
+                }
+                out.push_str(&s[start..]);
+                out
             }
             TextOp::Truncate(n) => {
                 let mut s = s;
@@ -894,6 +911,18 @@ mod tests {
             "e\u{301} and é",
             "\u{3000}ideographic\u{a0}space",
             "ünïcödé ok",
+            // Runs copied whole around controls and spaces of several bytes, at the edges.
+            "é\u{7}ü\n\r\tx",
+            "\u{1}\u{1}start and end\u{7f}",
+            "x\u{85}y\u{2028}z",
+            "日本\t\t語\u{1}",
+            // The shortcuts: ASCII (already in every normal form), at most 3 bytes (within
+            // `Truncate(3)`), and just over.
+            "plain ASCII ~",
+            "abc",
+            "abcd",
+            "hé",
+            "héllo",
         ];
         for text in texts {
             let collapsed = {

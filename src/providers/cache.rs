@@ -129,6 +129,44 @@ impl Hash for CacheKey {
 static KEY_HASHER: LazyLock<foldhash::fast::RandomState> =
     LazyLock::new(foldhash::fast::RandomState::default);
 
+/// The build-hasher of the maps keyed by [`CacheKey`] (moka's, and a batch's own): the hash a
+/// key computed once when it was built passes through as it is, so neither a lookup, an
+/// insert nor moka re-hashing its table runs a hash function again (std's default would run
+/// SipHash over the eight bytes each time).
+#[derive(Debug, Clone, Copy, Default)]
+struct KeyHashing;
+
+/// The hasher [`KeyHashing`] builds: [`CacheKey`]'s `Hash` writes one `u64`, which becomes the
+/// hash. Anything else written is folded in (never the case for `CacheKey`), so it stays a
+/// correct hasher for any input.
+#[derive(Debug, Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // The first write passes through unchanged; later ones are mixed in.
+        self.0 = self.0.rotate_left(23) ^ n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl BuildHasher for KeyHashing {
+    type Hasher = PassThrough;
+
+    fn build_hasher(&self) -> PassThrough {
+        PassThrough(0)
+    }
+}
+
 impl CacheKey {
     /// The key of calling `model` (resolved to `name@version` by the caller, so a new version
     /// never serves an old version's answers) with `input` for `tenant`.
@@ -316,20 +354,28 @@ fn bump(counter: &AtomicU64) {
 
 /// Counts a lookup in the cache's own counters and in the exported metric.
 fn count(counter: &AtomicU64, status: CacheStatus) {
-    bump(counter);
+    count_n(counter, status, 1);
+}
+
+/// Counts `n` lookups of one outcome (a batch's, at once: one metric update, not `n`).
+fn count_n(counter: &AtomicU64, status: CacheStatus, n: u64) {
+    if n == 0 {
+        return;
+    }
+    counter.fetch_add(n, Ordering::Relaxed);
     let outcome = match status {
         CacheStatus::Hit => "hit",
         CacheStatus::Miss => "miss",
         CacheStatus::Coalesced => "coalesced",
         CacheStatus::Bypassed => "bypassed",
     };
-    metrics::counter!(crate::metrics::CACHE_LOOKUPS_TOTAL, "outcome" => outcome).increment(1);
+    metrics::counter!(crate::metrics::CACHE_LOOKUPS_TOTAL, "outcome" => outcome).increment(n);
 }
 
 /// The inference result cache. Cheap to clone; clones share entries and counters.
 #[derive(Clone)]
 pub struct ResultCache {
-    cache: moka::future::Cache<CacheKey, Arc<Cached>>,
+    cache: moka::future::Cache<CacheKey, Arc<Cached>, KeyHashing>,
     counters: Arc<Counters>,
     config: ResultCacheConfig,
 }
@@ -365,7 +411,7 @@ impl ResultCache {
                 RemovalCause::Expired => bump(&listener_counters.expirations),
                 RemovalCause::Explicit | RemovalCause::Replaced => {}
             })
-            .build();
+            .build_with_hasher(KeyHashing);
         Ok(ResultCache {
             cache,
             counters,
@@ -446,12 +492,13 @@ impl ResultCache {
             Vec::with_capacity(keys.len());
         // Per key not cached: which distinct miss computes it.
         let mut slot_of: Vec<Option<usize>> = vec![None; keys.len()];
-        let mut distinct: std::collections::HashMap<&CacheKey, usize> =
-            std::collections::HashMap::new();
+        let mut distinct: std::collections::HashMap<&CacheKey, usize, KeyHashing> =
+            std::collections::HashMap::with_capacity_and_hasher(keys.len(), KeyHashing);
         let mut to_compute: Vec<usize> = Vec::new();
+        let mut hits = 0;
         for (i, key) in keys.iter().enumerate() {
             if let Some(cached) = self.cache.get(key).await {
-                count(&self.counters.hits, CacheStatus::Hit);
+                hits += 1;
                 answers.push(Some((Ok(cached.output.clone()), CacheStatus::Hit)));
                 continue;
             }
@@ -463,6 +510,7 @@ impl ResultCache {
             }
             slot_of[i] = Some(slot);
         }
+        count_n(&self.counters.hits, CacheStatus::Hit, hits);
         if to_compute.is_empty() {
             return answers.into_iter().flatten().collect();
         }
@@ -477,20 +525,32 @@ impl ResultCache {
             };
             computed = (0..wanted).map(|_| Err(error.clone())).collect();
         }
-        for (&i, outcome) in to_compute.iter().zip(&computed) {
-            if let Ok(output) = outcome {
-                let bytes = output_bytes(output);
-                self.cache
-                    .insert(
-                        keys[i].clone(),
-                        Arc::new(Cached {
-                            output: output.clone(),
-                            bytes,
-                        }),
-                    )
-                    .await;
+        drop(distinct);
+        // Each successful answer moves into the cache once, with the key it was computed for
+        // (moved, not copied: `to_compute` is in increasing order); the callers get copies of
+        // it from there.
+        let computed: Vec<Result<Arc<Cached>, ProviderError>> = computed
+            .into_iter()
+            .map(|outcome| {
+                outcome.map(|output| {
+                    let bytes = output_bytes(&output);
+                    Arc::new(Cached { output, bytes })
+                })
+            })
+            .collect();
+        let mut slots = to_compute.iter().zip(&computed).peekable();
+        for (i, key) in keys.into_iter().enumerate() {
+            let Some((_, outcome)) = slots.next_if(|(first, _)| **first == i) else {
+                continue;
+            };
+            if let Ok(cached) = outcome {
+                self.cache.insert(key, Arc::clone(cached)).await;
             }
         }
+        let misses = to_compute.len() as u64;
+        let coalesced = slot_of.iter().flatten().count() as u64 - misses;
+        count_n(&self.counters.misses, CacheStatus::Miss, misses);
+        count_n(&self.counters.coalesced, CacheStatus::Coalesced, coalesced);
         answers
             .into_iter()
             .zip(slot_of)
@@ -499,14 +559,12 @@ impl ResultCache {
                 (Some(answer), _) => answer,
                 (None, Some(slot)) => {
                     let status = if to_compute[slot] == i {
-                        count(&self.counters.misses, CacheStatus::Miss);
                         CacheStatus::Miss
                     } else {
-                        count(&self.counters.coalesced, CacheStatus::Coalesced);
                         CacheStatus::Coalesced
                     };
                     let outcome = match &computed[slot] {
-                        Ok(output) => Ok(output.clone()),
+                        Ok(cached) => Ok(cached.output.clone()),
                         Err(error) => Err(ProviderError::clone(error)),
                     };
                     (outcome, status)

@@ -39,13 +39,15 @@
 //! the reference itself never applies.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 /// The hasher of the lexicon tables: foldhash, several times faster than std's SipHash on
 /// short words, with a per-process random seed. The keys are the lexicon's own (nobody else
 /// inserts any), so SipHash's resistance to chosen-key flooding buys nothing here.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// A set with the same hasher.
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 /// The lexicon file's name in a VADER model directory.
 pub const LEXICON_FILE: &str = "vader_lexicon.txt";
@@ -301,8 +303,12 @@ pub struct Vader {
     /// ASCII text then needs no emoji lookup at all.
     emoji_ascii_free: bool,
     boosters: FastMap<&'static str, f64>,
-    /// The boosters of several words ("kind of"), for phrase lookups.
-    phrase_boosters: Vec<(&'static str, f64)>,
+    /// The boosters of several words ("kind of"), by their first word, for phrase lookups.
+    phrase_boosters: FastMap<&'static str, Vec<(&'static str, f64)>>,
+    /// [`IDIOMS`], by their first word (in [`IDIOMS`]' order under each).
+    idioms: FastMap<&'static str, Vec<(&'static str, f64)>>,
+    /// [`NEGATIONS`], for lookups.
+    negations: FastSet<&'static str>,
 }
 
 impl Vader {
@@ -360,17 +366,34 @@ impl Vader {
             .collect();
         let emoji_ascii_free = emojis.keys().all(|c| !c.is_ascii());
         let boosters: FastMap<&'static str, f64> = boosters;
-        let phrase_boosters = boosters
+        let mut phrase_boosters: FastMap<&'static str, Vec<(&'static str, f64)>> =
+            FastMap::default();
+        for (phrase, v) in BOOSTERS_UP
             .iter()
+            .map(|w| (*w, BOOST))
+            .chain(BOOSTERS_DOWN.iter().map(|w| (*w, -BOOST)))
             .filter(|(w, _)| w.contains(' '))
-            .map(|(w, v)| (*w, *v))
-            .collect();
+        {
+            phrase_boosters
+                .entry(first_word(phrase))
+                .or_default()
+                .push((phrase, v));
+        }
+        let mut idioms: FastMap<&'static str, Vec<(&'static str, f64)>> = FastMap::default();
+        for &(phrase, v) in IDIOMS {
+            idioms
+                .entry(first_word(phrase))
+                .or_default()
+                .push((phrase, v));
+        }
         Ok(Vader {
             lexicon: words,
             emoji: emojis,
             emoji_ascii_free,
             boosters,
             phrase_boosters,
+            idioms,
+            negations: NEGATIONS.iter().copied().collect(),
         })
     }
 
@@ -485,7 +508,7 @@ impl Vader {
                 _ => 1.0,
             };
             valence += scalar;
-            valence = negation(valence, lower, i, distance);
+            valence = negation(&self.negations, valence, lower, i, distance);
             if distance == 3 {
                 valence = self.idioms(valence, lower, i);
             }
@@ -496,10 +519,20 @@ impl Vader {
     /// Idioms around token `i` (called only when `i >= 3`), and two-word dampeners
     /// ("kind of") before it. Phrases are compared word by word, without joining them.
     fn idioms(&self, mut valence: f64, lower: &[Cow<'_, str>], i: usize) -> f64 {
+        // Every phrase below starts at a word in `i - 3 ..= i`: when none of those words
+        // starts an idiom or a booster phrase, nothing can match.
+        let starts = |w: &Cow<'_, str>| {
+            self.idioms.contains_key(&**w) || self.phrase_boosters.contains_key(&**w)
+        };
+        if !lower[i - 3..=i].iter().any(starts) {
+            return valence;
+        }
         let before = [i - 1..i + 1, i - 2..i + 1, i - 2..i, i - 3..i, i - 3..i - 1];
+        // The idioms starting with the range's first word are the only ones it can be.
         let idiom = |range: std::ops::Range<usize>| {
             let words = &lower[range];
-            IDIOMS
+            self.idioms
+                .get(&**words.first()?)?
                 .iter()
                 .find(|(p, _)| phrase_is(p, words))
                 .map(|(_, v)| *v)
@@ -529,11 +562,13 @@ impl Vader {
     fn phrase_booster(&self, words: &[Cow<'_, str>]) -> Option<f64> {
         match words {
             [word] => self.boosters.get(&**word).copied(),
-            _ => self
+            [first, ..] => self
                 .phrase_boosters
+                .get(&**first)?
                 .iter()
                 .find(|(p, _)| phrase_is(p, words))
                 .map(|(_, v)| *v),
+            [] => None,
         }
     }
 
@@ -548,6 +583,11 @@ impl Vader {
             valence * NEGATION
         }
     }
+}
+
+/// The phrase's first word.
+fn first_word(phrase: &'static str) -> &'static str {
+    phrase.split(' ').next().unwrap_or(phrase)
 }
 
 /// True when `phrase` is `words` joined by single spaces. Tokens never contain a space (they
@@ -577,8 +617,15 @@ fn lowercase(word: &str) -> Cow<'_, str> {
 }
 
 /// The negation rule for the word `distance` tokens before token `i`.
-fn negation(valence: f64, lower: &[Cow<'_, str>], i: usize, distance: usize) -> f64 {
+fn negation(
+    negations: &FastSet<&str>,
+    valence: f64,
+    lower: &[Cow<'_, str>],
+    i: usize,
+    distance: usize,
+) -> f64 {
     let at = |k: usize| -> &str { &lower[i - k] };
+    let is_negation = |word: &str| is_negation(negations, word);
     match distance {
         1 if is_negation(at(1)) => valence * NEGATION,
         2 if at(2) == "never" && matches!(at(1), "so" | "this") => valence * 1.25,
@@ -596,8 +643,9 @@ fn negation(valence: f64, lower: &[Cow<'_, str>], i: usize, distance: usize) -> 
     }
 }
 
-fn is_negation(word: &str) -> bool {
-    NEGATIONS.contains(&word) || word.contains("n't")
+/// A word of [`NEGATIONS`] (looked up in `negations`, the same words), or one with `n't`.
+fn is_negation(negations: &FastSet<&str>, word: &str) -> bool {
+    negations.contains(word) || (word.as_bytes().contains(&b'\'') && word.contains("n't"))
 }
 
 /// Python's `str.isupper`: at least one cased character, and no lower-case one.
