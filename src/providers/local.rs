@@ -22,7 +22,9 @@
 //! at once (by default the number of CPUs), so a burst of batches queues instead of
 //! oversubscribing the cores. Calls of a route's shadow versions have one permit of their own
 //! instead ([`lane`](super::lane)): one shadow batch runs at a time, beside the
-//! `max_concurrency` of the request path, and never holds a permit a primary batch waits for. An ONNX batch of N valid inputs is **one** model run on an
+//! `max_concurrency` of the request path, and never holds a permit a primary batch waits for;
+//! it runs on one thread of idle CPU priority (Linux `SCHED_IDLE`), so it only gets the CPU the
+//! request path leaves unused. An ONNX batch of N valid inputs is **one** model run on an
 //! `[N, features]` tensor; invalid inputs fail alone with [`ProviderError::InvalidInput`]
 //! (the wire's `invalid_request`), never a panic.
 //!
@@ -289,7 +291,8 @@ impl LocalProvider {
             Ok(permit) => permit,
             Err(_) => return vec![Err(local_error("the provider has been shut down")); n],
         };
-        let joined = tokio::task::spawn_blocking(move || {
+        // A shadow's batch runs at idle CPU priority, the request path's on the blocking pool.
+        let joined = super::lane::compute(move || {
             let _permit = permit;
             match &*loaded {
                 Loaded::Onnx(model) => model.infer(inputs, &runs),
@@ -302,7 +305,7 @@ impl LocalProvider {
         .await;
         match joined {
             Ok(outcomes) => outcomes,
-            Err(e) => vec![Err(local_error(format!("inference panicked: {e}"))); n],
+            Err(e) => vec![Err(local_error(format!("inference failed: {e}"))); n],
         }
     }
 }
