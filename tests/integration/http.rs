@@ -96,14 +96,15 @@ async fn the_v1_api_serves_every_documented_route_and_features_round_trip() {
     )
     .unwrap();
     let paths = doc["paths"].as_object().unwrap();
-    assert_eq!(paths.len(), 9, "documented paths: {:?}", paths.keys());
+    assert_eq!(paths.len(), 10, "documented paths: {:?}", paths.keys());
     for (path, operations) in paths {
         let concrete = path
             .replace("{id}", "identity")
             .replace("{entity_type}", "user")
             .replace("{entity_id}", "u1")
             .replace("{feature}", "profile")
-            .replace("{group}", "g");
+            .replace("{group}", "g")
+            .replace("{route}", "sentiment");
         for method in operations.as_object().unwrap().keys() {
             let request = match method.as_str() {
                 "get" => http.get(format!("{url}{concrete}")),
