@@ -8,7 +8,7 @@
 //! only, and the primary's are the primary's alone.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::sync::{Arc, OnceLock, mpsc};
 
 use tokio::sync::{Semaphore, oneshot};
 
@@ -78,18 +78,19 @@ pub(crate) async fn compute<T: Send + 'static>(
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
         let _ = tx.send(outcome.map_err(|_| "the computation panicked".to_owned()));
     });
-    match idle_thread().and_then(|jobs| jobs.lock().ok()?.send(job).ok()) {
+    match idle_thread().and_then(|jobs| jobs.send(job).ok()) {
         Some(()) => rx
             .await
             .unwrap_or_else(|_| Err("the idle-priority thread stopped".into())),
-        // No idle thread (it could not be started): the blocking pool, as for the primary.
+        // No idle thread (it could not be started, logged): the shadow call fails, counted
+        // as a shadow error; the request path never runs here.
         None => Err("no idle-priority thread for shadow computations".into()),
     }
 }
 
 /// The idle-priority thread's queue, started on first use; `None` if it cannot be started.
-fn idle_thread() -> Option<&'static Mutex<mpsc::Sender<Job>>> {
-    static JOBS: OnceLock<Option<Mutex<mpsc::Sender<Job>>>> = OnceLock::new();
+fn idle_thread() -> Option<&'static mpsc::Sender<Job>> {
+    static JOBS: OnceLock<Option<mpsc::Sender<Job>>> = OnceLock::new();
     JOBS.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Job>();
         let spawned = std::thread::Builder::new()
@@ -101,7 +102,7 @@ fn idle_thread() -> Option<&'static Mutex<mpsc::Sender<Job>>> {
                 }
             });
         match spawned {
-            Ok(_) => Some(Mutex::new(tx)),
+            Ok(_) => Some(tx),
             Err(e) => {
                 tracing::warn!(error = %e, "no thread for shadow computations: local shadows fail");
                 None
