@@ -1,7 +1,7 @@
 //! Model-provider benchmarks: what the result cache, batching and the local ONNX runtime buy.
 //!
 //! - `cache/hit`: one request for a cached model whose answer is already in the result cache,
-//!   through `ModelExecutor::execute` (resolve, canonical cache key, moka lookup, result).
+//!   through `ModelExecutor::execute` (resolve, canonical cache key, cache lookup, result).
 //! - `http_embeddings_64/*`: 64 texts embedded through the OpenAI-compatible provider against
 //!   a local HTTP server started inside the bench (axum on 127.0.0.1), which sleeps a fixed
 //!   2 ms per HTTP call before answering, like a model server with a per-call cost.

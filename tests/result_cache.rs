@@ -1,5 +1,6 @@
 //! The inference result cache: hits, coalescing of concurrent identical calls, tenant
-//! isolation, key normalisation, errors not cached, expiry, the memory bound and opt-out.
+//! isolation, key normalisation, errors not cached, expiry, the memory bound, scan resistance
+//! and opt-out.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -231,12 +232,111 @@ async fn entries_expire_after_their_ttl() {
     let (_, s1) = call(&cache, key(None, json!(1)), &calls, json!("a")).await;
     let (_, s2) = call(&cache, key(None, json!(1)), &calls, json!("b")).await;
     assert_eq!((s1, s2), (CacheStatus::Miss, CacheStatus::Hit));
-    // moka measures time with the real clock.
+    // Expiry is measured with the real clock.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (out, s3) = call(&cache, key(None, json!(1)), &calls, json!("c")).await;
     assert_eq!(s3, CacheStatus::Miss);
     assert_eq!(out.unwrap().output, json!("c"));
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn expired_entries_are_dropped_and_counted() {
+    let cache = cache(100, 1 << 20, 1);
+    let calls = AtomicUsize::new(0);
+    for i in 0..3 {
+        let (out, _) = call(&cache, key(None, json!(i)), &calls, json!("a")).await;
+        out.unwrap();
+    }
+    assert_eq!(cache.stats().entries, 3);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // One found expired by a lookup, the others by the sweep.
+    let (_, status) = call(&cache, key(None, json!(0)), &calls, json!("b")).await;
+    assert_eq!(status, CacheStatus::Miss);
+    cache.run_pending_tasks().await;
+    let stats = cache.stats();
+    assert_eq!((stats.entries, stats.expirations), (1, 3), "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_takes_over_when_the_computing_call_is_dropped() {
+    let cache = cache(100, 1 << 20, 60);
+    let leader = tokio::spawn({
+        let cache = cache.clone();
+        async move {
+            cache
+                .get_or_compute(key(None, json!("slow")), CachePolicy::ENABLED, || async {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    Ok(ProviderOutput::new(json!("never")))
+                })
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let waiter = tokio::spawn({
+        let cache = cache.clone();
+        async move {
+            cache
+                .get_or_compute(key(None, json!("slow")), CachePolicy::ENABLED, || async {
+                    Ok(ProviderOutput::new(json!("from the waiter")))
+                })
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the waiter should wait for the leader"
+    );
+    leader.abort();
+    let (out, status) = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the waiter takes over")
+        .unwrap();
+    assert_eq!(out.unwrap().output, json!("from the waiter"));
+    assert_eq!(status, CacheStatus::Miss);
+}
+
+#[tokio::test]
+async fn inputs_seen_once_do_not_push_out_repeated_ones() {
+    // Room for 100 entries: 20 answers read again and again, then 1,000 inputs seen once each.
+    let cache = cache(100, 1 << 20, 60);
+    let calls = AtomicUsize::new(0);
+    for _ in 0..3 {
+        for i in 0..20 {
+            let (out, _) = call(
+                &cache,
+                key(None, json!(format!("hot {i}"))),
+                &calls,
+                json!(i),
+            )
+            .await;
+            out.unwrap();
+        }
+    }
+    for i in 0..1000 {
+        let (out, _) = call(
+            &cache,
+            key(None, json!(format!("once {i}"))),
+            &calls,
+            json!(i),
+        )
+        .await;
+        out.unwrap();
+    }
+    let before = calls.load(Ordering::SeqCst);
+    for i in 0..20 {
+        let (_, status) = call(
+            &cache,
+            key(None, json!(format!("hot {i}"))),
+            &calls,
+            json!(i),
+        )
+        .await;
+        assert_eq!(status, CacheStatus::Hit, "hot {i}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), before);
+    assert!(cache.stats().entries <= 100, "{:?}", cache.stats());
 }
 
 #[tokio::test]

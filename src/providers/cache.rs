@@ -7,10 +7,19 @@
 //! is the key, not a digest of it: two different calls can never share an entry by collision,
 //! and different tenants never share one (`None` is distinct from `Some("")`).
 //!
-//! The store is a [`moka`] cache (TinyLFU admission, LRU eviction, a time to live) bounded both
-//! in entries and in bytes: every entry weighs its approximate size (key text plus output JSON)
-//! but never less than `max_bytes / max_entries`, so a total weight of at most `max_bytes`
-//! implies at most `max_entries` entries.
+//! The store is a [`quick_cache`] cache (CLOCK-Pro eviction, close to S3-FIFO: an answer seen
+//! once sits in a small "cold" part and is evicted first, so inputs that never repeat do not
+//! push out those that do) bounded both in entries and in bytes: every entry weighs its
+//! approximate size (key text plus output JSON) but never less than `max_bytes / max_entries`,
+//! so a total weight of at most `max_bytes` implies at most `max_entries` entries. Caches of
+//! 2,048 entries or more are split in up to 8 shards that hold an equal part of both bounds
+//! each, so one answer larger than `max_bytes / shards` is returned but not kept. An answer is
+//! served for `ttl_secs` after it was computed; an expired entry is dropped when it is next
+//! looked up, when its space is needed, or by [`ResultCache::run_pending_tasks`].
+//!
+//! Why not moka: its bookkeeping on every insert (a write log, a frequency sketch, a timer
+//! wheel for the time to live) was 17 % of the realistic pipeline's CPU, where inputs rarely
+//! repeat and nearly every answer is inserted once and never read (BENCHMARKS.md).
 //!
 //! Identical calls in flight at the same time share one provider call (coalescing): the first
 //! caller computes, the others wait for its outcome. Errors are never cached; every caller
@@ -22,9 +31,8 @@ use std::fmt::{self, Write as _};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use moka::notification::RemovalCause;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -129,10 +137,10 @@ impl Hash for CacheKey {
 static KEY_HASHER: LazyLock<foldhash::fast::RandomState> =
     LazyLock::new(foldhash::fast::RandomState::default);
 
-/// The build-hasher of the maps keyed by [`CacheKey`] (moka's, and a batch's own): the hash a
-/// key computed once when it was built passes through as it is, so neither a lookup, an
-/// insert nor moka re-hashing its table runs a hash function again (std's default would run
-/// SipHash over the eight bytes each time).
+/// The build-hasher of the maps keyed by [`CacheKey`] (the store's, the flights' and a
+/// batch's own): the hash a key computed once when it was built passes through as it is, so
+/// neither a lookup, an insert nor a table growing runs a hash function again (std's default
+/// would run SipHash over the eight bytes each time).
 #[derive(Debug, Clone, Copy, Default)]
 struct KeyHashing;
 
@@ -286,11 +294,12 @@ fn output_bytes(output: &ProviderOutput) -> u64 {
     counter.0 + output.model.as_ref().map_or(0, |m| m.len() as u64)
 }
 
-/// A cached answer with its size, computed once.
+/// A cached answer with its size, computed once, and the end of its time to live.
 #[derive(Debug)]
 struct Cached {
     output: ProviderOutput,
     bytes: u64,
+    expires_at: Instant,
 }
 
 /// Where an answer came from.
@@ -372,10 +381,77 @@ fn count_n(counter: &AtomicU64, status: CacheStatus, n: u64) {
     metrics::counter!(crate::metrics::CACHE_LOOKUPS_TOTAL, "outcome" => outcome).increment(n);
 }
 
+/// The weight of an entry: its key text, its output and the bookkeeping around them, but never
+/// less than the configured least weight (which turns the byte bound into an entry bound).
+#[derive(Debug, Clone, Copy)]
+struct EntryWeight {
+    min_weight: u64,
+}
+
+impl quick_cache::Weighter<CacheKey, Arc<Cached>> for EntryWeight {
+    fn weight(&self, key: &CacheKey, value: &Arc<Cached>) -> u64 {
+        (key.text.len() as u64 + value.bytes + ENTRY_OVERHEAD_BYTES).max(self.min_weight)
+    }
+}
+
+/// Counts the entries the store evicts to stay within its bounds (and the new entries it does
+/// not admit), and hands the first two back to be dropped after the shard's lock is released.
+#[derive(Debug, Clone)]
+struct CountEvictions(Arc<Counters>);
+
+impl quick_cache::Lifecycle<CacheKey, Arc<Cached>> for CountEvictions {
+    type RequestState = [Option<(CacheKey, Arc<Cached>)>; 2];
+
+    fn on_evict(&self, state: &mut Self::RequestState, key: CacheKey, value: Arc<Cached>) {
+        bump(&self.0.evictions);
+        if let Some(slot) = state.iter_mut().find(|slot| slot.is_none()) {
+            *slot = Some((key, value));
+        }
+    }
+}
+
+type Store =
+    quick_cache::sync::Cache<CacheKey, Arc<Cached>, EntryWeight, KeyHashing, CountEvictions>;
+
+/// One computation in flight: its outcome once known. A waiter sees the sender dropped
+/// without an outcome when the computing call was dropped; it then computes itself.
+type Flight = tokio::sync::watch::Receiver<Option<Result<Arc<Cached>, ProviderError>>>;
+
+/// The computations in flight, by key: [`ResultCache::get_or_compute`] shares them.
+type Flights = std::sync::Mutex<std::collections::HashMap<CacheKey, Flight, KeyHashing>>;
+
+/// Removes its key from the flights when the computing call ends, however it ends.
+struct FlightGuard<'a> {
+    flights: &'a Flights,
+    key: &'a CacheKey,
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        lock(self.flights).remove(self.key);
+    }
+}
+
+fn lock(
+    flights: &Flights,
+) -> std::sync::MutexGuard<'_, std::collections::HashMap<CacheKey, Flight, KeyHashing>> {
+    // Nothing panics while holding it; a poisoned map is still consistent.
+    flights
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The most shards of the store: a shard holds `1 / shards` of the bounds, so shards are only
+/// added while each still holds [`MIN_SHARD_ENTRIES`] entries.
+const MAX_SHARDS: u64 = 8;
+const MIN_SHARD_ENTRIES: u64 = 1024;
+
 /// The inference result cache. Cheap to clone; clones share entries and counters.
 #[derive(Clone)]
 pub struct ResultCache {
-    cache: moka::future::Cache<CacheKey, Arc<Cached>, KeyHashing>,
+    store: Arc<Store>,
+    flights: Arc<Flights>,
+    ttl: Duration,
     counters: Arc<Counters>,
     config: ResultCacheConfig,
 }
@@ -397,23 +473,28 @@ impl ResultCache {
             return Err(BuildError::InvalidConfig { problems });
         }
         let counters = Arc::new(Counters::default());
-        let listener_counters = Arc::clone(&counters);
-        let min_weight = config.min_weight();
-        let cache = moka::future::Cache::builder()
-            .max_capacity(config.max_bytes)
-            .weigher(move |key: &CacheKey, value: &Arc<Cached>| {
-                let bytes = key.text.len() as u64 + value.bytes + ENTRY_OVERHEAD_BYTES;
-                u32::try_from(bytes.max(min_weight)).unwrap_or(u32::MAX)
-            })
-            .time_to_live(Duration::from_secs(config.ttl_secs))
-            .eviction_listener(move |_key, _value, cause| match cause {
-                RemovalCause::Size => bump(&listener_counters.evictions),
-                RemovalCause::Expired => bump(&listener_counters.expirations),
-                RemovalCause::Explicit | RemovalCause::Replaced => {}
-            })
-            .build_with_hasher(KeyHashing);
+        let shards = (config.max_entries / MIN_SHARD_ENTRIES).clamp(1, MAX_SHARDS);
+        let shards = 1u64 << shards.ilog2();
+        let options = quick_cache::OptionsBuilder::new()
+            .shards(shards as usize)
+            .estimated_items_capacity(config.max_entries.min(1 << 16) as usize)
+            .weight_capacity(config.max_bytes)
+            .build()
+            .map_err(|e| BuildError::InvalidConfig {
+                problems: vec![format!("cache: {e}")],
+            })?;
+        let store = Store::with_options(
+            options,
+            EntryWeight {
+                min_weight: config.min_weight(),
+            },
+            KeyHashing,
+            CountEvictions(Arc::clone(&counters)),
+        );
         Ok(ResultCache {
-            cache,
+            store: Arc::new(store),
+            flights: Arc::default(),
+            ttl: Duration::from_secs(config.ttl_secs),
             counters,
             config,
         })
@@ -422,6 +503,33 @@ impl ResultCache {
     /// The configuration it was built with.
     pub fn config(&self) -> &ResultCacheConfig {
         &self.config
+    }
+
+    /// The live entry for `key` at `now`. An entry whose time to live has passed is removed
+    /// (and counted) instead.
+    fn live(&self, key: &CacheKey, now: Instant) -> Option<Arc<Cached>> {
+        let cached = self.store.get(key)?;
+        if cached.expires_at > now {
+            return Some(cached);
+        }
+        if self
+            .store
+            .remove_if(key, |current| Arc::ptr_eq(current, &cached))
+            .is_some()
+        {
+            bump(&self.counters.expirations);
+        }
+        None
+    }
+
+    /// Wraps a computed answer for the store, with its size and expiry.
+    fn entry(&self, output: ProviderOutput) -> Arc<Cached> {
+        let bytes = output_bytes(&output);
+        Arc::new(Cached {
+            output,
+            bytes,
+            expires_at: Instant::now() + self.ttl,
+        })
     }
 
     /// The answer for `key`: from the cache, from an identical call already computing it, or
@@ -445,32 +553,56 @@ impl ResultCache {
             count(&self.counters.bypassed, CacheStatus::Bypassed);
             return (compute().await, CacheStatus::Bypassed);
         }
-        if let Some(cached) = self.cache.get(&key).await {
+        if let Some(cached) = self.live(&key, Instant::now()) {
             count(&self.counters.hits, CacheStatus::Hit);
             return (Ok(cached.output.clone()), CacheStatus::Hit);
         }
-        let mut computed = false;
-        let init = async {
-            computed = true;
-            compute().await.map(|output| {
-                let bytes = output_bytes(&output);
-                Arc::new(Cached { output, bytes })
-            })
-        };
-        let outcome = self.cache.entry(key).or_try_insert_with(init).await;
-        let status = if computed {
-            count(&self.counters.misses, CacheStatus::Miss);
-            CacheStatus::Miss
-        } else {
-            // Another caller computed it (or inserted it between our lookup and now).
+        let sender = loop {
+            let waiting = {
+                let mut flights = lock(&self.flights);
+                match flights.get(&key) {
+                    Some(flight) => flight.clone(),
+                    None => {
+                        // Inserted between the lookup above and now: served as a waiter.
+                        if let Some(cached) = self.live(&key, Instant::now()) {
+                            drop(flights);
+                            count(&self.counters.coalesced, CacheStatus::Coalesced);
+                            return (Ok(cached.output.clone()), CacheStatus::Coalesced);
+                        }
+                        let (sender, receiver) = tokio::sync::watch::channel(None);
+                        flights.insert(key.clone(), receiver);
+                        break sender;
+                    }
+                }
+            };
+            let mut waiting = waiting;
+            let result = match waiting.wait_for(Option::is_some).await.as_deref() {
+                Ok(Some(Ok(cached))) => Ok(cached.output.clone()),
+                Ok(Some(Err(error))) => Err(error.clone()),
+                // The computing call was dropped before its outcome (its guard removed the
+                // flight): take over. (`wait_for` returns only once there is an outcome.)
+                Ok(None) | Err(_) => continue,
+            };
             count(&self.counters.coalesced, CacheStatus::Coalesced);
-            CacheStatus::Coalesced
+            return (result, CacheStatus::Coalesced);
         };
-        let result = match outcome {
-            Ok(entry) => Ok(entry.value().output.clone()),
-            Err(error) => Err(ProviderError::clone(&error)),
+        let guard = FlightGuard {
+            flights: &self.flights,
+            key: &key,
         };
-        (result, status)
+        let outcome = compute().await.map(|output| self.entry(output));
+        if let Ok(cached) = &outcome {
+            self.store.insert(key.clone(), Arc::clone(cached));
+        }
+        count(&self.counters.misses, CacheStatus::Miss);
+        let result = match &outcome {
+            Ok(cached) => Ok(cached.output.clone()),
+            Err(error) => Err(error.clone()),
+        };
+        // Waiters get the outcome; the entry is already in the store for later callers.
+        sender.send_replace(Some(outcome));
+        drop(guard);
+        (result, CacheStatus::Miss)
     }
 
     /// The answers for a batch of `keys`, in order: cached ones from the cache, the others
@@ -496,8 +628,9 @@ impl ResultCache {
             std::collections::HashMap::with_capacity_and_hasher(keys.len(), KeyHashing);
         let mut to_compute: Vec<usize> = Vec::new();
         let mut hits = 0;
+        let now = Instant::now();
         for (i, key) in keys.iter().enumerate() {
-            if let Some(cached) = self.cache.get(key).await {
+            if let Some(cached) = self.live(key, now) {
                 hits += 1;
                 answers.push(Some((Ok(cached.output.clone()), CacheStatus::Hit)));
                 continue;
@@ -531,12 +664,7 @@ impl ResultCache {
         // it from there.
         let computed: Vec<Result<Arc<Cached>, ProviderError>> = computed
             .into_iter()
-            .map(|outcome| {
-                outcome.map(|output| {
-                    let bytes = output_bytes(&output);
-                    Arc::new(Cached { output, bytes })
-                })
-            })
+            .map(|outcome| outcome.map(|output| self.entry(output)))
             .collect();
         let mut slots = to_compute.iter().zip(&computed).peekable();
         for (i, key) in keys.into_iter().enumerate() {
@@ -544,7 +672,7 @@ impl ResultCache {
                 continue;
             };
             if let Ok(cached) = outcome {
-                self.cache.insert(key, Arc::clone(cached)).await;
+                self.store.insert(key, Arc::clone(cached));
             }
         }
         let misses = to_compute.len() as u64;
@@ -590,20 +718,27 @@ impl ResultCache {
             bypassed: c.bypassed.load(Ordering::Relaxed),
             evictions: c.evictions.load(Ordering::Relaxed),
             expirations: c.expirations.load(Ordering::Relaxed),
-            entries: self.cache.entry_count(),
-            weighted_bytes: self.cache.weighted_size(),
+            entries: self.store.len() as u64,
+            weighted_bytes: self.store.weight(),
         }
     }
 
-    /// Runs pending maintenance now (evictions, expirations, size accounting), which otherwise
-    /// happens as the cache is used.
+    /// Removes every entry whose time to live has passed now (counted as expirations), which
+    /// otherwise happens when such an entry is looked up or its space is needed.
     pub async fn run_pending_tasks(&self) {
-        self.cache.run_pending_tasks().await;
+        let now = Instant::now();
+        self.store.retain(|_, cached| {
+            let live = cached.expires_at > now;
+            if !live {
+                bump(&self.counters.expirations);
+            }
+            live
+        });
     }
 
     /// Removes every entry (for instance after a model is reloaded).
     pub fn invalidate_all(&self) {
-        self.cache.invalidate_all();
+        self.store.clear();
     }
 }
 
