@@ -29,8 +29,12 @@
 //! 1. **Throughput**: `E2E_MESSAGES` requests pre-loaded in one topic; each run reads them in
 //!    a fresh consumer group and writes to a fresh results topic. The driver counts distinct
 //!    results; the rate is taken from the 10 % mark to the last result (start-up and group
-//!    join excluded), and CPU seconds per 1,000 requests over the same window from
-//!    `/proc/PID/stat` (utime + stime) of the candidate and of the broker. Each round ends
+//!    join excluded) **as the candidate produced them**: by the results' Kafka timestamps
+//!    (create time, set by the candidate's producer), sorted. CPU seconds per 1,000 requests
+//!    are over the same window, from `/proc/PID/stat` (utime + stime) of the candidate and of
+//!    the broker, sampled every 5 ms and interpolated at the window's ends. (The rate at which
+//!    the driver *received* them is printed beside it: when the driver's collector falls behind
+//!    a fast candidate, that figure measures the collector catching up.) Each round ends
 //!    with the passthrough's **capacity**: its throughput while the driver produces
 //!    `E2E_MESSAGES` requests as fast as it can.
 //! 2. **Latency** at fixed offered loads, `E2E_LOADS` percent of the median capacity of
@@ -171,13 +175,14 @@ fn throughput_phase(s: &Settings, admin: &Admin) -> (Vec<Vec<ThroughputSample>>,
             let tag = format!("tp{round}");
             let sample = throughput_run(s, admin, *c, backlog_of(*c), &tag);
             eprintln!(
-                "[e2e] throughput round {}/{} {:<11}: {:>8.0} req/s, CPU s per 1k req: candidate {:.4}, broker {:.4}",
+                "[e2e] throughput round {}/{} {:<11}: {:>8.0} req/s, CPU s per 1k req: candidate {:.4}, broker {:.4} (received at {:.0} req/s)",
                 round + 1,
                 s.repeats,
                 c.name(),
                 sample.rate,
                 sample.cpu_candidate,
-                sample.cpu_broker
+                sample.cpu_broker,
+                sample.arrival_rate
             );
             tp[ci].push(sample);
         }

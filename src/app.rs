@@ -330,21 +330,35 @@ pub async fn run(config: Config, sources: Sources) -> anyhow::Result<()> {
     outcome
 }
 
+/// How long the shadow comparisons' producer waits to fill a batch, at least: comparisons are
+/// off the request path, and fewer, larger produce requests leave more of the CPU (the
+/// producer's threads and the broker's) to the primary.
+pub const SHADOW_LINGER_MS: u64 = 100;
+
 /// The sink of the routes' shadow comparisons: produced to `topics.shadow_results`, keyed by
 /// request id, without waiting (a comparison the producer's queue refuses is dropped and
-/// counted, `outcome="unpublished"`). `None` when the topic is empty.
+/// counted, `outcome="unpublished"`), in batches of up to [`SHADOW_LINGER_MS`] (or
+/// `kafka.producer_linger_ms` when longer). `None` when the topic is empty.
 pub fn shadow_sink(config: &Config) -> anyhow::Result<Option<Arc<dyn ShadowSink>>> {
     if config.topics.shadow_results.is_empty() {
         return Ok(None);
     }
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        crate::kafka::producer_config(&config.kafka)
-            .create()
-            .context("creating the producer of topics.shadow_results")?;
+    let producer: ThreadedProducer<DefaultProducerContext> = shadow_producer_config(config)
+        .create()
+        .context("creating the producer of topics.shadow_results")?;
     Ok(Some(Arc::new(KafkaShadowSink {
         producer,
         topic: config.topics.shadow_results.clone(),
     })))
+}
+
+/// The shadow comparisons' producer: the results producer's settings, lingering at least
+/// [`SHADOW_LINGER_MS`].
+fn shadow_producer_config(config: &Config) -> rdkafka::ClientConfig {
+    let mut client = crate::kafka::producer_config(&config.kafka);
+    let linger = config.kafka.producer_linger_ms.max(SHADOW_LINGER_MS);
+    client.set("linger.ms", linger.to_string());
+    client
 }
 
 struct KafkaShadowSink {
@@ -604,5 +618,31 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("Ctrl-C received, shutting down"),
         () = term => tracing::info!("SIGTERM received, shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadow_comparisons_linger_longer_than_results() {
+        let config = Config::from_toml_str("").unwrap();
+        assert_eq!(
+            crate::kafka::producer_config(&config.kafka).get("linger.ms"),
+            Some("5")
+        );
+        assert_eq!(
+            shadow_producer_config(&config).get("linger.ms"),
+            Some("100")
+        );
+        // A longer results linger is kept.
+        let config = Config::from_toml_str("[kafka]\nproducer_linger_ms = 250\n").unwrap();
+        assert_eq!(
+            shadow_producer_config(&config).get("linger.ms"),
+            Some("250")
+        );
+        // Everything else is the results producer's.
+        assert_eq!(shadow_producer_config(&config).get("acks"), Some("all"));
     }
 }

@@ -1,5 +1,6 @@
-//! The collector: reads a results topic, records when each request's result arrived, and takes
-//! CPU marks when given counts of results have arrived.
+//! The collector: reads a results topic, records when each request's result arrived (and when
+//! the candidate produced it, from the record's timestamp), and takes CPU marks when given
+//! counts of results have arrived.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +26,9 @@ pub(crate) struct Arrivals {
     pub(crate) strays: AtomicUsize,
     /// CPU marks taken when `unique` reached each of the mark counts.
     pub(crate) marks: Mutex<Vec<(usize, CpuMark)>>,
+    /// The Kafka timestamp (create time: when the candidate produced it, in milliseconds since
+    /// the epoch) of every unique result, in arrival order.
+    pub(crate) produced: Mutex<Vec<i64>>,
 }
 
 impl Arrivals {
@@ -56,6 +60,7 @@ impl Collector {
             errors: AtomicUsize::new(0),
             strays: AtomicUsize::new(0),
             marks: Mutex::new(Vec::new()),
+            produced: Mutex::new(Vec::with_capacity(slots)),
         });
         let consumer: BaseConsumer = client(s)
             .set("group.id", unique("collector"))
@@ -110,6 +115,9 @@ impl Collector {
                     {
                         arrivals.duplicates.fetch_add(1, Ordering::Relaxed);
                         continue;
+                    }
+                    if let Some(ms) = message.timestamp().to_millis() {
+                        lock(&arrivals.produced).push(ms);
                     }
                     let count = arrivals.unique.fetch_add(1, Ordering::AcqRel) + 1;
                     while marks.peek().is_some_and(|m| *m <= count) {

@@ -18,10 +18,17 @@ use super::stats::percentile;
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ThroughputSample {
+    /// Requests per second between the candidate producing the results of the first tenth and
+    /// of the last request (the results' Kafka timestamps).
     pub(crate) rate: f64,
-    /// CPU seconds per 1,000 requests.
+    /// CPU seconds per 1,000 requests over that same interval (sampled CPU time, interpolated
+    /// at its ends).
     pub(crate) cpu_candidate: f64,
     pub(crate) cpu_broker: f64,
+    /// Requests per second as the collector received them (its arrival times): lower than
+    /// `rate` when the candidate is slower, higher when the collector fell behind and caught up
+    /// on a backlog of results the candidate had already produced.
+    pub(crate) arrival_rate: f64,
     /// The realistic candidate's cache counters at the end of the run.
     pub(crate) caches: Option<CacheCounts>,
 }
@@ -54,6 +61,7 @@ pub(crate) fn throughput_run(
     );
     let mut running = spawn(s, candidate, &t, tag);
     pid.store(u64::from(running.pid()), Ordering::Release);
+    let sampler = CpuSampler::start(Arc::clone(&pid), s.broker_pid);
     let deadline = Instant::now() + s.run_timeout;
     while collector.arrivals.unique.load(Ordering::Acquire) < n {
         running.check_alive();
@@ -72,26 +80,104 @@ pub(crate) fn throughput_run(
     if let Some(c) = &caches {
         eprintln!("[e2e] {tag} {}: {}", candidate.name(), c.describe());
     }
+    let samples = sampler.finish();
     running.stop();
     let arrivals = collector.finish();
     admin.delete(&[&t.results, &t.dlq], Some(&t.group));
     check_outputs(&arrivals, candidate, tag);
+    let requests = (n - warm) as f64;
     let marks = lock(&arrivals.marks).clone();
-    let (Some((_, a)), Some((_, b))) = (marks.first(), marks.get(1)) else {
+    let arrival_rate = match (marks.first(), marks.get(1)) {
+        (Some((_, a)), Some((_, b))) => requests / b.at.duration_since(a.at).as_secs_f64(),
+        _ => f64::NAN,
+    };
+    let mut produced = lock(&arrivals.produced).clone();
+    produced.sort_unstable();
+    let (Some(&a), Some(&b)) = (produced.get(warm.saturating_sub(1)), produced.get(n - 1)) else {
         return ThroughputSample {
             rate: f64::NAN,
             cpu_candidate: f64::NAN,
             cpu_broker: f64::NAN,
+            arrival_rate,
             caches,
         };
     };
-    let requests = (n - warm) as f64;
+    let (a, b) = (a as f64, b as f64);
+    let cpu = |at: f64| cpu_at(&samples, at);
+    let (cpu_a, cpu_b) = (cpu(a), cpu(b));
     ThroughputSample {
-        rate: requests / b.at.duration_since(a.at).as_secs_f64(),
-        cpu_candidate: (b.candidate - a.candidate) / requests * 1000.0,
-        cpu_broker: (b.broker - a.broker) / requests * 1000.0,
+        // Millisecond timestamps: over the 180,000 requests timed, a bound of ±1 ms each end.
+        rate: requests / ((b - a).max(1.0) / 1000.0),
+        cpu_candidate: (cpu_b.0 - cpu_a.0) / requests * 1000.0,
+        cpu_broker: (cpu_b.1 - cpu_a.1) / requests * 1000.0,
+        arrival_rate,
         caches,
     }
+}
+
+/// Samples the candidate's and the broker's CPU time every [`CPU_SAMPLE_EVERY`], stamped with
+/// the wall clock in milliseconds since the epoch (the clock of Kafka's record timestamps), so
+/// the CPU spent between two results' production can be read off afterwards.
+struct CpuSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(f64, f64, f64)>>,
+}
+
+const CPU_SAMPLE_EVERY: Duration = Duration::from_millis(5);
+
+fn epoch_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+}
+
+impl CpuSampler {
+    fn start(pid: Arc<AtomicU64>, broker: Option<u32>) -> CpuSampler {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = Arc::clone(&stop);
+            move || {
+                let mut samples = Vec::new();
+                let sample = |samples: &mut Vec<_>| {
+                    let mark = cpu_mark(pid.load(Ordering::Acquire) as u32, broker);
+                    samples.push((epoch_ms(), mark.candidate, mark.broker));
+                };
+                while !stop.load(Ordering::Acquire) {
+                    sample(&mut samples);
+                    std::thread::sleep(CPU_SAMPLE_EVERY);
+                }
+                // After the stop (every result has arrived, so was produced): the window's
+                // end lies between two samples even when it fell in the last sleep.
+                sample(&mut samples);
+                samples
+            }
+        });
+        CpuSampler { stop, thread }
+    }
+
+    /// The samples: (wall clock ms, candidate CPU s, broker CPU s), in time order.
+    fn finish(self) -> Vec<(f64, f64, f64)> {
+        self.stop.store(true, Ordering::Release);
+        self.thread.join().expect("the CPU sampler")
+    }
+}
+
+/// The (candidate, broker) CPU seconds at wall-clock time `at` (ms), interpolated between the
+/// samples around it; NaN outside the samples.
+fn cpu_at(samples: &[(f64, f64, f64)], at: f64) -> (f64, f64) {
+    let after = samples.partition_point(|s| s.0 < at);
+    let (Some(lo), Some(hi)) = (
+        after.checked_sub(1).and_then(|i| samples.get(i)),
+        samples.get(after),
+    ) else {
+        return (f64::NAN, f64::NAN);
+    };
+    let f = if hi.0 > lo.0 {
+        (at - lo.0) / (hi.0 - lo.0)
+    } else {
+        0.0
+    };
+    (lo.1 + (hi.1 - lo.1) * f, lo.2 + (hi.2 - lo.2) * f)
 }
 
 fn check_outputs(arrivals: &Arrivals, candidate: Candidate, tag: &str) {
