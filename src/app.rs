@@ -335,21 +335,58 @@ pub async fn run(config: Config, sources: Sources) -> anyhow::Result<()> {
 /// producer's threads and the broker's) to the primary.
 pub const SHADOW_LINGER_MS: u64 = 100;
 
+/// Comparisons waiting for the publishing thread, at most; more are dropped (counted).
+const SHADOW_QUEUE: usize = 16_384;
+
 /// The sink of the routes' shadow comparisons: produced to `topics.shadow_results`, keyed by
-/// request id, without waiting (a comparison the producer's queue refuses is dropped and
-/// counted, `outcome="unpublished"`), in batches of up to [`SHADOW_LINGER_MS`] (or
-/// `kafka.producer_linger_ms` when longer). `None` when the topic is empty.
+/// request id, in batches of up to [`SHADOW_LINGER_MS`] (or `kafka.producer_linger_ms` when
+/// longer). `None` when the topic is empty.
+///
+/// Everything Kafka does for comparisons runs at idle CPU priority (Linux `SCHED_IDLE`), like
+/// a local shadow's computation: one thread of that class creates the producer (so that
+/// librdkafka's threads, which inherit their creator's scheduling class, are idle-class too)
+/// and produces what [`ShadowSink::publish`] queued for it. `publish` never blocks: a
+/// comparison that finds the queue ([`SHADOW_QUEUE`]) or the producer's own queue full is
+/// dropped and counted (`outcome="unpublished"`). No thread of normal priority ever takes one
+/// of that producer's locks, so a starved idle thread cannot hold up the request path.
 pub fn shadow_sink(config: &Config) -> anyhow::Result<Option<Arc<dyn ShadowSink>>> {
     if config.topics.shadow_results.is_empty() {
         return Ok(None);
     }
-    let producer: ThreadedProducer<DefaultProducerContext> = shadow_producer_config(config)
-        .create()
-        .context("creating the producer of topics.shadow_results")?;
-    Ok(Some(Arc::new(KafkaShadowSink {
-        producer,
-        topic: config.topics.shadow_results.clone(),
-    })))
+    let client = shadow_producer_config(config);
+    let topic = config.topics.shadow_results.clone();
+    let (queue, comparisons) = std::sync::mpsc::sync_channel::<Comparison>(SHADOW_QUEUE);
+    let (created, creation) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+    std::thread::Builder::new()
+        .name("inferflow-shadow-kafka".into())
+        .spawn(move || {
+            crate::providers::lane::idle_priority();
+            let producer: ThreadedProducer<DefaultProducerContext> = match client
+                .create()
+                .context("creating the producer of topics.shadow_results")
+            {
+                Ok(producer) => producer,
+                Err(err) => {
+                    let _ = created.send(Err(err));
+                    return;
+                }
+            };
+            let _ = created.send(Ok(()));
+            for comparison in comparisons {
+                let record = BaseRecord::to(&topic)
+                    .key(&*comparison.request_id)
+                    .payload(&*comparison.document);
+                if let Err((err, _)) = producer.send(record) {
+                    unpublished(&comparison.shadow);
+                    tracing::debug!(error = %err, "shadow comparison not produced");
+                }
+            }
+        })
+        .context("starting the thread of topics.shadow_results")?;
+    creation
+        .recv()
+        .context("the thread of topics.shadow_results stopped")??;
+    Ok(Some(Arc::new(KafkaShadowSink { queue })))
 }
 
 /// The shadow comparisons' producer: the results producer's settings, lingering at least
@@ -361,20 +398,31 @@ fn shadow_producer_config(config: &Config) -> rdkafka::ClientConfig {
     client
 }
 
+/// One comparison on its way to the publishing thread.
+struct Comparison {
+    request_id: Box<str>,
+    shadow: Box<str>,
+    document: Box<[u8]>,
+}
+
+fn unpublished(shadow: &str) {
+    metrics::counter!(SHADOW_REQUESTS_TOTAL, "model" => shadow.to_owned(), "outcome" => "unpublished")
+        .increment(1);
+}
+
 struct KafkaShadowSink {
-    producer: ThreadedProducer<DefaultProducerContext>,
-    topic: String,
+    queue: std::sync::mpsc::SyncSender<Comparison>,
 }
 
 impl ShadowSink for KafkaShadowSink {
     fn publish(&self, request_id: &str, shadow: &str, comparison: &[u8]) {
-        let record = BaseRecord::to(&self.topic)
-            .key(request_id)
-            .payload(comparison);
-        if let Err((err, _)) = self.producer.send(record) {
-            metrics::counter!(SHADOW_REQUESTS_TOTAL, "model" => shadow.to_owned(), "outcome" => "unpublished")
-                .increment(1);
-            tracing::debug!(error = %err, "shadow comparison not produced");
+        let comparison = Comparison {
+            request_id: request_id.into(),
+            shadow: shadow.into(),
+            document: comparison.into(),
+        };
+        if self.queue.try_send(comparison).is_err() {
+            unpublished(shadow);
         }
     }
 }
@@ -644,5 +692,43 @@ mod tests {
         );
         // Everything else is the results producer's.
         assert_eq!(shadow_producer_config(&config).get("acks"), Some("all"));
+    }
+
+    /// The threads of this process named `name*` and in the idle scheduling class.
+    fn idle_threads(name: &str) -> usize {
+        let tasks = std::fs::read_dir("/proc/self/task").unwrap();
+        tasks
+            .flatten()
+            .filter(|task| {
+                let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+                let tid: i32 = task.file_name().to_string_lossy().parse().unwrap_or(0);
+                // SAFETY: reads the scheduling policy of a thread of this process.
+                comm.starts_with(name)
+                    && unsafe { libc::sched_getscheduler(tid) } == libc::SCHED_IDLE
+            })
+            .count()
+    }
+
+    /// The comparisons' producer, its librdkafka threads included, runs at idle priority, and
+    /// a comparison the queue cannot take is dropped without blocking.
+    #[test]
+    fn shadow_comparisons_are_produced_by_idle_threads() {
+        // No broker needed: the producer is created without connecting.
+        let config = Config::from_toml_str(
+            "[kafka]\nbootstrap_servers = \"127.0.0.1:1\"\n[topics]\nshadow_results = \"s\"\n",
+        )
+        .unwrap();
+        let sink = shadow_sink(&config).unwrap().expect("a sink");
+        // librdkafka's main and broker threads, started from the idle thread (other tests'
+        // clients run at normal priority).
+        assert!(
+            idle_threads("rdk:") >= 2,
+            "librdkafka's threads are not idle-class"
+        );
+        let started = std::time::Instant::now();
+        for i in 0..SHADOW_QUEUE * 2 {
+            sink.publish(&format!("r{i}"), "m@2", b"{}");
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 }

@@ -113,15 +113,16 @@ fn idle_thread() -> Option<&'static mpsc::Sender<Job>> {
 }
 
 /// Puts the calling thread in the idle scheduling class (Linux `SCHED_IDLE`); elsewhere, or
-/// when the kernel refuses, it keeps its priority (logged).
-fn idle_priority() {
+/// when the kernel refuses, it keeps its priority (logged). Threads it starts afterwards
+/// inherit the class.
+pub(crate) fn idle_priority() {
     #[cfg(target_os = "linux")]
     {
         let param = libc::sched_param { sched_priority: 0 };
         // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid parameter.
         let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
         if rc != 0 {
-            tracing::warn!(error = %std::io::Error::last_os_error(), "the shadow computation thread keeps normal priority");
+            tracing::warn!(error = %std::io::Error::last_os_error(), "a shadow thread keeps normal priority");
         }
     }
 }
