@@ -10,7 +10,7 @@ use inferflow::feature_store::FeatureStore;
 use serde_json::{Value, json};
 
 use crate::harness::{Killed, PERSONAL_STEPS, Topics, inferflow_run, request_all, write_profiles};
-use crate::utils::{self, Sql, free_port, unique_name};
+use crate::utils::{self, Sql, free_port, refusing_address, unique_name};
 
 /// A password that appears nowhere else: any occurrence in the output is a leak.
 const PASSWORD: &str = "Zq7-leak-canary-Pw0rd";
@@ -84,7 +84,7 @@ fn start_up_errors_name_the_key_and_never_the_password() {
     for sql in [Sql::Postgres, Sql::Mysql] {
         let (scheme, server) = sql.server();
         let key = format!("feature_store.{}.url", sql.backend().0);
-        let nobody = format!("127.0.0.1:{}", free_port());
+        let (_held, nobody) = refusing_address();
         let wrong_login = match sql {
             Sql::Postgres => "password authentication failed",
             Sql::Mysql => "Access denied",

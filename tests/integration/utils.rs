@@ -34,6 +34,23 @@ pub fn unique_name(prefix: &str) -> String {
 }
 
 /// A free loopback port, e.g. for a child process's HTTP server.
+/// An address where nothing will ever answer while the returned socket lives: bound, never
+/// listening, so a connection to it is refused at once. (A port from [`free_port`] is free
+/// only until another test, running beside, binds it; a client that then reaches a server of
+/// another protocol waits for its greeting instead of being refused.)
+pub fn refusing_address() -> (socket2::Socket, std::net::SocketAddr) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("a TCP socket");
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("an address");
+    socket.bind(&any.into()).expect("binding 127.0.0.1:0");
+    let addr = socket
+        .local_addr()
+        .expect("its address")
+        .as_socket()
+        .expect("an IP address");
+    (socket, addr)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
