@@ -19,6 +19,9 @@
 //! the bench would only show the shadow's CPU taking the primary's, not the request path).
 //! The run without the shadow has the same rate, so it keeps the cores less busy.
 //!
+//! `ROLLOUT_SINK=count` builds every comparison but does not produce it (a diagnostic: what
+//! the shadow costs the primary without Kafka's share, the broker being on the same cores).
+//!
 //! Rounds alternate without / with the shadow (`ROLLOUT_ROUNDS` pairs, default 3, of
 //! `ROLLOUT_SECS` seconds each, default 10). After each shadow round the bench waits until
 //! every copied request was compared (the sink counts them), so no shadow work spills into
@@ -71,14 +74,17 @@ cache = false
 
 /// Counts the comparisons, then hands them to the service's Kafka sink.
 struct Counting {
-    inner: Arc<dyn ShadowSink>,
+    /// The service's Kafka sink; `None` with `ROLLOUT_SINK=count` (comparisons only counted).
+    inner: Option<Arc<dyn ShadowSink>>,
     seen: AtomicU64,
 }
 
 impl ShadowSink for Counting {
     fn publish(&self, request_id: &str, shadow: &str, comparison: &[u8]) {
         self.seen.fetch_add(1, Ordering::Relaxed);
-        self.inner.publish(request_id, shadow, comparison);
+        if let Some(inner) = &self.inner {
+            inner.publish(request_id, shadow, comparison);
+        }
     }
 }
 
@@ -211,9 +217,16 @@ fn main() {
         let models = build_manager(&config.providers, &config.models, &config.result_cache)
             .await
             .expect("models start");
-        let kafka = inferflow::app::shadow_sink(&config)
-            .expect("the shadow sink")
-            .expect("a shadow results topic");
+        // `ROLLOUT_SINK=count`: comparisons are built but not produced, to tell the shadow's
+        // own cost from Kafka's (the broker shares the two cores here).
+        let kafka = match std::env::var("ROLLOUT_SINK").as_deref() {
+            Ok("count") => None,
+            _ => Some(
+                inferflow::app::shadow_sink(&config)
+                    .expect("the shadow sink")
+                    .expect("a shadow results topic"),
+            ),
+        };
         let counting = Arc::new(Counting {
             inner: kafka,
             seen: AtomicU64::new(0),
