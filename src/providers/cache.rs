@@ -17,9 +17,10 @@
 //! served for `ttl_secs` after it was computed; an expired entry is dropped when it is next
 //! looked up, when its space is needed, or by [`ResultCache::run_pending_tasks`].
 //!
-//! Why not moka: its bookkeeping on every insert (a write log, a frequency sketch, a timer
-//! wheel for the time to live) was 17 % of the realistic pipeline's CPU, where inputs rarely
-//! repeat and nearly every answer is inserted once and never read (BENCHMARKS.md).
+//! Why not moka: its bookkeeping on every insert (its table rehashing, a write log, a
+//! frequency sketch, key locks) was 13 % of the realistic pipeline's CPU in process, where
+//! inputs rarely repeat and nearly every answer is inserted once and never read; this store's
+//! is 3.5 % (BENCHMARKS.md).
 //!
 //! Identical calls in flight at the same time share one provider call (coalescing): the first
 //! caller computes, the others wait for its outcome. Errors are never cached; every caller
