@@ -559,7 +559,7 @@ impl ResultCache {
             return (Ok(cached.output.clone()), CacheStatus::Hit);
         }
         let sender = loop {
-            let waiting = {
+            let mut waiting = {
                 let mut flights = lock(&self.flights);
                 match flights.get(&key) {
                     Some(flight) => flight.clone(),
@@ -576,7 +576,6 @@ impl ResultCache {
                     }
                 }
             };
-            let mut waiting = waiting;
             let result = match waiting.wait_for(Option::is_some).await.as_deref() {
                 Ok(Some(Ok(cached))) => Ok(cached.output.clone()),
                 Ok(Some(Err(error))) => Err(error.clone()),
