@@ -730,7 +730,11 @@ mod tests {
         .unwrap();
         let sink = shadow_sink(&config).unwrap().expect("a sink");
         // librdkafka's main and broker threads, started from the idle thread (other tests'
-        // clients run at normal priority).
+        // clients run at normal priority). Each names itself once running: wait for that.
+        let named = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while idle_threads("rdk:") < 2 && std::time::Instant::now() < named {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert!(
             idle_threads("rdk:") >= 2,
             "librdkafka's threads are not idle-class"
