@@ -29,8 +29,8 @@
 //! 1. **Throughput**: `E2E_MESSAGES` requests pre-loaded in one topic; each run reads them in
 //!    a fresh consumer group and writes to a fresh results topic. The driver counts distinct
 //!    results; the rate is taken from the 10 % mark to the last result (start-up and group
-//!    join excluded) **as the candidate produced them**: by the results' Kafka timestamps
-//!    (create time, set by the candidate's producer), sorted. CPU seconds per 1,000 requests
+//!    join excluded) **as the broker appended them**: by the results' Kafka timestamps (the
+//!    results topics use `LogAppendTime`), sorted. CPU seconds per 1,000 requests
 //!    are over the same window, from `/proc/PID/stat` (utime + stime) of the candidate and of
 //!    the broker, sampled every 5 ms and interpolated at the window's ends. (The rate at which
 //!    the driver *received* them is printed beside it: when the driver's collector falls behind

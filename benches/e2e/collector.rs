@@ -1,5 +1,5 @@
 //! The collector: reads a results topic, records when each request's result arrived (and when
-//! the candidate produced it, from the record's timestamp), and takes CPU marks when given
+//! the broker appended it, from the record's timestamp), and takes CPU marks when given
 //! counts of results have arrived.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -26,8 +26,8 @@ pub(crate) struct Arrivals {
     pub(crate) strays: AtomicUsize,
     /// CPU marks taken when `unique` reached each of the mark counts.
     pub(crate) marks: Mutex<Vec<(usize, CpuMark)>>,
-    /// The Kafka timestamp (create time: when the candidate produced it, in milliseconds since
-    /// the epoch) of every unique result, in arrival order.
+    /// The Kafka timestamp (the results topics use `LogAppendTime`: when the broker appended
+    /// the result, in milliseconds since the epoch) of every unique result, in arrival order.
     pub(crate) produced: Mutex<Vec<i64>>,
 }
 

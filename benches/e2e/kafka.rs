@@ -56,7 +56,15 @@ impl Admin {
     }
 
     pub(crate) fn create(&self, name: &str, partitions: i32) {
-        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        self.create_with(name, partitions, &[]);
+    }
+
+    /// Creates a topic with topic-level settings (`message.timestamp.type`, …).
+    pub(crate) fn create_with(&self, name: &str, partitions: i32, config: &[(&str, &str)]) {
+        let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        for (key, value) in config {
+            topic = topic.set(key, value);
+        }
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
         let results = self
             .runtime

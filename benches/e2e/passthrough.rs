@@ -20,6 +20,11 @@ pub(crate) fn run(args: &[String]) {
         .set("client.id", "passthrough")
         .set("auto.offset.reset", "earliest")
         .set("queued.max.messages.kbytes", "16384")
+        // librdkafka waits fetch.queue.backoff.ms (default 1000) before fetching again for a
+        // partition whose prefetch queue was full; with a backlog that stalled the passthrough
+        // for up to a second at a time, so its rate was 150,000/s in some rounds and
+        // 400,000-800,000/s in others. inferflow's request consumer sets the same 20 ms.
+        .set("fetch.queue.backoff.ms", "20")
         .create()
         .expect("the passthrough consumer");
     let producer: BaseProducer = ClientConfig::new()
