@@ -6,7 +6,8 @@
 //!
 //! - **passthrough**: a minimal rdkafka consume → produce loop (this binary, re-run with
 //!   `--role passthrough`): each record's key and bytes copied to the results topic, no
-//!   parsing, librdkafka's auto-commit. The practical limit of this broker on this machine.
+//!   parsing, librdkafka's auto-commit, and the same 20 ms fetch backoff as inferflow's
+//!   consumer. The practical limit of this broker on this machine.
 //! - **peer**: the same identity job in Python with confluent-kafka (`benches/peer/identity.py`):
 //!   parse, check, answer `{request_id, status, output, …}`, at least once.
 //! - **inferflow**: the real `inferflow run` binary (`E2E_INFERFLOW_BIN`, by default the one
