@@ -94,15 +94,17 @@ pub(crate) fn write(s: &Settings, machine: &str, started: Instant, measured: &Me
     let per_round_ratio = |a: usize, b: usize, f: &dyn Fn(&ThroughputSample) -> f64| {
         median(tp[a].iter().zip(&tp[b]).map(|(x, y)| f(x) / f(y)))
     };
-    // The median over the rounds of candidate `ci`'s p99 minus the passthrough's, at load `li`.
-    let p99_added = |li: usize, ci: usize| {
+    // The median over the rounds of candidate `ci`'s percentile minus the passthrough's, at
+    // load `li`.
+    let added = |li: usize, ci: usize, pick: &dyn Fn(&LatencySample) -> f64| {
         median(
             lat[li][ci]
                 .iter()
                 .zip(&lat[li][pass])
-                .map(|(x, y)| x.p99 - y.p99),
+                .map(|(x, y)| pick(x) - pick(y)),
         )
     };
+    let p99_added = |li: usize, ci: usize| added(li, ci, &|x| x.p99);
     for (ci, c) in cands.iter().enumerate() {
         let rate = median(tp[ci].iter().map(|x| x.rate));
         let cpu = median(tp[ci].iter().map(|x| x.cpu_candidate));
@@ -165,14 +167,7 @@ pub(crate) fn write(s: &Settings, machine: &str, started: Instant, measured: &Me
     // Issue #14's "Done when": loads as percentages of the passthrough's capacity.
     let level = |percent: u32| levels.iter().position(|l| l.2 == Some(percent));
     let at_10 = level(10);
-    let p50_added = |li: usize, ci: usize| {
-        median(
-            lat[li][ci]
-                .iter()
-                .zip(&lat[li][pass])
-                .map(|(x, y)| x.p50 - y.p50),
-        )
-    };
+    let p50_added = |li: usize, ci: usize| added(li, ci, &|x| x.p50);
     let latency_target = |report: &mut Report, target: &str, aim_ms: f64, added: f64| {
         report.target(
             target,
