@@ -28,7 +28,7 @@ pub(crate) struct Arrivals {
     pub(crate) marks: Mutex<Vec<(usize, CpuMark)>>,
     /// The Kafka timestamp (the results topics use `LogAppendTime`: when the broker appended
     /// the result, in milliseconds since the epoch) of every unique result, in arrival order.
-    pub(crate) produced: Mutex<Vec<i64>>,
+    pub(crate) appended: Mutex<Vec<i64>>,
 }
 
 impl Arrivals {
@@ -60,7 +60,7 @@ impl Collector {
             errors: AtomicUsize::new(0),
             strays: AtomicUsize::new(0),
             marks: Mutex::new(Vec::new()),
-            produced: Mutex::new(Vec::with_capacity(slots)),
+            appended: Mutex::new(Vec::with_capacity(slots)),
         });
         let consumer: BaseConsumer = client(s)
             .set("group.id", unique("collector"))
@@ -117,7 +117,7 @@ impl Collector {
                         continue;
                     }
                     if let Some(ms) = message.timestamp().to_millis() {
-                        lock(&arrivals.produced).push(ms);
+                        lock(&arrivals.appended).push(ms);
                     }
                     let count = arrivals.unique.fetch_add(1, Ordering::AcqRel) + 1;
                     while marks.peek().is_some_and(|m| *m <= count) {

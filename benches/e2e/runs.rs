@@ -99,9 +99,9 @@ pub(crate) fn throughput_run(
         (Some((_, a)), Some((_, b))) => requests / b.at.duration_since(a.at).as_secs_f64(),
         _ => f64::NAN,
     };
-    let mut produced = lock(&arrivals.produced).clone();
-    produced.sort_unstable();
-    let (Some(&a), Some(&b)) = (produced.get(warm.saturating_sub(1)), produced.get(n - 1)) else {
+    let mut appended = lock(&arrivals.appended).clone();
+    appended.sort_unstable();
+    let (Some(&a), Some(&b)) = (appended.get(warm.saturating_sub(1)), appended.get(n - 1)) else {
         return ThroughputSample {
             rate: f64::NAN,
             cpu_candidate: f64::NAN,
@@ -125,7 +125,7 @@ pub(crate) fn throughput_run(
 
 /// Samples the candidate's and the broker's CPU time every [`CPU_SAMPLE_EVERY`], stamped with
 /// the wall clock in milliseconds since the epoch (the clock of Kafka's record timestamps), so
-/// the CPU spent between two results' production can be read off afterwards.
+/// the CPU spent between two results' appends can be read off afterwards.
 struct CpuSampler {
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: std::thread::JoinHandle<Vec<(f64, f64, f64)>>,
@@ -154,7 +154,7 @@ impl CpuSampler {
                     sample(&mut samples);
                     std::thread::sleep(CPU_SAMPLE_EVERY);
                 }
-                // After the stop (every result has arrived, so was produced): the window's
+                // After the stop (every result has arrived, so was appended): the window's
                 // end lies between two samples even when it fell in the last sleep.
                 sample(&mut samples);
                 samples

@@ -33,7 +33,6 @@ pub fn unique_name(prefix: &str) -> String {
     name
 }
 
-/// A free loopback port, e.g. for a child process's HTTP server.
 /// An address where nothing will ever answer while the returned socket lives: bound, never
 /// listening, so a connection to it is refused at once. (A port from [`free_port`] is free
 /// only until another test, running beside, binds it; a client that then reaches a server of
@@ -51,6 +50,7 @@ pub fn refusing_address() -> (socket2::Socket, std::net::SocketAddr) {
     (socket, addr)
 }
 
+/// A free loopback port, e.g. for a child process's HTTP server.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
